@@ -1,0 +1,154 @@
+"""Load and save Multiface-format checkpoints; infer the configuration from tensor shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from avatarq.errors import AvatarqError
+from avatarq.models.config import DAMConfig
+from avatarq.models.dam import DeepAppearanceModel
+
+DDP_PREFIX = "module."
+_BLOCK_KEY = re.compile(r"^dec\.texture_decoder\.upsample\.(\d+)\.")
+_WARP_BLOCK_KEY = re.compile(r"^warp\.upsample\.(\d+)\.")
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the DistributedDataParallel ``module.`` prefix if every key has it."""
+    if state and all(k.startswith(DDP_PREFIX) for k in state):
+        return {k[len(DDP_PREFIX) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in state:
+        raise AvatarqError(f"not a Multiface DAM state_dict: missing key {key!r}")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim:
+        raise AvatarqError(f"key {key!r} has shape {list(shape)}, expected a {ndim}-d tensor")
+    return shape
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> DAMConfig:
+    """Infer arch, z, texture size, vertex count and camera count from a (bare) state_dict."""
+    z_dim = _shape(state, "dec.z_fc.weight", 2)[1]
+    mesh_size = _shape(state, "dec.mesh_fc.weight", 2)[0]
+    if mesh_size % 3:
+        raise AvatarqError(f"key 'dec.mesh_fc.weight' has {mesh_size} outputs, not a multiple of 3")
+    n_cams = _shape(state, "cc.weight", 4)[0] + 1
+    code = _shape(state, "dec.texture_fc.weight", 2)[0]
+    base = round((code / z_dim) ** 0.5)
+    if base not in (2, 4) or base * base * z_dim != code:
+        raise AvatarqError(
+            f"key 'dec.texture_fc.weight' has {code} outputs; expected z*4*4 or z*2*2 with z={z_dim}"
+        )
+    blocks = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))}
+    if not blocks:
+        raise AvatarqError(
+            "not a Multiface DAM state_dict: no 'dec.texture_decoder.upsample.*' keys"
+        )
+    tex_size = base * 4 ** len(blocks)
+    first_deconv = state.get("dec.texture_decoder.upsample.0.conv1.deconv.weight")
+    last_bias = state.get(f"dec.texture_decoder.upsample.{len(blocks) - 1}.conv2.bias")
+    if any(k.startswith("warp.") for k in state):
+        arch = "warp"
+    elif any(".res1." in k for k in state if k.startswith("dec.")):
+        arch = "res"
+    elif first_deconv is not None and first_deconv.shape[-1] == 3:
+        arch = "bilinear"
+    elif last_bias is not None and last_bias.shape[-1] == 1:
+        arch = "non"
+    else:
+        arch = "base"
+    has_encoder = any(k.startswith("enc.") for k in state)
+    return DAMConfig(arch, z_dim, tex_size, mesh_size // 3, n_cams, has_encoder)
+
+
+def model_from_state_dict(state: Mapping[str, torch.Tensor]) -> DeepAppearanceModel:
+    """Build the model the state_dict describes and load it; shape mismatches name the key."""
+    bare = strip_prefix(state)
+    config = infer_config(bare)
+    model = DeepAppearanceModel(config)
+    expected = model.state_dict()
+    for key, tensor in bare.items():
+        if key not in expected:
+            raise AvatarqError(
+                f"unexpected key {key!r} for a {config.arch} DAM (z={config.z_dim}, "
+                f"texture {config.tex_size})"
+            )
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise AvatarqError(
+                f"key {key!r} has shape {list(tensor.shape)} but a {config.arch} DAM with "
+                f"z={config.z_dim}, texture {config.tex_size} needs {list(expected[key].shape)}"
+            )
+    missing = [k for k in expected if k not in bare]
+    if missing:
+        raise AvatarqError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing)")
+    model.load_state_dict({k: v.float() for k, v in bare.items()})
+    return model.eval()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file as a flat {name: tensor} dict (weights only, never code)."""
+    path = Path(path)
+    if not path.exists():
+        raise AvatarqError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise AvatarqError(f"checkpoint path is not a file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        AttributeError,
+        TypeError,
+    ) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AvatarqError(
+            f"{path} is not a readable PyTorch checkpoint ({reason[:120]})"
+        ) from None
+    if isinstance(obj, Mapping):
+        for nested in ("state_dict", "model", "model_state_dict"):
+            if nested in obj and isinstance(obj[nested], Mapping):
+                obj = obj[nested]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise AvatarqError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise AvatarqError(f"{path}: entry {bad!r} is not a tensor; expected a plain state_dict")
+    return dict(obj)
+
+
+def load_checkpoint(path: str | Path) -> DeepAppearanceModel:
+    """Load a Multiface-format DAM checkpoint (with or without ``module.``) in eval mode."""
+    return model_from_state_dict(read_state_dict(path))
+
+
+def save_checkpoint(model: DeepAppearanceModel, path: str | Path, ddp_prefix: bool = True) -> None:
+    """Save ``model.state_dict()`` as Multiface does (keys prefixed ``module.`` by default)."""
+    prefix = DDP_PREFIX if ddp_prefix else ""
+    state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
