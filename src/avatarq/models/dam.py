@@ -99,16 +99,18 @@ class WarpFieldDecoder(nn.Module):
         return self.outconv(h) / 1024.0
 
 
-def identity_grid(size: int, device: torch.device | None = None) -> torch.Tensor:
+def identity_grid(
+    size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """[1, size, size, 2] sampling grid of texel centres in [-1, 1] (x, y), align_corners=False."""
-    coords = (torch.arange(size, dtype=torch.float32, device=device) * 2 + 1) / size - 1
+    coords = ((torch.arange(size, device=device) * 2 + 1) / size - 1).to(dtype)
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     return torch.stack((x, y), dim=-1).unsqueeze(0)
 
 
 def apply_warp(texture: torch.Tensor, warp: torch.Tensor) -> torch.Tensor:
     """Resample texture [B, C, T, T] at identity + warp [B, 2, T, T] (bilinear)."""
-    grid = identity_grid(texture.shape[-1], texture.device) + warp.permute(0, 2, 3, 1)
+    grid = identity_grid(texture.shape[-1], texture.device, warp.dtype) + warp.permute(0, 2, 3, 1)
     return F.grid_sample(texture, grid, mode="bilinear", align_corners=False)
 
 

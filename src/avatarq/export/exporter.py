@@ -1,0 +1,205 @@
+"""`export_bundle`: checkpoint (+ capture) -> a validated bundle directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from avatarq import __version__
+from avatarq.errors import AvatarqError
+from avatarq.export.bundle import Bundle, BundleWriter, Manifest, TensorSpec
+from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
+from avatarq.export.validate import ValidationResult, validate_against_torch
+from avatarq.models.checkpoint import file_sha256, load_checkpoint
+from avatarq.models.deploy import DeployableDecoder
+
+# ORT CPU vs torch: float32 agrees to rounding; float16 loses ~11 bits per op.
+FP32_MIN_PSNR_DB = 80.0
+FP32_MAX_ABS_ERROR_01 = 1e-4  # in [0, 1] texture units (x peak for the texture's own units)
+FP16_MIN_PSNR_DB = 50.0
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of `avatarq export` for float graphs.
+
+    Attributes:
+        fp16: float16 inside, float32 at the graph's inputs and outputs.
+        camera: fold this camera's colour correction into the texture (None: none applied).
+        max_batch: upper bound of the dynamic batch dimension.
+        validate: run the graph with ONNX Runtime and compare with PyTorch.
+        n_validation: number of (z, view) samples used by the validation.
+        seed: seed for validation inputs when no capture is given.
+    """
+
+    fp16: bool = False
+    camera: int | None = None
+    max_batch: int = 64
+    validate: bool = True
+    n_validation: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Bundle
+    validation: ValidationResult | None
+
+
+def validation_inputs(
+    decoder: DeployableDecoder, capture, model, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(z [n, Z], view [n, 3], source) - real codes from the capture when possible."""
+    if capture is not None and model.config.has_encoder:
+        from avatarq.data.encode import encode_frames
+
+        frames = capture.frames[: max(1, n)]
+        names = list(capture.cameras)
+        z = encode_frames(model, capture, frames)
+        view = torch.from_numpy(
+            np.stack(
+                [
+                    capture.view_direction(s, f, names[i % len(names)])
+                    for i, (s, f) in enumerate(frames)
+                ]
+            )
+        )
+        return z, view, f"capture ({len(frames)} frames, encoder mean)"
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, decoder.config.z_dim, generator=gen)
+    view = torch.randn(n, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0])
+    view = view / view.norm(dim=1, keepdim=True)
+    return z, view, f"seeded N(0, 1) latents (seed {seed})"
+
+
+def _tensor_specs(decoder: DeployableDecoder) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    c = decoder.config
+    units = "0..255 texel units" if decoder.denormalized else "Multiface-normalized units"
+    inputs = [
+        TensorSpec("z", "float32", ["batch", c.z_dim], "latent code (encoder mean)"),
+        TensorSpec("view", "float32", ["batch", 3], "unit view direction, head coordinates"),
+    ]
+    outputs = [
+        TensorSpec(
+            "texture",
+            "float32",
+            ["batch", 3, c.tex_size, c.tex_size],
+            f"RGB texture, {units}, row 0 = uv v 0 (flipped-on-load orientation)",
+        ),
+        TensorSpec(
+            "vertices",
+            "float32",
+            ["batch", c.n_vertices, 3],
+            "head-local mesh vertices"
+            + (" (capture units)" if decoder.denormalized else " (normalized)"),
+        ),
+    ]
+    return inputs, outputs
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    capture_root: str | Path | None = None,
+    options: ExportOptions = ExportOptions(),
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Load ``checkpoint``, trace it to ONNX, validate, and write the bundle ``out``.
+
+    With ``capture_root`` the de-normalization (texture in 0..255, vertices in capture
+    units) is folded into the graph, the mesh topology goes into the bundle, and validation
+    uses real latent codes of the capture.
+    """
+    say = progress or (lambda _msg: None)
+    model = load_checkpoint(checkpoint)
+    capture = normalization = None
+    if capture_root is not None:
+        from avatarq.data.capture import MultifaceCapture
+        from avatarq.data.encode import capture_normalization
+
+        capture = MultifaceCapture(capture_root)
+        if capture.vert_mean.size != model.config.mesh_size:
+            raise AvatarqError(
+                f"capture {capture_root} has {capture.vert_mean.size // 3} vertices, "
+                f"the checkpoint {model.config.n_vertices}"
+            )
+        normalization = capture_normalization(capture)
+    decoder = DeployableDecoder(model, normalization, options.camera)
+    say("tracing to ONNX")
+    proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
+    onnx.checker.check_model(proto)
+    precision = "fp16" if options.fp16 else "fp32"
+    with BundleWriter(out) as writer:
+        model_path = writer.path("model.onnx")
+        save_onnx(proto, model_path)
+        if capture is not None:
+            capture.topology.save(writer.path("topology.npz"))
+        result = None
+        validation: dict = {}
+        if options.validate:
+            say("validating with ONNX Runtime")
+            z, view, source = validation_inputs(
+                decoder, capture, model, options.n_validation, options.seed
+            )
+            peak = 255.0 if decoder.denormalized else None
+            result = validate_against_torch(
+                model_path,
+                decoder,
+                z,
+                view,
+                decoder.denormalized,
+                FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
+                None if options.fp16 or peak is None else FP32_MAX_ABS_ERROR_01 * peak,
+            )
+            validation = {"reference": "torch fp32", "inputs": source, **result.to_dict()}
+            if not result:
+                raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
+        manifest = Manifest(
+            arch=model.config.arch,
+            z_dim=model.config.z_dim,
+            tex_size=model.config.tex_size,
+            n_vertices=model.config.n_vertices,
+            inputs=_tensor_specs(decoder)[0],
+            outputs=_tensor_specs(decoder)[1],
+            precision=precision,
+            layer_precision={name: precision for name in sorted(layer_nodes(proto))},
+            normalization=_normalization_record(decoder, normalization),
+            source_checkpoint_sha256=file_sha256(checkpoint),
+            versions=_versions(),
+            camera=options.camera,
+            validation=validation,
+        )
+        manifest_options = asdict(options)
+        manifest.validation["export_options"] = manifest_options
+        bundle = writer.commit(manifest)
+    return ExportResult(bundle, result)
+
+
+def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:
+    if normalization is None:
+        return {
+            "folded": False,
+            "note": "outputs are Multiface-normalized; apply tex/vert mean and std",
+        }
+    return {
+        "folded": True,
+        "tex_std": float(normalization.tex_std),
+        "vert_std": float(normalization.vert_std),
+        "note": "texture = t * tex_std + tex_mean and vertices = v * vert_std + vert_mean are in the graph",
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "avatarq": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
