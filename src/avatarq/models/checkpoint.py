@@ -102,21 +102,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise AvatarqError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise AvatarqError(f"checkpoint path is not a file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":
+        raise AvatarqError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,
-        AttributeError,
-        TypeError,
-    ) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError:
         raise AvatarqError(
-            f"{path} is not a readable PyTorch checkpoint ({reason[:120]})"
+            f"{path} holds pickled objects, not a plain state_dict; save model.state_dict() instead"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        kind = "truncated or corrupt" if magic[:2] == b"PK" else "unreadable"
+        raise AvatarqError(
+            f"{path} is a {kind} PyTorch checkpoint ({type(exc).__name__})"
         ) from None
     if isinstance(obj, Mapping):
         for nested in ("state_dict", "model", "model_state_dict"):

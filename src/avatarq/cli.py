@@ -1,0 +1,246 @@
+"""The `avatarq` command line: thin commands that parse, call one library function, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from avatarq import __version__
+from avatarq.errors import AvatarqError
+
+app = typer.Typer(
+    name="avatarq",
+    help="Deployment compiler for codec-avatar decoders: export, quantize (POCA), build, bench.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn an AvatarqError into one line on stderr and exit code 2 (AVATARQ_DEBUG=1: raise)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AvatarqError as exc:
+            if os.environ.get("AVATARQ_DEBUG"):
+                raise
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"avatarq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """avatarq: calibrate, export, build and benchmark codec-avatar decoders."""
+
+
+@app.command()
+@user_errors
+def info(
+    model: Annotated[Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What a checkpoint is: arch, sizes and parameter counts.
+
+    Example: avatarq info dam.pt
+    """
+    from avatarq.models.inspect import describe_checkpoint
+
+    described = describe_checkpoint(model)
+    if as_json:
+        console.print_json(json.dumps(described))
+        return
+    c = described["config"]
+    console.print(f"[bold]{model}[/bold]: Multiface DAM, arch [bold]{c['arch']}[/bold]")
+    console.print(
+        f"  z {c['z_dim']}, texture {c['tex_size']}x{c['tex_size']}, {c['n_vertices']} vertices, "
+        f"{c['n_cams']} cameras, encoder {'yes' if c['has_encoder'] else 'no'}"
+    )
+    for name, count in described["parameters"].items():
+        console.print(f"  {name:<10} {count:>12,} parameters")
+    console.print(
+        f"  decoder as deployed: {described['deployed_parameters']:,} parameters "
+        f"({described['deployed_fp32_mb']:.1f} MB fp32)"
+    )
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output directory (capture/ and dam.pt).")],
+    texture_size: Annotated[int, typer.Option(help="Capture texture size.")] = 1024,
+    model_texture_size: Annotated[int, typer.Option(help="Texture size of the trained DAM.")] = 256,
+    z_dim: Annotated[int, typer.Option(help="Latent size of the trained DAM.")] = 64,
+    arch: Annotated[str, typer.Option(help="DAM variant to train.")] = "base",
+    iters: Annotated[int, typer.Option(help="Training steps.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of capture and training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a cached avatar matches.")] = False,
+) -> None:
+    """Make the embedded synthetic avatar: a Multiface-layout capture and a DAM trained on it.
+
+    Example: avatarq synth out/synth
+    """
+    from avatarq.data.synthetic import make_synthetic_avatar
+    from avatarq.data.synthetic_capture import SyntheticCaptureConfig
+    from avatarq.data.train import TrainConfig
+
+    avatar = _synth(
+        out,
+        SyntheticCaptureConfig(seed=seed, texture_size=texture_size),
+        TrainConfig(arch=arch, z_dim=z_dim, tex_size=model_texture_size, iters=iters, seed=seed),
+        force,
+        make_synthetic_avatar,
+    )
+    training = avatar.record["training"]
+    state = "reused cached avatar" if avatar.reused else f"trained in {training['seconds']} s"
+    console.print(f"capture     {avatar.capture_root}")
+    console.print(
+        f"checkpoint  {avatar.checkpoint}  ({state}, final loss {training['final_loss']:.4f})"
+    )
+
+
+def _synth(out, capture_config, train_config, force, make):  # noqa: ANN001
+    with _progress() as progress:
+        task = progress.add_task("synthetic avatar", total=train_config.iters)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"training (loss {loss:.4f})")
+
+        def say(message: str) -> None:
+            progress.update(task, description=message)
+
+        return make(out, capture_config, train_config, force=force, say=say, train_progress=on_step)
+
+
+@app.command()
+@user_errors
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Multiface-format DAM checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
+    capture: Annotated[
+        Path | None,
+        typer.Option(help="Capture root: folds de-normalization in, adds topology, real codes."),
+    ] = None,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
+    ] = False,
+    camera: Annotated[
+        int | None, typer.Option(help="Fold this camera's colour correction in.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Upper bound of the dynamic batch.")] = 64,
+    validate: Annotated[
+        bool, typer.Option(help="Check the graph against PyTorch with ORT.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Trace a decoder to ONNX and write a validated bundle.
+
+    Example: avatarq export --model dam.pt --capture capture/ -o dam.avq
+    """
+    from avatarq.export import ExportOptions, export_bundle
+
+    options = ExportOptions(fp16=fp16, camera=camera, max_batch=max_batch, validate=validate)
+    with _progress() as progress:
+        task = progress.add_task("export", total=None)
+        result = export_bundle(
+            model, out, capture, options, lambda m: progress.update(task, description=m)
+        )
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "bundle": str(result.bundle.root),
+                    "validation": result.validation.to_dict() if result.validation else None,
+                }
+            )
+        )
+        return
+    console.print(f"bundle      {result.bundle.root}  ({result.bundle.manifest.precision})")
+    if result.validation is not None:
+        console.print(f"validation  ORT vs PyTorch: {result.validation.summary()}")
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path(
+        "out/demo"
+    ),
+    iters: Annotated[int, typer.Option(help="Training steps for the synthetic DAM.")] = 600,
+) -> None:
+    """The whole path on the embedded synthetic avatar.
+
+    Example: avatarq demo --workdir out/demo
+    """
+    from avatarq.data.synthetic import make_synthetic_avatar
+    from avatarq.data.synthetic_capture import SyntheticCaptureConfig
+    from avatarq.data.train import TrainConfig
+    from avatarq.export import ExportOptions, export_bundle
+
+    console.rule("1. synthetic avatar")
+    avatar = _synth(
+        workdir / "synth",
+        SyntheticCaptureConfig(),
+        TrainConfig(iters=iters),
+        False,
+        make_synthetic_avatar,
+    )
+    training = avatar.record["training"]
+    console.print(
+        f"checkpoint {avatar.checkpoint} ({'cached' if avatar.reused else 'trained'}; "
+        f"texture loss {training['final_texture_loss']:.4f})"
+    )
+    for name, fp16 in (("fp32", False), ("fp16", True)):
+        console.rule(f"2. export {name}")
+        bundle_dir = workdir / f"dam_{name}.avq"
+        result = export_bundle(
+            avatar.checkpoint, bundle_dir, avatar.capture_root, ExportOptions(fp16=fp16)
+        )
+        console.print(f"{bundle_dir}: ORT vs PyTorch {result.validation.summary()}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except AvatarqError as exc:  # errors raised outside a command body (e.g. in callbacks)
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
