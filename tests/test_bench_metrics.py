@@ -61,6 +61,13 @@ def test_psnr_mask_ignores_error_outside_the_mask():
     assert psnr(ref, test, mask) == pytest.approx(40.0, rel=1e-12)
 
 
+def test_psnr_mask_weights_each_element():
+    ref = np.zeros((1, 1, 2))
+    test = np.array([[[0.1, 0.2]]])
+    weights = np.array([3.0, 1.0])  # mse = (3 * 0.01 + 1 * 0.04) / 4
+    assert psnr(ref, test, weights) == pytest.approx(10 * math.log10(4 / 0.07), rel=1e-12)
+
+
 def test_psnr_accepts_torch_tensors_like_numpy():
     ref = smooth_sequence()[0]
     test = ref + np.float32(2**-6)
@@ -185,6 +192,16 @@ def test_flicker_excess_of_per_frame_offsets_is_mean_offset_change():
     r = compare_sequences(f, f + offsets[:, None, None, None], compute_ssim=False)
     assert r.flicker_excess == pytest.approx(0.03, rel=1e-12)
     np.testing.assert_allclose(r.flicker_excess_per_frame, [0.02, 0.03, 0.04], rtol=1e-12)
+
+
+def test_per_frame_series_match_the_single_image_metrics():
+    f = smooth_sequence()
+    q = f + 0.01 * np.random.default_rng(8).standard_normal(f.shape).astype(np.float32)
+    r = compare_sequences(f, q)
+    assert r.psnr_per_frame.tolist() == [psnr(a, b) for a, b in zip(f, q, strict=True)]
+    assert r.ssim_per_frame.tolist() == [ssim(a, b) for a, b in zip(f, q, strict=True)]
+    assert r.psnr_min == min(r.psnr_per_frame)
+    assert r.psnr_std == pytest.approx(np.std(r.psnr_per_frame), rel=1e-12)
 
 
 def test_tde_and_tde_rms_of_known_error_changes():
