@@ -623,7 +623,8 @@ def compare_sequences(
     try:
         for t, (f, q) in enumerate(zip(_frames(ref), _frames(test), strict=True)):
             if acc is None:
-                per_frame = m is not None and m.ndim == np.ndim(_to_numpy(f)) + 1
+                frame_ndim = len(f.shape) if hasattr(f, "shape") else np.ndim(f)
+                per_frame = m is not None and m.ndim == frame_ndim + 1
                 acc = SequenceAccumulator(None if per_frame else m, compute_ssim)
             if per_frame and t >= m.shape[0]:
                 raise AvatarqError(f"per-frame mask has {m.shape[0]} frames, the sequences more")
