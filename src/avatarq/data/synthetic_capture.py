@@ -79,7 +79,7 @@ class SyntheticCaptureConfig:
         image_height, image_width: photograph size the intrinsics are made for (pixels).
         mesh_bands: latitude bands pole to pole; mesh_sectors: longitude sectors.
         camera_textures_per_frame: per-camera textures written per frame, cameras taken
-            round-robin over frames (0: average textures only; n_cameras: all).
+            round-robin over frames (0: average textures only; capped at n_cameras: all).
         png_compress_level: zlib level of the written PNGs (1 = fast, 9 = small).
     """
 
@@ -115,10 +115,9 @@ class SyntheticCaptureConfig:
                 f"segment_frames must list at least one segment of >= 1 frames, "
                 f"got {list(self.segment_frames)}"
             )
-        if not 0 <= self.camera_textures_per_frame <= self.n_cameras:
+        if self.camera_textures_per_frame < 0:
             raise AvatarqError(
-                f"camera_textures_per_frame must be in 0..n_cameras={self.n_cameras}, "
-                f"got {self.camera_textures_per_frame}"
+                f"camera_textures_per_frame must be >= 0, got {self.camera_textures_per_frame}"
             )
         if not 0 <= self.png_compress_level <= 9:
             raise AvatarqError(f"png_compress_level must be 0..9, got {self.png_compress_level}")
@@ -677,7 +676,7 @@ def write_synthetic_capture(
             a64 = avg.astype(np.float64)
             tex_sum += a64
             tex_sq += a64 * a64
-            k = config.camera_textures_per_frame
+            k = min(config.camera_textures_per_frame, len(cam_names))
             for j in range(k):
                 name = cam_names[(g * k + j) % len(cam_names)]
                 tex = tex_model.view(albedo, ks, pose, cams[name], *colour[name])
