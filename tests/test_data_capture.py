@@ -187,6 +187,19 @@ def test_head_pose_is_a_rigid_3x4(cap):
     np.testing.assert_allclose(pose[:, :3] @ pose[:, :3].T, np.eye(3), atol=1e-6)
 
 
+def test_head_pose_accepts_a_homogeneous_4x4(copy):
+    path = copy / "tracked_mesh" / SEG0 / "000100_transform.txt"
+    pose = np.loadtxt(path)
+    np.savetxt(path, np.concatenate([pose, [[0, 0, 0, 1]]]))
+    np.testing.assert_allclose(MultifaceCapture(copy).head_pose(SEG0, "000100"), pose, 1e-6)
+
+
+def test_head_pose_of_the_wrong_shape_is_an_error(copy):
+    np.savetxt(copy / "tracked_mesh" / SEG0 / "000100_transform.txt", np.eye(3))
+    with pytest.raises(AvatarqError, match=r"must hold a 3x4 matrix, got \[3, 3\]"):
+        MultifaceCapture(copy).head_pose(SEG0, "000100")
+
+
 # ---------------------------------------------------------------- textures
 def test_texture_is_flipped_vertically_on_load(copy):
     r, c, ch = np.meshgrid(np.arange(4), np.arange(4), np.arange(3), indexing="ij")

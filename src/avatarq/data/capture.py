@@ -55,7 +55,7 @@ REQUIRED_FILES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Camera:
     """One calibrated camera of a capture rig.
 
@@ -100,7 +100,7 @@ class Camera:
         return np.concatenate([self.R, self.t[:, None]], axis=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sample:
     """What a decoder needs to be evaluated for one (frame, camera).
 
@@ -395,7 +395,10 @@ class MultifaceCapture:
         return v.reshape(-1, 3)
 
     def head_pose(self, segment: str, frame: str) -> np.ndarray:
-        """float32 [3, 4], [R_f | t_f] mapping head-local -> world."""
+        """float32 [3, 4], [R_f | t_f] mapping head-local -> world (x_w = R_f x_h + t_f).
+
+        The file holds 3 rows of 4 numbers; a 4x4 matrix with last row 0 0 0 1 is accepted.
+        """
         path = self._mesh_path(segment, frame, "_transform.txt")
         if not path.is_file():
             raise AvatarqError(f"head pose not found: {path}")
@@ -403,6 +406,8 @@ class MultifaceCapture:
             pose = np.loadtxt(path, dtype=np.float64, ndmin=2)
         except ValueError:
             raise AvatarqError(f"{path} must hold a 3x4 matrix of numbers") from None
+        if pose.shape == (4, 4) and np.allclose(pose[3], [0, 0, 0, 1]):
+            pose = pose[:3]
         if pose.shape != (3, 4):
             raise AvatarqError(f"{path} must hold a 3x4 matrix, got {list(pose.shape)}")
         return pose.astype(np.float32)
@@ -486,8 +491,11 @@ class MultifaceCapture:
             raise AvatarqError(f"unknown segment {segment!r}; the capture has {self.segments}")
         if camera is not None and camera != AVERAGE:
             self.camera(camera)
+        by_segment: dict[str, list[str]] = {}
+        for s, f in self.frames:
+            by_segment.setdefault(s, []).append(f)
         for seg in [segment] if segment is not None else self.segments:
-            ids = [f for s, f in self.frames if s == seg]
+            ids = by_segment[seg]
             ids.sort(key=lambda f: (int(f), f) if f.isdigit() else (math.inf, f))
             if camera is not None:
                 ids = [f for f in ids if self.has_texture(seg, f, camera)]

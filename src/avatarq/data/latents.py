@@ -23,7 +23,7 @@ from avatarq.errors import AvatarqError
 _LABELS = ("camera", "frame", "segment")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LatentSequence:
     """T decoder inputs in temporal order.
 
