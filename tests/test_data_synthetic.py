@@ -277,3 +277,4 @@ def test_existing_root_needs_overwrite(tmp_path):
     (root / "stale.txt").write_text("x")
     assert write_synthetic_capture(tmp_path, cfg, overwrite=True) == root
     assert not (root / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ROOT_NAME]  # no .partial left

@@ -35,6 +35,14 @@ front of the head, aimed at it, with intrinsics for 2048-high x 1334-wide images
 Textures are computed with row 0 = uv v = 0 and written flipped (PNG row 0 = v = 1), so
 the reader's vertical flip recovers the generated orientation. Everything is
 deterministic given ``seed``.
+
+Statistics: tex_mean.png is the mean of the average textures; tex_var.txt is the variance
+of their values about that mean, pooled over texels, channels and frames (0..255 units);
+vert_mean.bin / vert_var.txt likewise over the ``.bin`` vertices (mm). Frame ids are six
+digits in steps of 3 (``000100``, ``000103``, ...), as in Multiface frame lists.
+
+Cost of the default config: about 30 s on 2 CPU cores (half of it PNG encoding) and
+~130 MB on disk (64 average + 128 per-camera 1024^2 textures, 64 OBJ/bin/transform).
 """
 
 from __future__ import annotations
@@ -630,14 +638,18 @@ def write_synthetic_capture(
             frames, 1024^2 textures, 6050 vertices).
         overwrite: replace an existing root; otherwise an existing non-empty root is an
             error.
+
+    The capture is written into a sibling ``<root>.partial`` folder first and renamed at
+    the end, so an interrupted run never leaves a half-written root behind.
     """
     config = config or SyntheticCaptureConfig()
-    root = Path(out_dir) / ROOT_NAME
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise AvatarqError(f"{root} already exists; remove it or pass overwrite=True")
+    final = Path(out_dir) / ROOT_NAME
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise AvatarqError(f"{final} already exists; remove it or pass overwrite=True")
+    root = final.with_name(ROOT_NAME + ".partial")
+    if root.exists():
         shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True)
 
     seeds = np.random.SeedSequence(config.seed).spawn(3)
     rng_cam, rng_motion, rng_skin = (np.random.default_rng(s) for s in seeds)
@@ -710,4 +722,7 @@ def write_synthetic_capture(
         ],
     }
     (root / "synthetic.json").write_text(json.dumps(truth, indent=1) + "\n")
-    return root
+    if final.exists():
+        shutil.rmtree(final)
+    root.rename(final)
+    return final
