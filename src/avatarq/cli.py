@@ -110,7 +110,7 @@ def synth(
     model_texture_size: Annotated[int, typer.Option(help="Texture size of the trained DAM.")] = 256,
     z_dim: Annotated[int, typer.Option(help="Latent size of the trained DAM.")] = 64,
     arch: Annotated[str, typer.Option(help="DAM variant to train.")] = "base",
-    iters: Annotated[int, typer.Option(help="Training steps.")] = 600,
+    iters: Annotated[int, typer.Option(help="Training steps.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of capture and training.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached avatar matches.")] = False,
 ) -> None:
@@ -204,7 +204,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path(
         "out/demo"
     ),
-    iters: Annotated[int, typer.Option(help="Training steps for the synthetic DAM.")] = 600,
+    iters: Annotated[int, typer.Option(help="Training steps for the synthetic DAM.")] = 400,
 ) -> None:
     """The whole path on the embedded synthetic avatar.
 

@@ -43,7 +43,7 @@ class SyntheticAvatar:
 
 
 def _settings(capture: SyntheticCaptureConfig, train: TrainConfig) -> dict:
-    return {"capture": asdict(capture), "train": train.to_dict()}
+    return {"capture": capture.to_dict(), "train": train.to_dict()}
 
 
 def make_synthetic_avatar(

@@ -37,9 +37,9 @@ class TrainConfig:
     arch: str = "base"
     z_dim: int = 64
     tex_size: int = 256
-    iters: int = 600
-    batch: int = 16
-    lr: float = 1e-3
+    iters: int = 400
+    batch: int = 8
+    lr: float = 2e-3
     kl_weight: float = 1e-3
     mesh_weight: float = 1.0
     seed: int = 0
@@ -64,34 +64,31 @@ class _CaptureTensors:
     def __init__(self, capture: MultifaceCapture, tex_size: int) -> None:
         cams = list(capture.cameras)
         self.n_cams = len(cams)
+
+        def small(a: np.ndarray) -> torch.Tensor:
+            return resize_texture(torch.from_numpy(a)[None], tex_size)[0]
+
         avg, mesh, tex, valid, view, cam_idx, frame_idx = [], [], [], [], [], [], []
         for fi, (seg, fid) in enumerate(capture.frames):
-            avg.append(capture.normalized_texture(seg, fid, AVERAGE))
+            avg.append(small(capture.normalized_texture(seg, fid, AVERAGE)))
             mesh.append(capture.normalized_vertices(seg, fid))
             for ci, cam in enumerate(cams):
                 if not capture.has_texture(seg, fid, cam):
                     continue
                 raw = capture.texture(seg, fid, cam)
-                tex.append(capture.normalized_texture(seg, fid, cam))
-                valid.append((raw.sum(0, keepdims=True) > 0).astype(np.float32))
+                tex.append(small(capture.normalized_texture(seg, fid, cam)))
+                seen = (raw.sum(0, keepdims=True) > 0).astype(np.float32)
+                # A texel counts only if everything it averages over was seen.
+                valid.append((small(seen) > 0.99).float())
                 view.append(capture.view_direction(seg, fid, cam))
                 cam_idx.append(ci)
                 frame_idx.append(fi)
         if not tex:
             raise AvatarqError(f"capture {capture.root} has no per-camera textures to train on")
-
-        def down(a: list[np.ndarray]) -> torch.Tensor:
-            return torch.cat(
-                [
-                    resize_texture(torch.from_numpy(np.stack(a[i : i + 32])), tex_size)
-                    for i in range(0, len(a), 32)
-                ]
-            )
-
-        self.avg = down(avg)
+        self.avg = torch.stack(avg)
         self.mesh = torch.from_numpy(np.stack(mesh))
-        self.tex = down(tex)
-        self.valid = (down(valid) > 0.99).float()
+        self.tex = torch.stack(tex)
+        self.valid = torch.stack(valid)
         self.view = torch.from_numpy(np.stack(view))
         self.cam = torch.tensor(cam_idx)
         self.frame = torch.tensor(frame_idx)
@@ -144,10 +141,10 @@ def train_dam(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        report.losses.append(float(loss))
-        report.texture_losses.append(float(tex_loss))
-        report.mesh_losses.append(float(mesh_loss))
+        report.losses.append(loss.item())
+        report.texture_losses.append(tex_loss.item())
+        report.mesh_losses.append(mesh_loss.item())
         if progress is not None:
-            progress(step + 1, config.iters, float(loss))
+            progress(step + 1, config.iters, report.losses[-1])
     report.seconds = time.perf_counter() - start
     return model.eval(), report

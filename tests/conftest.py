@@ -1,0 +1,49 @@
+"""Shared fixtures: a small synthetic avatar (capture + trained DAM) made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from avatarq.data.synthetic import SyntheticAvatar, make_synthetic_avatar
+from avatarq.data.synthetic_capture import SyntheticCaptureConfig
+from avatarq.data.train import TrainConfig
+
+SMALL_CAPTURE = SyntheticCaptureConfig(
+    texture_size=64,
+    n_cameras=3,
+    segment_frames=(6, 6),
+    image_height=256,
+    image_width=168,
+    mesh_bands=16,
+    mesh_sectors=24,
+    camera_textures_per_frame=3,
+)
+SMALL_TRAINING = TrainConfig(z_dim=16, tex_size=64, iters=150, batch=8, lr=2e-3)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_avatar(tmp_path_factory) -> SyntheticAvatar:
+    """A 64x64-texture synthetic capture and a base DAM trained on it for 150 steps."""
+    return make_synthetic_avatar(tmp_path_factory.mktemp("avatar"), SMALL_CAPTURE, SMALL_TRAINING)
+
+
+@pytest.fixture(scope="session")
+def small_bundle(small_avatar, tmp_path_factory) -> Path:
+    """An FP32 bundle of the small avatar with normalization and topology folded in."""
+    from avatarq.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "dam_fp32.avq"
+    export_bundle(small_avatar.checkpoint, out, small_avatar.capture_root)
+    return out
