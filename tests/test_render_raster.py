@@ -354,3 +354,26 @@ def test_interpolate_and_texture_agree_with_nvdiffrast():
     for mode in ("wrap", "clamp", "zero"):
         ref = nv.texture(tex.cuda(), uv.cuda(), mode).cpu()
         torch.testing.assert_close(texture(tex, uv, mode), ref, atol=1e-4, rtol=0)
+
+
+def test_exact_and_homogeneous_paths_cover_the_same_samples():
+    # The integer row-span path and the float64 homogeneous path implement the same
+    # coverage rule. With vertices on the half-pixel grid of a 16 x 16 image every
+    # coordinate is exact in float32 and float64, so they must agree exactly, ties
+    # included (vertices on pixel centres and edges through them are frequent here).
+    from avatarq.render.raster_torch import _exact_fragments, _homogeneous_fragments
+
+    gen = torch.Generator().manual_seed(7)
+    height = width = 16
+    points = torch.randint(0, 2 * width + 1, (60, 3, 2), generator=gen) / 2.0
+    pos = clip([tuple(p) for p in points.reshape(-1, 2).tolist()], height, width)[0]
+    fx = (2 * torch.arange(width, dtype=torch.float64) + 1) / width - 1
+    fy = (2 * torch.arange(height, dtype=torch.float64) + 1) / height - 1
+    for t in range(60):
+        v = pos[3 * t : 3 * t + 3].unsqueeze(0)
+        snapped = torch.stack([v[..., 0] * width * 8, v[..., 1] * height * 8], -1).round().long()
+        exact = [p for p, _, _ in _exact_fragments(v, snapped, torch.tensor([t]), height, width)]
+        homog = [p for p, _ in _homogeneous_fragments(v[0], height, width, fx, fy)]
+        exact_set = set(torch.cat(exact).tolist()) if exact else set()
+        homog_set = set(torch.cat(homog).tolist()) if homog else set()
+        assert exact_set == homog_set, f"triangle {t}: {points[t].tolist()}"

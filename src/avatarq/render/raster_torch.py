@@ -175,12 +175,14 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, boundary_mode: str = "wrap") ->
     tex = tex.to(uv.device)
     t_h, t_w, chans = tex.shape[1:]
     out = torch.empty((batch, height * width, chans), dtype=torch.float32, device=uv.device)
+    planar = None
     for b in range(batch):
-        flat = tex[0 if tex.shape[0] == 1 else b].reshape(t_h * t_w, chans)
+        if planar is None or tex.shape[0] > 1:  # channel-planar: faster gathers
+            planar = tex[0 if tex.shape[0] == 1 else b].reshape(t_h * t_w, chans).t().contiguous()
         uv_b = uv[b].reshape(-1, 2)
         for s in range(0, height * width, _PIXELS_PER_CHUNK):
             e = s + _PIXELS_PER_CHUNK
-            out[b, s:e] = _bilinear(flat, t_h, t_w, uv_b[s:e], boundary_mode)
+            out[b, s:e] = _bilinear(planar, t_h, t_w, uv_b[s:e], boundary_mode).t()
     return out.reshape(batch, height, width, chans)
 
 
@@ -328,7 +330,7 @@ def _rasterize_one(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int
     ids = torch.nonzero(exact).squeeze(1)
     if ids.numel():
         snapped = torch.stack([sx[ids], sy[ids]], dim=-1).to(torch.int64)
-        for pix, z, t in _exact_fragments(v[ids], snapped, ids, height, width, fx, fy):
+        for pix, z, t in _exact_fragments(v[ids], snapped, ids, height, width):
             depth.merge(pix, z, t)
     for t in torch.nonzero(general).squeeze(1).tolist():
         for pix, z in _homogeneous_fragments(v[t], height, width, fx, fy):
@@ -374,8 +376,6 @@ def _exact_fragments(
     ids: torch.Tensor,
     height: int,
     width: int,
-    fx: torch.Tensor,
-    fy: torch.Tensor,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Covered fragments of triangles with w > 0 everywhere, from exact integer row spans.
 
@@ -422,16 +422,20 @@ def _exact_fragments(
         for k in range(3)
     ]
 
-    # z/w as an affine function of NDC (x, y): z/w = zc + zx x + zy y (float64).
-    v64 = v.to(torch.float64)
-    ndc = v64[..., :3] / v64[..., 3:4]
-    e1 = ndc[:, 1] - ndc[:, 0]
-    e2 = ndc[:, 2] - ndc[:, 0]
-    det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
-    safe = torch.where(det == 0, torch.ones_like(det), det)
-    zx = torch.where(det == 0, 0.0, (e1[:, 2] * e2[:, 1] - e2[:, 2] * e1[:, 1]) / safe)
-    zy = torch.where(det == 0, 0.0, (e1[:, 0] * e2[:, 2] - e2[:, 0] * e1[:, 2]) / safe)
-    zc = ndc[:, 0, 2] - zx * ndc[:, 0, 0] - zy * ndc[:, 0, 1]
+    # z/w as an affine function of the pixel (px, py), over the snapped triangle like
+    # cudaraster's depth plane: covered samples then get convex combinations of the
+    # vertices' z/w, never extrapolations (which slivers would make large).
+    zw = (v[..., 2].double() / v[..., 3].double()).unsqueeze(-1)
+    zw = torch.where(swap, zw[:, [0, 2, 1]], zw)[..., 0]
+    e1 = (snapped[:, 1] - snapped[:, 0]).double()
+    e2 = (snapped[:, 2] - snapped[:, 0]).double()
+    dz1, dz2 = zw[:, 1] - zw[:, 0], zw[:, 2] - zw[:, 0]
+    det = area.abs().double()
+    gx = (dz1 * e2[:, 1] - dz2 * e1[:, 1]) / det  # per subpixel
+    gy = (e1[:, 0] * dz2 - e2[:, 0] * dz1) / det
+    p0 = snapped[:, 0].double()
+    zc = zw[:, 0] + gx * (cx - p0[:, 0]) + gy * (cy - p0[:, 1])
+    zx, zy = _SUB * gx, _SUB * gy  # per pixel
     clip_depth = ~(v[..., 3] >= v[..., 2].abs()).all(1)
     any_clip = bool(clip_depth.any())
 
@@ -460,9 +464,9 @@ def _exact_fragments(
             span_lo = torch.where(q < 0, torch.maximum(span_lo, bound), span_lo)
             ok &= (q != 0) | (r >= 0)
         n_px = torch.where(ok, (span_hi - span_lo + 1).clamp(min=0), 0)
-        z_row = _take(zc, t) + _take(zy, t) * _take(fy, row)
+        z_row = _take(zc, t) + _take(zy, t) * row.double()
         spans = (t, row * width, span_lo, n_px, z_row, _take(zx, t))
-        for pix, z, tri_local in _expand_spans(spans, fx):
+        for pix, z, tri_local in _expand_spans(spans):
             if any_clip:
                 inside = ~_take(clip_depth, tri_local) | (z.abs() <= 1.0)
                 pix, z, tri_local = pix[inside], z[inside], tri_local[inside]
@@ -476,14 +480,13 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _expand_spans(
-    spans: tuple[torch.Tensor, ...], fx: torch.Tensor
+    spans: tuple[torch.Tensor, ...],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fragments of row spans, in chunks of at most _FRAGMENTS_PER_CHUNK (or one span).
 
     Args:
-        spans: per span (triangle, row * W, first pixel, pixel count, z/w at x = 0 of the
-            row, dz/dx), each [P].
-        fx: float64 [W] NDC x of the pixel centres.
+        spans: per span (triangle, row * W, first pixel, pixel count, z/w at pixel x = 0
+            of the row, z/w change per pixel along x), each [P].
 
     Yields:
         (pixel index, z/w float64, triangle) per fragment.
@@ -503,7 +506,7 @@ def _expand_spans(
         # Pixel k of a span: first pixel + (k - number of fragments before the span).
         offset = span_lo[start:stop] - (torch.cumsum(counts, 0) - counts)
         px = _take(offset, pair - start) + torch.arange(pair.shape[0], device=device)
-        z = _take(z_row, pair) + _take(zx, pair) * _take(fx, px)
+        z = _take(z_row, pair) + _take(zx, pair) * px.double()
         yield _take(row_base, pair) + px, z, _take(t, pair)
         start = stop
 
@@ -616,9 +619,10 @@ def _shade(
 
 
 def _bilinear(
-    flat: torch.Tensor, t_h: int, t_w: int, uv: torch.Tensor, boundary_mode: str
+    planar: torch.Tensor, t_h: int, t_w: int, uv: torch.Tensor, boundary_mode: str
 ) -> torch.Tensor:
-    """Bilinear lookup of [K, 2] uv in a [Ht * Wt, C] texture, as nvdiffrast's kernel."""
+    """Bilinear lookup of [K, 2] uv in a channel-planar [C, Ht * Wt] texture -> [C, K],
+    following nvdiffrast's kernel (wrap, texel-space shift, lerp order)."""
     finite = torch.isfinite(uv).all(1)
     all_finite = bool(finite.all())
     if not all_finite:
@@ -639,8 +643,8 @@ def _bilinear(
         step_v = ((v != 0.0) & (v != t_h - 1.0)).to(torch.int64)
     iu0 = torch.floor(u)
     iv0 = torch.floor(v)
-    fu = (u - iu0).unsqueeze(1)
-    fv = (v - iv0).unsqueeze(1)
+    fu = u - iu0
+    fv = v - iv0
     iu0 = iu0.to(torch.int64)
     iv0 = iv0.to(torch.int64)
     iu1 = iu0 + step_u
@@ -655,8 +659,8 @@ def _bilinear(
         if boundary_mode == "zero":
             ok = (iu >= 0) & (iu < t_w) & (iv >= 0) & (iv < t_h) & finite
             idx = iv.clamp(0, t_h - 1) * t_w + iu.clamp(0, t_w - 1)
-            return flat.index_select(0, idx) * ok.unsqueeze(1).to(flat.dtype)
-        return flat.index_select(0, iv * t_w + iu)
+            return planar.index_select(1, idx) * ok.to(planar.dtype)
+        return planar.index_select(1, iv * t_w + iu)
 
     a00, a10 = fetch(iu0, iv0), fetch(iu1, iv0)
     a01, a11 = fetch(iu0, iv1), fetch(iu1, iv1)
@@ -664,5 +668,5 @@ def _bilinear(
     bottom = a01 + fu * (a11 - a01)
     out = top + fv * (bottom - top)
     if not all_finite:
-        out = out * finite.unsqueeze(1).to(out.dtype)
+        out = out * finite.to(out.dtype)
     return out
