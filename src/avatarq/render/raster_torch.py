@@ -22,9 +22,10 @@ Conventions (shared with nvdiffrast, whose sources these were checked against):
   cover every sample on it exactly once. Coverage is evaluated with exact int64 edge
   functions.
 - Depth: the nearest z/w wins; on an exact tie the triangle with the larger index wins
-  (cudaraster's LEQUAL test in submission order). The test uses the z/w plane of the
-  triangle in float64, not cudaraster's 32-bit fixed-point depth, so near-ties may
-  resolve differently.
+  (cudaraster's LEQUAL test in submission order). z/w comes from the plane through the
+  snapped vertices, as cudaraster's depth plane does, evaluated in float64 and compared
+  with at least a 28-bit mantissa (packed with the triangle index into one int64 key),
+  not cudaraster's 32-bit fixed point, so near-ties may resolve differently.
 - Clipping (nvdiffrast clips polygons to the frustum; this module decides per sample,
   which is the same set up to where clipped vertices snap):
   * triangles with every w > 0 and snapped coordinates within +-2^28 subpixels use the
@@ -125,19 +126,23 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> to
     tri_l = _check_tri(tri, attr3.shape[1], "tri").to(rast.device)
     attr3 = attr3.to(rast.device)
     n_attr = attr3.shape[2]
-    out = torch.zeros((batch, height * width, n_attr), dtype=torch.float32, device=rast.device)
+    out = torch.zeros((batch, n_attr, height * width), dtype=torch.float32, device=rast.device)
+    corners = [tri_l[:, k].contiguous() for k in range(3)]
+    planar = None
     for b in range(batch):
-        a_b = attr3[0 if attr3.shape[0] == 1 else b]
-        r_b = rast[b].reshape(-1, 4)
-        ids = decode_triangle_id(r_b[:, 3]) - 1
+        if planar is None or attr3.shape[0] > 1:
+            planar = attr3[0 if attr3.shape[0] == 1 else b].t().contiguous()  # [A, V]
+        r_b = rast[b].reshape(-1, 4).t()  # [4, H * W]
+        ids = decode_triangle_id(r_b[3]) - 1
         pix = torch.nonzero((ids >= 0) & (ids < tri_l.shape[0])).squeeze(1)
         for chunk in _chunks(pix, _PIXELS_PER_CHUNK):
-            vi = tri_l[ids[chunk]]
-            b0 = r_b[chunk, 0:1]
-            b1 = r_b[chunk, 1:2]
+            t = _take(ids, chunk)
+            a0, a1, a2 = (planar.index_select(1, _take(c, t)) for c in corners)
+            b0 = r_b[0].index_select(0, chunk)
+            b1 = r_b[1].index_select(0, chunk)
             b2 = 1.0 - b0 - b1
-            out[b, chunk] = b0 * a_b[vi[:, 0]] + b1 * a_b[vi[:, 1]] + b2 * a_b[vi[:, 2]]
-    return out.reshape(batch, height, width, n_attr)
+            out[b].index_copy_(1, chunk, b0 * a0 + b1 * a1 + b2 * a2)
+    return out.permute(0, 2, 1).reshape(batch, height, width, n_attr).contiguous()
 
 
 def texture(tex: torch.Tensor, uv: torch.Tensor, boundary_mode: str = "wrap") -> torch.Tensor:
@@ -325,14 +330,19 @@ def _rasterize_one(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int
     general = keep & ~exact
 
     depth = _DepthBuffer(height * width, tri.shape[0], device)
-    fx = _pixel_centres(width, device)
-    fy = _pixel_centres(height, device)
     ids = torch.nonzero(exact).squeeze(1)
     if ids.numel():
-        snapped = torch.stack([sx[ids], sy[ids]], dim=-1).to(torch.int64)
-        for pix, z, t in _exact_fragments(v[ids], snapped, ids, height, width):
+        snapped = torch.stack([sx.index_select(0, ids), sy.index_select(0, ids)], dim=-1)
+        fragments = _exact_fragments(
+            v.index_select(0, ids), snapped.to(torch.int64), ids, height, width
+        )
+        for pix, z, t in fragments:
             depth.merge(pix, z, t)
-    for t in torch.nonzero(general).squeeze(1).tolist():
+    general_ids = torch.nonzero(general).squeeze(1).tolist()
+    if general_ids:
+        fx = _pixel_centres(width, device)
+        fy = _pixel_centres(height, device)
+    for t in general_ids:
         for pix, z in _homogeneous_fragments(v[t], height, width, fx, fy):
             depth.merge(pix, z, torch.full_like(pix, t))
     return _shade(pos, tri, depth.triangle_ids(), height, width)
@@ -571,10 +581,10 @@ def _shade(
     cancel), so the per-triangle coefficients are formed once, in float64.
     """
     device = pos.device
-    out = torch.zeros((height * width, 4), dtype=torch.float32, device=device)
+    out = torch.zeros((4, height * width), dtype=torch.float32, device=device)  # planar
     covered = torch.nonzero(tri_ids >= 0).squeeze(1)
     if covered.numel() == 0:
-        return out.reshape(height, width, 4)
+        return out.t().reshape(height, width, 4)
     p = pos.index_select(0, tri.reshape(-1)).view(-1, 3, 4).to(torch.float64)
     x, y, z, w = p.unbind(-1)
     nxt, prv = [1, 2, 0], [2, 0, 1]
@@ -601,17 +611,11 @@ def _shade(
         a0, a1, a_sum, za, wa = (
             _take(c, t) + _take(sx, t) * fx + _take(sy, t) * fy for c, sx, sy in forms
         )
-        vals = torch.stack(
-            [
-                torch.nan_to_num(a0 / a_sum, nan=0.0).clamp(0.0, 1.0),
-                torch.nan_to_num(a1 / a_sum, nan=0.0).clamp(0.0, 1.0),
-                torch.nan_to_num(za / wa, nan=1.0).clamp(-1.0, 1.0),
-            ],
-            dim=1,
-        ).float()
-        vals = torch.cat([vals, encode_triangle_id(t + 1).unsqueeze(1)], dim=1)
-        out.index_copy_(0, pix, vals)
-    return out.reshape(height, width, 4)
+        out[0].index_copy_(0, pix, torch.nan_to_num(a0 / a_sum, nan=0.0).clamp(0, 1).float())
+        out[1].index_copy_(0, pix, torch.nan_to_num(a1 / a_sum, nan=0.0).clamp(0, 1).float())
+        out[2].index_copy_(0, pix, torch.nan_to_num(za / wa, nan=1.0).clamp(-1, 1).float())
+        out[3].index_copy_(0, pix, encode_triangle_id(t + 1))
+    return out.t().reshape(height, width, 4)
 
 
 # --------------------------------------------------------------------------------------
