@@ -1,0 +1,217 @@
+"""The backends by name, and the two verbs on a bundle: `build_engine` and `open_runner`.
+
+A backend is offered when the Python modules it needs can be found (`available_backends`);
+nothing is imported until its builder or runner is loaded, so ``import avatarq.engines``
+never imports TensorRT. Adding a backend = one `register_backend` call here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avatarq.engines.base import Builder, BuildOptions, Progress, Runner, RunOptions
+from avatarq.errors import AvatarqError
+from avatarq.export.bundle import Bundle, EngineRecord, open_bundle
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: where its builder and runner live and what they need.
+
+    Attributes:
+        name: the name users type (``--backend``).
+        module: the avatarq module defining the classes (imported on use).
+        runner: runner class name in ``module`` (it has ``from_bundle(bundle, RunOptions)``).
+        builder: builder class name, or None when the backend runs without an engine.
+        requires: top-level Python modules that must be importable.
+        description: one line for listings.
+    """
+
+    name: str
+    module: str
+    runner: str
+    builder: str | None
+    requires: tuple[str, ...]
+    description: str
+
+    def available(self) -> bool:
+        """Whether every required module can be found (nothing is imported)."""
+        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+
+    def _load(self, attr: str) -> Any:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise AvatarqError(
+                f"backend {self.name} needs the Python module {', '.join(missing)}, which is "
+                f"not installed here; available backends: {', '.join(available_backends())}"
+            )
+        return getattr(importlib.import_module(self.module), attr)
+
+    def runner_class(self) -> type[Runner]:
+        return self._load(self.runner)
+
+    def builder_class(self) -> type[Builder]:
+        if self.builder is None:
+            raise AvatarqError(
+                f"backend {self.name} runs without an engine (nothing to build); "
+                f"backends that build: {', '.join(b.name for b in BACKENDS.values() if b.builder)}"
+            )
+        return self._load(self.builder)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; an unknown name lists the known ones."""
+    if name not in BACKENDS:
+        raise AvatarqError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose modules are installed here, in registration order."""
+    return [name for name, backend in BACKENDS.items() if backend.available()]
+
+
+def describe_backends() -> list[dict[str, Any]]:
+    """One dict per registered backend: name, available, builds_engine, description."""
+    return [
+        {
+            "name": b.name,
+            "available": b.available(),
+            "builds_engine": b.builder is not None,
+            "description": b.description,
+        }
+        for b in BACKENDS.values()
+    ]
+
+
+register_backend(
+    Backend(
+        "onnxruntime",
+        "avatarq.engines.onnxruntime",
+        runner="OnnxRuntimeRunner",
+        builder="OnnxRuntimeBuilder",
+        requires=("onnxruntime",),
+        description="ONNX Runtime, CPU (CUDA provider when present); INT8 via the phase rewrite",
+    )
+)
+register_backend(
+    Backend(
+        "onnx",
+        "avatarq.engines.onnxruntime",
+        runner="OnnxModelRunner",
+        builder=None,
+        requires=("onnxruntime",),
+        description="model.onnx as exported, under ONNX Runtime: the reference for Q/DQ graphs",
+    )
+)
+register_backend(
+    Backend(
+        "tensorrt",
+        "avatarq.engines.tensorrt",
+        runner="TensorRTRunner",
+        builder="TensorRTBuilder",
+        requires=("tensorrt", "torch"),
+        description="NVIDIA TensorRT 10/11, strongly typed; builds and runs on the target GPU",
+    )
+)
+register_backend(
+    Backend(
+        "tensorrt-rtx",
+        "avatarq.engines.tensorrt_rtx",
+        runner="TensorRTRTXRunner",
+        builder="TensorRTRTXBuilder",
+        requires=("tensorrt_rtx", "torch"),
+        description="NVIDIA TensorRT for RTX; builds on a CPU, runs on RTX-class GPUs",
+    )
+)
+register_backend(
+    Backend(
+        "torch",
+        "avatarq.engines.torch_runner",
+        runner="TorchRunner",
+        builder=None,
+        requires=("torch",),
+        description="the PyTorch decoder from the checkpoint (FP32/FP16, CPU or CUDA)",
+    )
+)
+
+
+# --------------------------------------------------------------------------- verbs
+
+# What "auto" prefers, best first: an engine built for this machine, else the exported graph.
+AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "onnxruntime", "onnx")
+
+
+def resolve_backend(bundle: Bundle, name: str) -> str:
+    """``name``, or for ``auto`` the first backend of `AUTO_ORDER` that is installed, has an
+    engine in ``bundle`` (``onnx`` needs none) and, for TensorRT, a GPU to run on."""
+    if name != "auto":
+        get_backend(name)
+        return name
+    built = {e.backend for e in bundle.manifest.engines}
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS.get(candidate)
+        if backend is None or not backend.available():
+            continue
+        if backend.builder is not None and candidate not in built:
+            continue
+        if candidate.startswith("tensorrt"):
+            import torch
+
+            if not torch.cuda.is_available():
+                continue
+        return candidate
+    raise AvatarqError(
+        f"no backend can run {bundle.root} here; available: {', '.join(available_backends())}"
+    )
+
+
+def build_engine(
+    bundle: str | Path | Bundle,
+    backend: str,
+    options: BuildOptions = BuildOptions(),
+    progress: Progress | None = None,
+) -> EngineRecord:
+    """Build ``backend``'s engine for ``bundle`` and record it in the manifest.
+
+    An earlier engine of the same backend and target is replaced (file and record).
+
+    Returns:
+        The new `EngineRecord` (``path`` relative to the bundle).
+    """
+    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    builder = get_backend(backend).builder_class()(options)
+    result = builder.build(opened, progress)
+    record = result.record
+    manifest = opened.manifest
+    manifest.engines = [
+        e for e in manifest.engines if (e.backend, e.target) != (record.backend, record.target)
+    ] + [record]
+    opened.save_manifest()
+    return record
+
+
+def open_runner(
+    bundle: str | Path | Bundle, backend: str, options: RunOptions = RunOptions()
+) -> Runner:
+    """A runner of ``backend`` for ``bundle`` (not yet active: use it as a context manager).
+
+    Raises:
+        AvatarqError: unknown or unavailable backend; a backend that needs an engine and the
+            bundle has none built, or its file is missing or corrupt, or it was built by
+            another library version or for another GPU.
+    """
+    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    return get_backend(backend).runner_class().from_bundle(opened, options)
