@@ -1,0 +1,47 @@
+"""`FakeQuantDecoder`: the deployed numerics of a calibration, in torch, for validation."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from avatarq.calibration.artifact import CalibrationArtifact
+from avatarq.calibration.layers import get_layer, install
+
+
+class FakeQuantDecoder(nn.Module):
+    """(z float32 [B, Z], view float32 [B, 3]) -> (texture, vertices) float32, computed the
+    way the Q/DQ ONNX of ``artifact`` computes them.
+
+    Each int8 layer quantizes its input per tensor (QuantizeLinear then DequantizeLinear,
+    round half to even, saturating; a b < 8 grid clips first) and multiplies its int8
+    weights by their per-output-channel scales; bias, texel biases and activations stay
+    float32. fp16 layers round their input, weight, bias and output to float16. The
+    remaining differences to an ONNX runtime are float accumulation order, which can move
+    a value across a rounding boundary of the next quantizer.
+
+    ``decoder`` (a `DeployableDecoder`) is copied, never changed; ``artifact`` is validated
+    against it first (AvatarqError on a mismatch).
+    """
+
+    def __init__(self, decoder: nn.Module, artifact: CalibrationArtifact) -> None:
+        super().__init__()
+        artifact.validate(decoder)
+        self.decoder = copy.deepcopy(decoder).eval()
+        install(
+            self.decoder,
+            {
+                layer.name: layer.module(get_layer(self.decoder, layer.name))
+                for layer in artifact.layers
+            },
+        )
+        self.config = decoder.config
+        self.artifact = artifact
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        texture, vertices = self.decoder(z.float(), view.float())
+        return texture.float(), vertices.float()
