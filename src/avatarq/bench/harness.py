@@ -1,0 +1,639 @@
+"""The benchmark harness behind `avatarq bench`: play an ordered sequence through the FP32
+reference and each deployed runner, render it, and measure latency, fidelity and temporal
+stability exactly as the metrics spec defines them.
+
+What runs:
+
+- **The reference** F. With a checkpoint: the PyTorch decoder of the checkpoint the bundle
+  was exported from (torch runner, FP32, on the CPU so that no TF32 or reduced-precision
+  GPU kernel enters the reference; the capture de-normalizes it like the bundle). Else an
+  FP32 bundle's own model.onnx under ONNX Runtime on the CPU (backend ``onnx``), or the
+  model.onnx of an FP32 ``reference_bundle``. A quantized bundle without either has no
+  reference: AvatarqError.
+- **The runners** Q: the `avatarq.engines` backends named in `BenchConfig.runners`; by
+  default ``onnx`` (model.onnx as exported) plus every backend whose engine the bundle
+  holds and this machine can run.
+
+What is measured, per runner:
+
+- fidelity and temporal stability in **texture space** (the decoded texture / 255, whole
+  texture) and in **screen space** (both rendered through the sequence's camera; every
+  mean restricted to the FP32 render's foreground mask of that frame): PSNR and SSIM per
+  frame, tDE, J, FE (`avatarq.bench.metrics`);
+- **latency** per stage after warm-up: ``decode`` (runner call, inputs in host memory to
+  outputs in host memory, so it includes the runner's own device copies), ``copy``
+  (decoded texture, vertices and M to the render device), ``render``, and ``end_to_end``
+  (all three, one clock span). CPU: wall clock. CUDA: the device is synchronized before
+  every clock read, and ``copy`` and ``render`` are timed with CUDA events.
+- **gates** (`avatarq.bench.metrics.parse_gates`) on texture- or screen-space metrics
+  (`BenchConfig.gate_space`) and one latency stage (`BenchConfig.gate_stage`).
+
+The timed iterations decode batches taken cyclically from the sequence; the fidelity pass
+decodes every frame once, untimed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from avatarq.bench.latency import LatencyStats
+from avatarq.bench.metrics import SequenceAccumulator, evaluate_gates, psnr
+from avatarq.bench.results import (
+    LATENCY_METRICS,
+    STAGES,
+    BenchConfig,
+    BenchResult,
+    FrameStrip,
+    RunnerResult,
+    bundle_record,
+    environment,
+)
+from avatarq.bench.sequences import BenchSequence
+from avatarq.errors import AvatarqError
+
+TEXTURE_PEAK = 255.0
+Progress = Callable[[str, int, int], None]
+
+
+class BenchRunner(Protocol):
+    """What the harness needs of a runner (`avatarq.engines.Runner` satisfies it).
+
+    ``decode(z float32 [B, Z], view float32 [B, 3])`` returns (texture float32
+    [B, 3, T, T], vertices float32 [B, V, 3]) in host memory; they may be views of buffers
+    that the next call overwrites (the harness copies what it keeps).
+    """
+
+    name: str
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
+
+    def decode(self, z: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def default_runners(bundle: Any, device: str = "auto") -> tuple[list[str], dict[str, str]]:
+    """Backends benchmarked when none are named: (names, {skipped name: why}).
+
+    ``onnx`` (model.onnx as exported) always; then each backend with an engine in the
+    bundle, when its Python module is installed and, for TensorRT, a GPU is there.
+    """
+    from avatarq.engines import get_backend
+
+    names, skipped = ["onnx"], {}
+    built = list(dict.fromkeys(e.backend for e in bundle.manifest.engines))
+    for name in built:
+        try:
+            backend = get_backend(name)
+        except AvatarqError:
+            skipped[name] = "not a backend this avatarq knows"
+            continue
+        if not backend.available():
+            skipped[name] = f"Python module(s) {', '.join(backend.requires)} not installed"
+        elif name.startswith("tensorrt") and not _cuda_available():
+            skipped[name] = "needs a CUDA GPU"
+        elif device == "cpu" and name.startswith("tensorrt"):
+            skipped[name] = "device cpu"
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _run_options(config: BenchConfig, backend: str, **extra: Any) -> Any:
+    from avatarq.engines import RunOptions
+
+    # TensorRT engines fix their batch range at build time; the others size buffers freely.
+    max_batch = None if backend.startswith("tensorrt") else max(config.batch, 1)
+    return RunOptions(device=config.device, threads=config.threads, max_batch=max_batch, **extra)
+
+
+def open_reference(
+    bundle: Any,
+    config: BenchConfig,
+    checkpoint: str | Path | None = None,
+    capture: str | Path | None = None,
+    reference_bundle: str | Path | None = None,
+) -> BenchRunner:
+    """The FP32 reference runner (not yet entered); see the module docstring for the order."""
+    from avatarq.engines import RunOptions, open_runner
+    from avatarq.export.bundle import open_bundle
+
+    m = bundle.manifest
+    if checkpoint is not None:
+        options = RunOptions(
+            device="cpu",
+            max_batch=config.batch,
+            checkpoint=str(checkpoint),
+            capture=None if capture is None else str(capture),
+        )
+        return open_runner(bundle, "torch", options)
+    options = RunOptions(device="cpu", threads=config.threads, max_batch=config.batch)
+    if reference_bundle is not None:
+        ref = open_bundle(reference_bundle)
+        r = ref.manifest
+        if r.precision != "fp32":
+            raise AvatarqError(
+                f"reference bundle {ref.root} is {r.precision}; the reference must be an FP32 "
+                "export of the same checkpoint"
+            )
+        if r.source_checkpoint_sha256 != m.source_checkpoint_sha256:
+            raise AvatarqError(
+                f"reference bundle {ref.root} was exported from another checkpoint than "
+                f"{bundle.root} (source_checkpoint_sha256 differs)"
+            )
+        if bool(r.normalization.get("folded")) != bool(m.normalization.get("folded")) or (
+            r.camera != m.camera
+        ):
+            raise AvatarqError(
+                f"reference bundle {ref.root} differs from {bundle.root} in de-normalization "
+                "or folded camera; export both with the same --capture and --camera"
+            )
+        return open_runner(ref, "onnx", options)
+    if m.precision != "fp32":
+        raise AvatarqError(
+            f"bundle {bundle.root} is {m.precision}, so it cannot be its own FP32 reference; "
+            "pass the checkpoint it was exported from (--checkpoint dam.pt, with --capture "
+            "when its de-normalization is folded in) or an FP32 bundle (--reference fp32.avq)"
+        )
+    return open_runner(bundle, "onnx", options)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class _Denorm:
+    """Maps decoder outputs to what is measured: texture in [0, 1] units, vertices in
+    capture units (identity scale when the bundle folds the de-normalization in)."""
+
+    tex_mean: np.ndarray | None = None  # float32 [3, T, T], 0..255
+    tex_std: float = 1.0
+    vert_mean: np.ndarray | None = None  # float32 [V, 3]
+    vert_std: float = 1.0
+
+    def texture(self, tex: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """[B, 3, T, T] decoder units -> [0, 1] units, a new array of ``dtype``."""
+        x = tex.astype(dtype, copy=True)
+        if self.tex_mean is not None:
+            x *= self.tex_std
+            x += self.tex_mean
+        x /= TEXTURE_PEAK
+        return x
+
+    def vertices(self, vert: np.ndarray) -> np.ndarray:
+        if self.vert_mean is None:
+            return np.array(vert, dtype=np.float32, copy=True)
+        return vert * np.float32(self.vert_std) + self.vert_mean
+
+
+def _denorm_for(bundle: Any, capture_root: Path | None) -> _Denorm:
+    m = bundle.manifest
+    if m.normalization.get("folded"):
+        return _Denorm()
+    if capture_root is None:
+        raise AvatarqError(
+            f"bundle {bundle.root} outputs Multiface-normalized textures and vertices; pass "
+            "the capture (--capture CAPTURE) so they can be de-normalized before measuring"
+        )
+    import torch
+
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import resize_texture
+
+    cap = MultifaceCapture(capture_root)
+    mean = resize_texture(torch.from_numpy(cap.tex_mean)[None], m.tex_size)[0].numpy()
+    vmean = cap.vert_mean.reshape(-1, 3)
+    if vmean.shape[0] != m.n_vertices:
+        raise AvatarqError(
+            f"capture {capture_root} has {vmean.shape[0]} vertices, bundle {bundle.root} "
+            f"{m.n_vertices}"
+        )
+    return _Denorm(mean.astype(np.float32), cap.tex_std, vmean.astype(np.float32), cap.vert_std)
+
+
+def _display_texture(tex: np.ndarray) -> np.ndarray:
+    """[3, T, T] decoder orientation (row 0 = v 0) -> [T, T, 3] display (row 0 = top)."""
+    return np.ascontiguousarray(np.moveaxis(tex, 0, -1)[::-1], dtype=np.float32)
+
+
+def _crop_box(mask: np.ndarray, margin: float = 0.08) -> tuple[slice, slice]:
+    rows, cols = np.nonzero(mask > 0)
+    h, w = mask.shape
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    pad = int(math.ceil(margin * max(r1 - r0, c1 - c0)))
+    return slice(max(r0 - pad, 0), min(r1 + pad, h)), slice(max(c0 - pad, 0), min(c1 + pad, w))
+
+
+class _Worst:
+    """Keeps the lowest-PSNR frame seen so far (the earliest on ties)."""
+
+    def __init__(self, space: str) -> None:
+        self.space = space
+        self.strip: FrameStrip | None = None
+
+    def offer(
+        self,
+        t: int,
+        frame_id: str,
+        value: float,
+        ref: np.ndarray,
+        dep: np.ndarray,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Frame ``t`` with PSNR ``value``: textures [3, T, T] (decoder orientation), or
+        screen images [H, W, 3] with the reference's foreground ``mask`` [H, W]."""
+        if self.strip is not None and not value < self.strip.psnr:
+            return
+        if mask is None:
+            ref, dep = _display_texture(ref), _display_texture(dep)
+        else:
+            box = _crop_box(mask)
+            ref, dep, mask = ref[box].copy(), dep[box].copy(), mask[box].copy()
+        self.strip = FrameStrip(self.space, t, frame_id, value, ref, dep, mask)
+
+
+# --------------------------------------------------------------------------- render
+
+
+@dataclass
+class _RenderSetup:
+    renderer: Any
+    device: Any  # torch.device
+    M: np.ndarray  # float32 [T, 3, 4] at the render resolution
+    record: dict[str, Any]
+
+
+def _setup_render(
+    bundle: Any, sequence: BenchSequence, config: BenchConfig
+) -> tuple[_RenderSetup | None, str | None]:
+    """(render setup, None) or (None, why nothing is rendered)."""
+    if config.render == "none":
+        return None, "rendering off (render none)"
+    explicit = config.render != "auto"
+    if not sequence.has_camera:
+        if explicit:
+            raise AvatarqError(
+                f"render {config.render} needs a camera, but the sequence ({sequence.source}) "
+                "has none; pass a capture (--capture) or --render none"
+            )
+        return None, "the sequence has no camera (no capture given)"
+    if not bundle.topology_path.is_file() and not explicit:
+        return None, f"bundle {bundle.root} has no topology.npz"
+    topology = bundle.topology()  # AvatarqError naming the fix when missing
+    import torch
+
+    from avatarq.render import RenderConfig, Renderer
+
+    resolution = config.resolution or sequence.image_size
+    renderer = Renderer(topology, RenderConfig(resolution=resolution, backend=config.render))
+    if renderer.backend == "nvdiffrast" or torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    record = {
+        "backend": renderer.backend,
+        "resolution": list(resolution),
+        "camera_image_size": list(sequence.image_size),
+        "device": str(device),
+        "perspective_correct": renderer.config.perspective_correct,
+        "antialias": renderer.config.antialias,
+        "mask": "foreground of the FP32 render, per frame",
+    }
+    return _RenderSetup(renderer, device, sequence.projection_at(resolution), record), None
+
+
+def _render(setup: _RenderSetup, vert: np.ndarray, tex: np.ndarray, M: np.ndarray) -> Any:
+    """Render float32 copies of vertices [B, V, 3], texture [B, 3, T, T], M [B, 3, 4]."""
+    import torch
+
+    d, f32 = setup.device, torch.float32
+    return setup.renderer.render(
+        torch.from_numpy(vert).to(d, f32),
+        torch.from_numpy(tex).to(d, f32),
+        torch.from_numpy(np.ascontiguousarray(M)).to(d, f32),
+    )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _time_pipeline(
+    runner: BenchRunner,
+    sequence: BenchSequence,
+    setup: _RenderSetup | None,
+    denorm: _Denorm,
+    config: BenchConfig,
+    progress: Progress | None,
+    label: str,
+) -> dict[str, LatencyStats]:
+    """Per-stage latency of decode -> copy -> render over `config.iters` timed iterations."""
+    import torch
+
+    cuda = setup is not None and setup.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t_len, b = len(sequence), config.batch
+    batches = []
+    for i in range(config.warmup + config.iters):
+        idx = [(i * b + k) % t_len for k in range(b)]
+        M = None if setup is None else np.ascontiguousarray(setup.M[idx])
+        batches.append(
+            (np.ascontiguousarray(sequence.z[idx]), np.ascontiguousarray(sequence.view[idx]), M)
+        )
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+    clock = time.perf_counter_ns
+    total = config.warmup + config.iters
+    for i, (z, view, M) in enumerate(batches):
+        sync()
+        t0 = clock()
+        tex, vert = runner.decode(z, view)
+        t1 = clock()
+        if setup is not None:
+            tex01, vert_c = denorm.texture(tex), denorm.vertices(vert)
+            # de-normalization is measurement bookkeeping, not part of the pipeline
+            t1b = clock()
+            d = setup.device
+            if cuda:
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                ev[0].record()
+            tc = clock()
+            vt = torch.from_numpy(vert_c).to(d)
+            xt = torch.from_numpy(tex01).to(d)
+            mt = torch.from_numpy(M).to(d)
+            if cuda:
+                ev[1].record()
+            tr = clock()
+            setup.renderer.render(vt, xt, mt)
+            if cuda:
+                ev[2].record()
+            sync()
+            t2 = clock()
+            if cuda:
+                copy_ms, render_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
+            else:
+                copy_ms, render_ms = (tr - tc) / 1e6, (t2 - tr) / 1e6
+            e2e_ms = (t2 - t0 - (t1b - t1)) / 1e6
+        if i >= config.warmup:
+            samples["decode"].append((t1 - t0) / 1e6)
+            if setup is not None:
+                samples["copy"].append(float(copy_ms))
+                samples["render"].append(float(render_ms))
+                samples["end_to_end"].append(e2e_ms)
+            else:
+                samples["end_to_end"].append((t1 - t0) / 1e6)
+        if progress is not None:
+            progress(f"timing {label}", i + 1, total)
+    return {stage: LatencyStats.from_samples(ms, batch=b) for stage, ms in samples.items() if ms}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_bench(
+    bundle: Any,
+    sequence: BenchSequence,
+    config: BenchConfig = BenchConfig(),
+    progress: Progress | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    capture: str | Path | None = None,
+    reference_bundle: str | Path | None = None,
+    reference: BenchRunner | None = None,
+    runners: Sequence[BenchRunner] | None = None,
+) -> BenchResult:
+    """Benchmark a bundle on an ordered sequence (see the module docstring).
+
+    Args:
+        bundle: a `Bundle` or its path.
+        sequence: what to play (`avatarq.bench.sequences`); its latent size must match.
+        config: runners, rendering, timing, gates.
+        progress: called as progress(description, done, total).
+        checkpoint: the checkpoint the bundle came from: the reference becomes its torch
+            decoder.
+        capture: capture root: de-normalizes an unfolded bundle and the torch reference
+            (default: the sequence's capture).
+        reference_bundle: an FP32 bundle of the same checkpoint as the reference.
+        reference: a runner object to use as the reference instead (not yet entered).
+        runners: runner objects to benchmark instead of `config.runners` (not yet entered).
+
+    Returns:
+        BenchResult; `result.exit_code` is 1 when a gate failed.
+
+    Raises:
+        AvatarqError: latent size mismatch, rendering asked for but impossible (no
+            topology, no camera), no FP32 reference, a runner that cannot open.
+    """
+    from avatarq.export.bundle import Bundle, open_bundle
+
+    started = time.perf_counter()
+    bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    m = bundle.manifest
+    sequence.check_z_dim(m.z_dim)
+    gates = config.parsed_gates()
+    capture_root = Path(capture) if capture is not None else sequence.capture_root
+    denorm = _denorm_for(bundle, capture_root)
+    setup, render_note = _setup_render(bundle, sequence, config)
+    if (
+        setup is None
+        and config.gate_space == "screen"
+        and {g.metric for g in gates} - LATENCY_METRICS
+    ):
+        raise AvatarqError(
+            f"screen-space gates need rendering, but nothing is rendered: {render_note}"
+        )
+
+    skipped: dict[str, str] = {}
+    if runners is None:
+        from avatarq.engines import open_runner
+
+        names = list(config.runners)
+        if not names:
+            names, skipped = default_runners(bundle, config.device)
+        extra = {}
+        if checkpoint is not None:
+            extra["checkpoint"] = str(checkpoint)
+        if capture_root is not None:
+            extra["capture"] = str(capture_root)
+        runner_objs = [
+            open_runner(bundle, n, _run_options(config, n, **(extra if n == "torch" else {})))
+            for n in names
+        ]
+    else:
+        runner_objs = list(runners)
+        names = [getattr(r, "name", f"runner{i}") for i, r in enumerate(runner_objs)]
+        if len(set(names)) != len(names):
+            names = [f"{n}#{i}" for i, n in enumerate(names)]
+    if reference is None:
+        reference = open_reference(bundle, config, checkpoint, capture_root, reference_bundle)
+
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(reference)
+        active = [stack.enter_context(r) for r in runner_objs]
+        texture_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
+        screen_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
+        worst = {n: (_Worst("texture"), _Worst("screen")) for n in names}
+        _fidelity_pass(
+            ref,
+            dict(zip(names, active, strict=True)),
+            sequence,
+            setup,
+            denorm,
+            config,
+            texture_acc,
+            screen_acc,
+            worst,
+            progress,
+        )
+        ref_label = getattr(ref, "name", "reference")
+        ref_latency = _time_pipeline(ref, sequence, setup, denorm, config, progress, "reference")
+        results = []
+        for name, runner in zip(names, active, strict=True):
+            latency = _time_pipeline(runner, sequence, setup, denorm, config, progress, name)
+            texture = texture_acc[name].result()
+            screen = screen_acc[name].result() if setup is not None else None
+            result = RunnerResult(name, getattr(runner, "name", name), latency, texture, screen)
+            if gates:
+                result.gates = evaluate_gates(
+                    gates, result.gate_values(config.gate_space, config.gate_stage)
+                )
+            results.append(result)
+
+    strips = {n: [w.strip for w in worst[n] if w.strip is not None] for n in names}
+    render_record = setup.record if setup is not None else {"backend": None, "note": render_note}
+    return BenchResult(
+        config=config,
+        bundle=bundle_record(bundle),
+        sequence=sequence.describe(),
+        render=render_record,
+        reference=RunnerResult("reference", ref_label, ref_latency),
+        runners=results,
+        environment=environment(),
+        skipped=skipped,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        seconds=time.perf_counter() - started,
+        strips=strips,
+    )
+
+
+def _fidelity_pass(
+    ref: BenchRunner,
+    runners: Mapping[str, BenchRunner],
+    sequence: BenchSequence,
+    setup: _RenderSetup | None,
+    denorm: _Denorm,
+    config: BenchConfig,
+    texture_acc: Mapping[str, SequenceAccumulator],
+    screen_acc: Mapping[str, SequenceAccumulator],
+    worst: Mapping[str, tuple[_Worst, _Worst]],
+    progress: Progress | None,
+) -> None:
+    """Decode every frame with the reference and each runner in lock step and accumulate
+    the comparisons; only one batch of frames is held at a time."""
+    t_len, b = len(sequence), config.batch
+    for start in range(0, t_len, b):
+        stop = min(start + b, t_len)
+        z, view = sequence.z[start:stop], sequence.view[start:stop]
+        f_tex, f_vert = ref.decode(z, view)
+        # texture metrics read float64 [0, 1] values (no extra float32 rounding in the
+        # measurement); the renderer gets float32 as a deployed pipeline would
+        f_tex, f_vert = denorm.texture(f_tex, np.float64), denorm.vertices(f_vert)
+        f_img = f_mask = None
+        if setup is not None:
+            out = _render(setup, f_vert, f_tex, setup.M[start:stop])
+            f_img, f_mask = out.image.cpu().numpy(), out.mask.cpu().numpy()
+            for i in range(stop - start):
+                if not f_mask[i].any():
+                    h, w = f_mask.shape[1:]
+                    raise AvatarqError(
+                        f"frame {sequence.ids[start + i]}: the FP32 mesh covers no pixel of "
+                        f"the {h}x{w} render; check the camera and the resolution"
+                    )
+        for name, runner in runners.items():
+            q_tex, q_vert = runner.decode(z, view)
+            q_tex, q_vert = denorm.texture(q_tex, np.float64), denorm.vertices(q_vert)
+            q_img = None
+            if setup is not None:
+                q_img = _render(setup, q_vert, q_tex, setup.M[start:stop]).image.cpu().numpy()
+            for i in range(stop - start):
+                t = start + i
+                fid = sequence.ids[t]
+                texture_acc[name].add(f_tex[i], q_tex[i])
+                worst[name][0].offer(t, fid, psnr(f_tex[i], q_tex[i]), f_tex[i], q_tex[i])
+                if setup is not None:
+                    m = f_mask[i][None]
+                    fi, qi = np.moveaxis(f_img[i], -1, 0), np.moveaxis(q_img[i], -1, 0)
+                    screen_acc[name].add(fi, qi, m)
+                    worst[name][1].offer(t, fid, psnr(fi, qi, m), f_img[i], q_img[i], f_mask[i])
+            if progress is not None:
+                progress(f"fidelity {name}", stop, t_len)
+
+
+# --------------------------------------------------------------------------- one call
+
+
+def bench_bundle(
+    bundle: str | Path,
+    sequence: str | Path | None = None,
+    config: BenchConfig = BenchConfig(),
+    checkpoint: str | Path | None = None,
+    capture: str | Path | None = None,
+    reference_bundle: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[BenchResult, dict[str, Path]]:
+    """What `avatarq bench` does: resolve the sequence, run, write the report.
+
+    Args:
+        bundle: bundle directory.
+        sequence: ``CAPTURE:SEGMENT[:CAMERA]``, a latent .npz, or None (default clip; see
+            `avatarq.bench.sequences.load_sequence`).
+        config: `BenchConfig`.
+        checkpoint, capture, reference_bundle: see `run_bench`; the checkpoint also encodes
+            capture segments.
+        out: report directory (report.json, report.html); None writes nothing.
+        progress: progress(description, done, total).
+
+    Returns:
+        (result, {"json": path, "html": path} or {} without ``out``).
+    """
+    from avatarq.bench.sequences import load_sequence
+    from avatarq.export.bundle import open_bundle
+
+    opened = open_bundle(bundle)
+    if config.render in ("torch", "nvdiffrast"):
+        opened.topology()  # fail before any decoding when rendering cannot happen
+    seq = load_sequence(
+        sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera
+    )
+    result = run_bench(
+        opened,
+        seq,
+        config,
+        progress,
+        checkpoint=checkpoint,
+        capture=capture,
+        reference_bundle=reference_bundle,
+    )
+    paths: dict[str, Path] = {}
+    if out is not None:
+        from avatarq.bench.report import write_report
+
+        paths = write_report(result, out)
+    return result, paths

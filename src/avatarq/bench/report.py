@@ -1,0 +1,539 @@
+"""The report of `avatarq bench`: report.json for machines, report.html for people.
+
+`write_report(result, out_dir)` writes
+
+- ``report.json``: `BenchResult.to_dict()` (every number, the settings, versions, device,
+  git revision; strict JSON, non-finite numbers as the strings "Infinity"/"NaN");
+- ``report.html``: one self-contained page (figures are PNGs embedded as base64, no
+  script, no network): the verdict, summary tables, PSNR and tDE per frame, a latency
+  histogram, and per runner a strip FP32 | deployed | amplified error of its worst frame.
+
+Figures are drawn with matplotlib's Agg canvas directly (`matplotlib.figure.Figure`), so
+the global pyplot backend of the calling process is left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
+from avatarq.errors import AvatarqError
+
+JSON_FILE = "report.json"
+HTML_FILE = "report.html"
+FIGURES_DIR = "figures"
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
+_REF_COLOR = "#7f7f7f"
+
+
+# --------------------------------------------------------------------------- json
+
+
+def report_json(result: BenchResult) -> str:
+    """Strict JSON text of the result (indent 2, sorted keys)."""
+    return json.dumps(result.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def load_report(path: str | Path) -> BenchResult:
+    """Read a report.json (or the directory holding one) back into a `BenchResult`
+    (without frame strips)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSON_FILE
+    if not path.is_file():
+        raise AvatarqError(f"bench report not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AvatarqError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AvatarqError(f"{path} must hold a JSON object")
+    return BenchResult.from_dict(data)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _integer_x(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _color(i: int) -> str:
+    return _COLORS[i % len(_COLORS)]
+
+
+def _spaces(result: BenchResult) -> list[str]:
+    spaces = ["texture"]
+    if any(r.screen is not None for r in result.runners):
+        spaces.append("screen")
+    return spaces
+
+
+def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64).copy()
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def psnr_figure(result: BenchResult) -> bytes:
+    """PSNR per frame, one panel per space (texture, screen), one line per runner."""
+    spaces = _spaces(result)
+    fig = _figure(5.2 * len(spaces), 3.2)
+    axes = fig.subplots(1, len(spaces), squeeze=False)[0]
+    for ax, space in zip(axes, spaces, strict=True):
+        notes = []
+        for i, r in enumerate(result.runners):
+            comp = r.texture if space == "texture" else r.screen
+            if comp is None:
+                continue
+            values = np.asarray(comp.psnr_per_frame, dtype=np.float64)
+            frames = np.arange(values.size)
+            if np.isposinf(values).all():
+                notes.append(f"{r.name}: identical to FP32 (PSNR = inf)")
+                continue
+            ax.plot(
+                frames,
+                _finite_or_nan(values),
+                marker="o",
+                ms=3,
+                lw=1.4,
+                color=_color(i),
+                label=r.name,
+            )
+            if np.isposinf(values).any():
+                notes.append(f"{r.name}: some frames identical (inf, not drawn)")
+        for g in _gates_on(result, "psnr"):
+            ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
+        for note in notes:
+            ax.plot([], [], " ", label=note)
+        ax.set_title(f"PSNR per frame, {space} space")
+        ax.set_xlabel("frame")
+        ax.set_ylabel("PSNR vs FP32 (dB)")
+        _integer_x(ax)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def tde_figure(result: BenchResult) -> bytes:
+    """tDE per consecutive frame pair, one panel per space, one line per runner."""
+    spaces = _spaces(result)
+    fig = _figure(5.2 * len(spaces), 3.2)
+    axes = fig.subplots(1, len(spaces), squeeze=False)[0]
+    for ax, space in zip(axes, spaces, strict=True):
+        for i, r in enumerate(result.runners):
+            comp = r.texture if space == "texture" else r.screen
+            if comp is None:
+                continue
+            values = np.asarray(comp.tde_per_frame, dtype=np.float64)
+            ax.plot(
+                np.arange(1, values.size + 1),
+                values,
+                marker="o",
+                ms=3,
+                lw=1.4,
+                color=_color(i),
+                label=f"{r.name} (J = {comp.jitter_ratio:.3g})",
+            )
+        for g in _gates_on(result, "tde"):
+            ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
+        ax.set_title(f"tDE per frame, {space} space")
+        ax.set_xlabel("frame t (pair t-1, t)")
+        ax.set_ylabel("mean |e_t - e_(t-1)|")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        _integer_x(ax)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def latency_figure(result: BenchResult) -> bytes:
+    """Histograms of per-iteration latency: decode (left) and end to end (right), the
+    reference in grey and each runner in colour, medians dashed."""
+    stages = [s for s in ("decode", "end_to_end") if s in result.reference.latency]
+    if "end_to_end" in stages and "render" not in result.reference.latency:
+        stages = ["decode"]  # without rendering end_to_end == decode
+    fig = _figure(5.2 * len(stages), 3.2)
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    entries = [(result.reference, _REF_COLOR, "FP32 reference")] + [
+        (r, _color(i), r.name) for i, r in enumerate(result.runners)
+    ]
+    for ax, stage in zip(axes, stages, strict=True):
+        all_ms = np.concatenate(
+            [np.asarray(r.latency[stage].samples_ms) for r, _, _ in entries if stage in r.latency]
+        )
+        lo, hi = float(all_ms.min()), float(all_ms.max())
+        log = lo > 0 and hi / lo > 20
+        bins = (
+            np.geomspace(lo, hi, 40) if log else np.linspace(lo, hi if hi > lo else lo + 1e-3, 40)
+        )
+        for r, color, label in entries:
+            if stage not in r.latency:
+                continue
+            stats = r.latency[stage]
+            ax.hist(
+                stats.samples_ms,
+                bins=bins,
+                histtype="stepfilled",
+                alpha=0.35,
+                color=color,
+                edgecolor=color,
+                lw=1.2,
+                label=f"{label}: p50 {stats.p50_ms:.3g} ms, p99 {stats.p99_ms:.3g} ms",
+            )
+            ax.axvline(stats.p50_ms, color=color, ls="--", lw=1)
+        for g in _gates_on(result, "p99_ms") if stage == result.config.gate_stage else []:
+            ax.axvline(
+                g.threshold, color="k", ls=":", lw=1, label=f"gate p99 {g.op}{g.threshold:g} ms"
+            )
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(
+            f"latency per iteration, {stage.replace('_', ' ')} (batch {result.config.batch})"
+        )
+        ax.set_xlabel("milliseconds")
+        ax.set_ylabel("iterations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _error_map(strip: FrameStrip) -> tuple[np.ndarray, float]:
+    """(|Q - F| averaged over channels [H, W] times a gain, the gain): the gain maps the
+    99.5th percentile of the error (inside the mask) to 1, so the pattern is visible
+    whatever its size."""
+    err = np.abs(strip.deployed.astype(np.float64) - strip.reference).mean(axis=-1)
+    inside = err[strip.mask > 0] if strip.mask is not None else err.ravel()
+    peak = float(np.percentile(inside, 99.5)) if inside.size else 0.0
+    if peak <= 0.0:
+        peak = float(inside.max()) if inside.size else 0.0
+    gain = 1.0 / peak if peak > 0 else 1.0
+    return np.clip(err * gain, 0.0, 1.0), gain
+
+
+def strip_figure(name: str, strips: Sequence[FrameStrip]) -> bytes:
+    """One row per space: FP32 | deployed | amplified |error| of the worst frame."""
+    fig = _figure(9.0, 3.1 * len(strips))
+    axes = fig.subplots(len(strips), 3, squeeze=False)
+    for row, strip in zip(axes, strips, strict=True):
+        err, gain = _error_map(strip)
+        psnr_txt = "inf" if math.isinf(strip.psnr) else f"{strip.psnr:.2f}"
+        row[0].imshow(np.clip(strip.reference, 0, 1), interpolation="nearest")
+        row[0].set_title(f"FP32, {strip.space} (frame {strip.frame})", fontsize=9)
+        row[1].imshow(np.clip(strip.deployed, 0, 1), interpolation="nearest")
+        row[1].set_title(f"{name}: PSNR {psnr_txt} dB", fontsize=9)
+        identical = not np.any(strip.deployed != strip.reference)
+        row[2].imshow(err, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+        row[2].set_title("|error|: identical" if identical else f"|error| x {gain:.3g}", fontsize=9)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(strip.frame_id, fontsize=7)
+    return _png(fig)
+
+
+def _gates_on(result: BenchResult, metric: str) -> list[Any]:
+    return [g for g in result.config.parsed_gates() if g.metric == metric]
+
+
+def figures(result: BenchResult) -> dict[str, bytes]:
+    """Every figure of the page as PNG bytes, by name (``psnr``, ``tde``, ``latency``,
+    ``strip_<runner>``)."""
+    out = {
+        "psnr": psnr_figure(result),
+        "tde": tde_figure(result),
+        "latency": latency_figure(result),
+    }
+    for name, strips in result.strips.items():
+        if strips:
+            out[f"strip_{name}"] = strip_figure(name, strips)
+    return out
+
+
+# --------------------------------------------------------------------------- html
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return html.escape(x)
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fidelity_rows(runners: Sequence[RunnerResult], space: str) -> list[list[str]]:
+    rows = []
+    for r in runners:
+        c = r.texture if space == "texture" else r.screen
+        if c is None:
+            continue
+        rows.append(
+            [
+                html.escape(r.name),
+                _fmt(c.psnr_mean),
+                _fmt(c.psnr_min),
+                _fmt(c.psnr_std),
+                _fmt(c.ssim_mean, 6),
+                _fmt(c.tde),
+                _fmt(c.tde_rms),
+                _fmt(c.jitter_ratio),
+                _fmt(c.flicker_excess),
+                _fmt(c.max_abs_error),
+                str(c.n_frames),
+            ]
+        )
+    return rows
+
+
+def _latency_rows(result: BenchResult) -> list[list[str]]:
+    rows = []
+    entries = [(result.reference, "FP32 reference", {})] + [
+        (r, r.name, result.latency_ratios(r)) for r in result.runners
+    ]
+    for r, label, ratios in entries:
+        for stage, s in r.latency.items():
+            ratio = ratios.get(stage)
+            rows.append(
+                [
+                    html.escape(label),
+                    html.escape(r.label),
+                    stage.replace("_", " "),
+                    _fmt(s.p50_ms),
+                    _fmt(s.p90_ms),
+                    _fmt(s.p99_ms),
+                    _fmt(s.mean_ms),
+                    _fmt(s.frames_per_second),
+                    str(s.n),
+                    "-" if ratio is None else f"{ratio:.3g}x",
+                ]
+            )
+    return rows
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1150px;color:#222;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+.verdict{font-size:1.1em;padding:.6em 1em;border-radius:6px;margin:1em 0}
+.pass{background:#e6f4ea;border:1px solid #2e7d32}.fail{background:#fdecea;border:1px solid #c62828}
+.info{background:#eef3fb;border:1px solid #1f5fbf}
+img{max-width:100%;display:block;margin:.5em 0}
+.small{color:#555;font-size:.85em}code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> str:
+    """The report page (self-contained HTML)."""
+    figs = figs if figs is not None else figures(result)
+    d = result.to_dict()
+    has_gates = any(r.gates for r in result.runners)
+    cls = ("pass" if result.passed else "fail") if has_gates else "info"
+    b, s, cfg, env = d["bundle"], d["sequence"], d["config"], d["environment"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>avatarq bench: {html.escape(Path(b['path']).name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>avatarq bench: {html.escape(Path(b['path']).name)}</h1>",
+        f"<p class='small'>{html.escape(b['arch'])} DAM, {html.escape(b['precision'])}, "
+        f"z {b['z_dim']}, texture {b['tex_size']}<sup>2</sup>, {b['n_vertices']} vertices. "
+        f"Sequence: {html.escape(s['source'])}. Created {html.escape(d['created'])}, "
+        f"{d['seconds']:.1f} s.</p>",
+        f"<div class='verdict {cls}'>{html.escape(result.verdict())}</div>",
+    ]
+    if has_gates:
+        rows = [
+            [
+                html.escape(r.name),
+                html.escape(str(g.gate)),
+                _fmt(g.value),
+                "PASS" if g.passed else "<b>FAIL</b>",
+            ]
+            for r in result.runners
+            for g in r.gates
+        ]
+        parts += [
+            f"<h2>Gates</h2><p class='small'>Fidelity gates read {cfg['gate_space']}-space "
+            f"metrics, latency gates the {cfg['gate_stage'].replace('_', ' ')} stage.</p>",
+            _table(["runner", "gate", "value", "result"], rows),
+        ]
+    parts.append("<h2>Fidelity and temporal stability vs the FP32 reference</h2>")
+    header = [
+        "runner",
+        "PSNR mean (dB)",
+        "PSNR min",
+        "PSNR std",
+        "SSIM",
+        "tDE",
+        "tDE rms",
+        "J",
+        "FE",
+        "max |e|",
+        "frames",
+    ]
+    for space in _spaces(result):
+        note = (
+            "decoded texture / 255, every texel"
+            if space == "texture"
+            else "rendered image, means over the FP32 render's foreground of each frame"
+        )
+        parts += [
+            f"<p><b>{space} space</b> <span class='small'>({note})</span></p>",
+            _table(header, _fidelity_rows(result.runners, space)),
+        ]
+    parts += [
+        f"<p class='small'>Reference: {html.escape(result.reference.label)}. "
+        "tDE = mean |e<sub>t</sub> - e<sub>t-1</sub>| (0 for a constant error); "
+        "J = jitter ratio in [0, 2] (0 frozen error, 1.41 temporally white, 2 sign flip "
+        "every frame); FE = flicker excess, mean |Q<sub>t</sub> - Q<sub>t-1</sub>| - "
+        "mean |F<sub>t</sub> - F<sub>t-1</sub>|. Values in [0, 1] units.</p>",
+        _img(figs["psnr"], "PSNR per frame"),
+        _img(figs["tde"], "tDE per frame"),
+        "<h2>Latency</h2>",
+        f"<p class='small'>{cfg['warmup']} warm-up and {cfg['iters']} timed iterations per "
+        f"runner, batch {cfg['batch']}; ratios are p50 over the reference's p50 in this run. "
+        + (
+            "Copy and render timed with CUDA events. "
+            if env.get("cuda") and result.render.get("device") == "cuda"
+            else "Wall clock. "
+        )
+        + "</p>",
+        _table(
+            [
+                "runner",
+                "what",
+                "stage",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "mean ms",
+                "frames/s",
+                "n",
+                "vs ref",
+            ],
+            _latency_rows(result),
+        ),
+        _img(figs["latency"], "latency histogram"),
+        "<h2>Worst frames: FP32 | deployed | amplified error</h2>",
+        "<p class='small'>For each runner the frame with the lowest PSNR in each space; the "
+        "error panel shows |Q - F| (mean over RGB) scaled so its 99.5th percentile is "
+        "white.</p>",
+    ]
+    for name in result.strips:
+        key = f"strip_{name}"
+        if key in figs:
+            parts += [f"<p><b>{html.escape(name)}</b></p>", _img(figs[key], f"frames {name}")]
+    render = d["render"]
+    render_txt = (
+        f"{render['backend']} at {render['resolution'][0]}x{render['resolution'][1]} "
+        f"on {render['device']}"
+        if render.get("backend")
+        else f"not rendered: {render.get('note', '')}"
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items()))
+    git = env.get("git")
+    git_txt = "-" if not git else git["revision"][:12] + (" (modified)" if git["dirty"] else "")
+    settings = [
+        ["bundle", html.escape(b["path"])],
+        ["source checkpoint sha256", html.escape(b["source_checkpoint_sha256"])],
+        ["calibration sha256", _fmt(b["calib_sha256"])],
+        ["render", html.escape(render_txt)],
+        ["runners", html.escape(", ".join(r.name for r in result.runners))],
+        ["skipped", html.escape("; ".join(f"{k}: {v}" for k, v in result.skipped.items()) or "-")],
+        [
+            "device",
+            html.escape(
+                f"{env['cpu']} ({env['cpu_count']} CPUs)"
+                + (f"; GPU {env['gpu']}" if env.get("gpu") else "")
+            ),
+        ],
+        ["versions", html.escape(versions)],
+        ["avatarq git revision", html.escape(git_txt)],
+        ["config", "<code>" + html.escape(json.dumps(cfg, sort_keys=True)) + "</code>"],
+    ]
+    parts += ["<h2>Settings</h2>", _table(["", ""], settings), "</body></html>\n"]
+    return "".join(parts)
+
+
+def write_report(
+    result: BenchResult, out_dir: str | Path, save_figures: bool = False
+) -> dict[str, Path]:
+    """Write report.json and report.html into ``out_dir`` (created if needed).
+
+    Args:
+        result: what `run_bench` returned.
+        out_dir: target directory.
+        save_figures: also write each figure as ``figures/<name>.png``.
+
+    Returns:
+        {"json": path, "html": path} (plus "figures": directory when saved).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AvatarqError(f"report directory {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    figs = figures(result)
+    paths = {"json": out / JSON_FILE, "html": out / HTML_FILE}
+    _write_text(paths["json"], report_json(result))
+    _write_text(paths["html"], render_html(result, figs))
+    if save_figures:
+        fig_dir = out / FIGURES_DIR
+        fig_dir.mkdir(exist_ok=True)
+        for name, png in figs.items():
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            (fig_dir / f"{safe}.png").write_bytes(png)
+        paths["figures"] = fig_dir
+    return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

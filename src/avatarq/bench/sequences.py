@@ -1,0 +1,432 @@
+"""Ordered sequences that `avatarq bench` plays through a decoder.
+
+A `BenchSequence` is T decoder inputs in temporal order plus, optionally, the camera each
+frame is seen through:
+
+    z      float32 [T, Z]     latent codes
+    view   float32 [T, 3]     unit view directions, head coordinates
+    M      float32 [T, 3, 4]  pixel projection of head-local vertices per frame, or None
+                              (None: texture-space metrics only, nothing is rendered)
+
+Where sequences come from (`load_sequence` dispatches on the ``--sequence`` text):
+
+- a capture segment ``CAPTURE:SEGMENT[:CAMERA]``: every frame of the segment in temporal
+  order, z = the encoder mean of the checkpoint (a bundle holds no encoder, so the
+  checkpoint is required), view and M from the capture for CAMERA;
+- a latent file ``latents.npz`` (`avatarq.data.LatentSequence`): z and view as stored; M
+  per frame from the capture when the file labels every step with segment, frame and
+  camera, else one fixed default camera of the capture, else None;
+- nothing: the default clip - the first segment of the capture when a capture and a
+  checkpoint are given (for the embedded synthetic avatar that is its first expression
+  clip), else `synthetic_latent_clip`, a smooth seeded latent trajectory.
+
+The default camera is the capture camera that looks most frontally at the head: the one
+whose view direction (first frame of the capture) is closest to the mean view direction
+of all cameras, unless the bundle folds one camera's colour correction in, which then
+is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avatarq.errors import AvatarqError
+
+DEFAULT_CLIP_FRAMES = 32
+DEFAULT_CLIP_SEED = 0
+CLIP_FPS = 30.0
+
+
+@dataclass(frozen=True, eq=False)
+class BenchSequence:
+    """T decoder inputs in temporal order, and the camera that sees each frame.
+
+    Attributes:
+        z: float32 [T, Z] latent codes.
+        view: float32 [T, 3] unit view directions (head coordinates).
+        M: float32 [T, 3, 4] pixel projection per frame (p = M [v; 1], column = p_x / p_z,
+            row = p_y / p_z), or None when no camera is known.
+        ids: T labels, e.g. "E001_Jaw_Open/000100/400004" or "t0007".
+        source: one line saying where the sequence came from.
+        image_size: (H, W) in pixels of the image M projects into, or None without M.
+        capture_root: the capture the sequence (or its camera) came from, if any.
+    """
+
+    z: np.ndarray
+    view: np.ndarray
+    M: np.ndarray | None
+    ids: tuple[str, ...]
+    source: str
+    image_size: tuple[int, int] | None = None
+    capture_root: Path | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        z = np.asarray(self.z)
+        if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 1:
+            raise AvatarqError(
+                f"a bench sequence needs z [T, Z] with T >= 2 ordered frames (temporal "
+                f"metrics compare consecutive frames), got {list(z.shape)}"
+            )
+        t = z.shape[0]
+        view = np.asarray(self.view)
+        if view.shape != (t, 3):
+            raise AvatarqError(f"sequence view must be [T, 3] = [{t}, 3], got {list(view.shape)}")
+        for name, a in (("z", z), ("view", view)):
+            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+                raise AvatarqError(f"sequence {name} must hold finite floats")
+        object.__setattr__(self, "z", np.ascontiguousarray(z, dtype=np.float32))
+        object.__setattr__(self, "view", np.ascontiguousarray(view, dtype=np.float32))
+        if self.M is not None:
+            M = np.asarray(self.M)
+            if M.shape != (t, 3, 4) or not np.isfinite(M).all():
+                raise AvatarqError(
+                    f"sequence M must be finite [T, 3, 4] = [{t}, 3, 4], got {list(M.shape)}"
+                )
+            object.__setattr__(self, "M", np.ascontiguousarray(M, dtype=np.float32))
+            if self.image_size is None:
+                raise AvatarqError("a sequence with cameras (M) needs image_size (H, W)")
+        if self.image_size is not None:
+            h, w = (int(x) for x in self.image_size)
+            if h < 1 or w < 1:
+                raise AvatarqError(f"image_size must be positive (H, W), got {self.image_size}")
+            object.__setattr__(self, "image_size", (h, w))
+        ids = tuple(str(i) for i in self.ids)
+        if len(ids) != t:
+            raise AvatarqError(f"sequence has {t} frames but {len(ids)} ids")
+        object.__setattr__(self, "ids", ids)
+
+    def __len__(self) -> int:
+        return int(self.z.shape[0])
+
+    @property
+    def z_dim(self) -> int:
+        return int(self.z.shape[1])
+
+    @property
+    def has_camera(self) -> bool:
+        return self.M is not None
+
+    def projection_at(self, resolution: tuple[int, int]) -> np.ndarray:
+        """M rescaled to render at ``resolution`` (H, W) instead of `image_size`.
+
+        The same camera seen at another pixel size: the x row of M scales by W' / W, the
+        y row by H' / H (pixel centres follow the half-pixel convention only
+        approximately, which is what resizing a photograph does too).
+
+        Returns:
+            float32 [T, 3, 4].
+        """
+        if self.M is None:
+            raise AvatarqError("this sequence has no camera (M); nothing can be rendered")
+        h, w = self.image_size
+        scale = np.array([resolution[1] / w, resolution[0] / h, 1.0], np.float32)
+        return self.M * scale[None, :, None]
+
+    def check_z_dim(self, z_dim: int, what: str = "the bundle") -> None:
+        """AvatarqError unless the latent size matches ``z_dim``."""
+        if self.z_dim != z_dim:
+            raise AvatarqError(
+                f"sequence latents have size {self.z_dim} ({self.source}) but {what} "
+                f"decodes z of size {z_dim}; use latents made with the model of this bundle"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for the report."""
+        return {
+            "source": self.source,
+            "n_frames": len(self),
+            "z_dim": self.z_dim,
+            "has_camera": self.has_camera,
+            "image_size": None if self.image_size is None else list(self.image_size),
+            "capture_root": None if self.capture_root is None else str(self.capture_root),
+            "ids": list(self.ids),
+        }
+
+
+# --------------------------------------------------------------------------- cameras
+
+
+def default_camera(capture: Any, camera_index: int | None = None) -> str:
+    """The camera a sequence without one is seen through (see the module docstring).
+
+    Args:
+        capture: a `MultifaceCapture`.
+        camera_index: the bundle's folded colour-correction camera (manifest ``camera``),
+            an index into the capture's KRT order; None picks the most frontal camera.
+    """
+    names = list(capture.cameras)
+    if not names:
+        raise AvatarqError(f"capture {capture.root} has no cameras in its KRT")
+    if camera_index is not None:
+        if not 0 <= camera_index < len(names):
+            raise AvatarqError(
+                f"the bundle folds camera {camera_index} in, but capture {capture.root} has "
+                f"{len(names)} cameras"
+            )
+        return names[camera_index]
+    seg, frame = capture.frames[0]
+    views = np.stack([capture.view_direction(seg, frame, n) for n in names]).astype(np.float64)
+    mean = views.mean(axis=0)
+    return names[int(np.argmax(views @ mean))]
+
+
+def _resolve_camera(capture: Any, camera: str | None, camera_index: int | None) -> str:
+    if camera is None:
+        return default_camera(capture, camera_index)
+    capture.camera(camera)  # AvatarqError naming the known cameras
+    return camera
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def sequence_from_capture(
+    capture: Any,
+    segment: str,
+    checkpoint: str | Path,
+    camera: str | None = None,
+    camera_index: int | None = None,
+    max_frames: int | None = None,
+) -> BenchSequence:
+    """Every frame of ``segment`` in temporal order, encoded with ``checkpoint``'s encoder.
+
+    Args:
+        capture: a `MultifaceCapture` (or its root path).
+        segment: segment name.
+        checkpoint: the Multiface DAM checkpoint with its encoder (z = encoder mean).
+        camera: KRT camera name (None: `default_camera`).
+        camera_index: the bundle's folded camera, used when ``camera`` is None.
+        max_frames: keep only the first frames (None: all).
+
+    Returns:
+        BenchSequence with view and M of ``camera`` per frame.
+    """
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import encode_frames
+    from avatarq.models.checkpoint import load_checkpoint
+
+    if not isinstance(capture, MultifaceCapture):
+        capture = MultifaceCapture(capture)
+    cam = _resolve_camera(capture, camera, camera_index)
+    _, frames = next(capture.clips(segment))
+    if max_frames is not None:
+        frames = frames[:max_frames]
+    if len(frames) < 2:
+        raise AvatarqError(
+            f"segment {segment!r} of {capture.root} has {len(frames)} frame(s); temporal "
+            "metrics need at least 2 consecutive frames"
+        )
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise AvatarqError(f"checkpoint not found: {checkpoint}")
+    model = load_checkpoint(checkpoint)
+    z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
+    view = np.stack([capture.view_direction(segment, f, cam) for f in frames])
+    M = np.stack([capture.projection(segment, f, cam) for f in frames])
+    return BenchSequence(
+        z=z,
+        view=view,
+        M=M,
+        ids=tuple(f"{segment}/{f}/{cam}" for f in frames),
+        source=f"capture segment {segment} ({len(frames)} frames, camera {cam}, encoder mean)",
+        image_size=capture.image_size,
+        capture_root=capture.root,
+    )
+
+
+def sequence_from_latents(
+    path: str | Path,
+    capture: Any = None,
+    camera: str | None = None,
+    camera_index: int | None = None,
+) -> BenchSequence:
+    """A latent-sequence .npz, with cameras from ``capture`` when one is given.
+
+    M per frame: from the capture's projection of each step's (segment, frame, camera)
+    when the file labels all three for every step (``camera`` overrides the stored
+    camera); otherwise one fixed camera (``camera``, or `default_camera`) at the head pose
+    of the capture's first frame. Without a capture M is None.
+    """
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.latents import LatentSequence
+
+    latents = LatentSequence.load(path)
+    if len(latents) < 2:
+        raise AvatarqError(
+            f"{path} holds {len(latents)} step; temporal metrics need at least 2 ordered steps"
+        )
+    name = Path(path).name
+    ids = _latent_ids(latents)
+    if capture is None:
+        return BenchSequence(
+            latents.z, latents.view, None, ids, f"latent file {name} ({len(latents)} steps)"
+        )
+    if not isinstance(capture, MultifaceCapture):
+        capture = MultifaceCapture(capture)
+    labelled = latents.segment is not None and latents.frame is not None
+    if labelled and (camera is not None or latents.camera is not None):
+        cams = [camera] * len(latents) if camera is not None else list(latents.camera)
+        M = np.stack(
+            [
+                capture.projection(s, f, c)
+                for s, f, c in zip(latents.segment, latents.frame, cams, strict=True)
+            ]
+        )
+        how = "cameras and head poses of its labelled frames"
+    else:
+        cam = _resolve_camera(capture, camera, camera_index)
+        seg, frame = capture.frames[0]
+        M = np.repeat(capture.projection(seg, frame, cam)[None], len(latents), axis=0)
+        how = f"fixed camera {cam} at the pose of {seg}/{frame}"
+    return BenchSequence(
+        latents.z,
+        latents.view,
+        M,
+        ids,
+        f"latent file {name} ({len(latents)} steps; {how})",
+        image_size=capture.image_size,
+        capture_root=capture.root,
+    )
+
+
+def _latent_ids(latents: Any) -> tuple[str, ...]:
+    labels = [a for a in (latents.segment, latents.frame, latents.camera) if a is not None]
+    if not labels:
+        return tuple(f"t{i:04d}" for i in range(len(latents)))
+    return tuple("/".join(parts) for parts in zip(*labels, strict=True))
+
+
+def synthetic_latent_clip(
+    z_dim: int,
+    n_frames: int = DEFAULT_CLIP_FRAMES,
+    seed: int = DEFAULT_CLIP_SEED,
+    view: tuple[float, float, float] = (0.0, 0.0, 1.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth seeded latent trajectory: (z float32 [T, Z], view float32 [T, 3]).
+
+    Each latent dimension is a sum of 4 cosines with random frequencies in 0.2..1.2 Hz at
+    30 frames/s and random phases, scaled to unit variance: marginally close to N(0, 1),
+    the distribution a Multiface VAE decoder sees in training (z = mu + sigma eps with
+    sigma ~ 1), and smooth from frame to frame as temporal metrics require. The view is
+    fixed.
+    """
+    if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
+        raise AvatarqError(f"z_dim must be a positive integer, got {z_dim!r}")
+    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 2:
+        raise AvatarqError(f"a clip needs at least 2 frames, got {n_frames!r}")
+    rng = np.random.default_rng(seed)
+    k = 4
+    freq = rng.uniform(0.2, 1.2, (k, z_dim))
+    phase = rng.uniform(0.0, 2 * math.pi, (k, z_dim))
+    t = np.arange(n_frames, dtype=np.float64)[:, None, None] / CLIP_FPS
+    z = np.sqrt(2.0 / k) * np.cos(2 * math.pi * freq[None] * t + phase[None]).sum(axis=1)
+    v = np.asarray(view, np.float64)
+    v = np.repeat((v / np.linalg.norm(v))[None], n_frames, axis=0)
+    return z.astype(np.float32), v.astype(np.float32)
+
+
+def default_sequence(
+    z_dim: int,
+    capture: Any = None,
+    checkpoint: str | Path | None = None,
+    camera: str | None = None,
+    camera_index: int | None = None,
+    n_frames: int = DEFAULT_CLIP_FRAMES,
+) -> BenchSequence:
+    """The sequence `avatarq bench` plays when none is named.
+
+    With a capture and a checkpoint: the capture's first segment (`sequence_from_capture`).
+    Otherwise `synthetic_latent_clip` (``n_frames`` frames); with a capture, seen through
+    its default camera (view and M of that camera at the capture's first frame), else
+    frontal view (0, 0, 1) and no camera.
+    """
+    from avatarq.data.capture import MultifaceCapture
+
+    if capture is not None and not isinstance(capture, MultifaceCapture):
+        capture = MultifaceCapture(capture)
+    if capture is not None and checkpoint is not None:
+        return sequence_from_capture(capture, capture.segments[0], checkpoint, camera, camera_index)
+    if capture is None:
+        z, view = synthetic_latent_clip(z_dim, n_frames)
+        return BenchSequence(
+            z,
+            view,
+            None,
+            tuple(f"t{i:04d}" for i in range(n_frames)),
+            f"synthetic latent clip ({n_frames} frames, seed {DEFAULT_CLIP_SEED}, no camera)",
+        )
+    cam = _resolve_camera(capture, camera, camera_index)
+    seg, frame = capture.frames[0]
+    v = capture.view_direction(seg, frame, cam)
+    z, view = synthetic_latent_clip(z_dim, n_frames, view=tuple(float(x) for x in v))
+    M = np.repeat(capture.projection(seg, frame, cam)[None], n_frames, axis=0)
+    return BenchSequence(
+        z,
+        view,
+        M,
+        tuple(f"t{i:04d}" for i in range(n_frames)),
+        f"synthetic latent clip ({n_frames} frames, seed {DEFAULT_CLIP_SEED}, camera {cam})",
+        image_size=capture.image_size,
+        capture_root=capture.root,
+    )
+
+
+def parse_capture_spec(text: str) -> tuple[Path, str, str | None]:
+    """Split ``CAPTURE:SEGMENT[:CAMERA]`` into (capture root, segment, camera or None).
+
+    The capture path may itself contain ':'; the split that names an existing directory
+    wins (SEGMENT alone first, then SEGMENT:CAMERA).
+    """
+    for parts in (text.rsplit(":", 1), text.rsplit(":", 2)):
+        if len(parts) >= 2 and parts[0] and Path(parts[0]).is_dir() and all(parts[1:]):
+            return Path(parts[0]), parts[1], parts[2] if len(parts) == 3 else None
+    raise AvatarqError(
+        f"--sequence {text!r} is neither a latent file (.npz) nor CAPTURE:SEGMENT[:CAMERA] "
+        "with an existing capture directory"
+    )
+
+
+def load_sequence(
+    spec: str | Path | None,
+    z_dim: int,
+    checkpoint: str | Path | None = None,
+    capture: str | Path | None = None,
+    camera_index: int | None = None,
+) -> BenchSequence:
+    """Resolve the ``--sequence`` text of `avatarq bench` (see the module docstring).
+
+    Args:
+        spec: ``CAPTURE:SEGMENT[:CAMERA]``, a latent ``.npz`` file, or None (default clip).
+        z_dim: the bundle's latent size; a sequence of another size is an AvatarqError.
+        checkpoint: needed to encode capture frames.
+        capture: capture root for cameras (latent files, default clip) and the default
+            clip's frames.
+        camera_index: the bundle's folded camera (default camera choice).
+    """
+    if spec is None:
+        seq = default_sequence(z_dim, capture, checkpoint, camera_index=camera_index)
+    else:
+        text = str(spec)
+        path = Path(text)
+        if path.suffix == ".npz" or path.is_file():
+            seq = sequence_from_latents(path, capture, camera_index=camera_index)
+        else:
+            root, segment, camera = parse_capture_spec(text)
+            if checkpoint is None:
+                raise AvatarqError(
+                    "encoding a capture segment needs the checkpoint's encoder (a bundle has "
+                    "none): pass --checkpoint dam.pt, or a latent file as --sequence"
+                )
+            seq = sequence_from_capture(root, segment, checkpoint, camera, camera_index)
+    seq.check_z_dim(z_dim)
+    return seq
+
+
+def with_image_size(sequence: BenchSequence, image_size: tuple[int, int]) -> BenchSequence:
+    """The same sequence declaring that its M projects into ``image_size`` (H, W)."""
+    return replace(sequence, image_size=tuple(image_size))
