@@ -1,0 +1,231 @@
+"""The ONNX Runtime rewrite: ConvTranspose(k4, s2, p1) -> phase convolutions, exact in float,
+real INT8 QLinearConv for Q/DQ graphs."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from avatarq.errors import AvatarqError
+from avatarq.export import ExportOptions, export_bundle
+from avatarq.export.rewrite_ort import (
+    PHASES,
+    OrtRewriteConfig,
+    default_calibration_feeds,
+    phase_pads,
+    phase_weights,
+    rewrite_for_ort,
+)
+from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory) -> onnx.ModelProto:
+    """A random base DAM (z 16, texture 64, 4 ConvTranspose layers 16-16-16-16-3)."""
+    torch.manual_seed(0)
+    config = DAMConfig(z_dim=16, tex_size=64, n_vertices=30, n_cams=4, has_encoder=False)
+    model = DeepAppearanceModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    root = tmp_path_factory.mktemp("rewrite")
+    save_checkpoint(model, root / "dam.pt")
+    export_bundle(root / "dam.pt", root / "dam.avq", options=ExportOptions(validate=False))
+    return onnx.load(str(root / "dam.avq" / "model.onnx"))
+
+
+@pytest.fixture(scope="module")
+def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
+    """The same graph with Q/DQ as avatarq places it: int8 symmetric per-tensor on the inputs
+    of ConvTranspose/Gemm, int8 per-output-channel weights, nothing on their outputs."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    feeds = default_calibration_feeds(float_model, 8, seed=1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{k: v[i : i + 1] for k, v in feeds.items()} for i in range(8)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    root = tmp_path_factory.mktemp("qdq")
+    onnx.save(float_model, root / "float.onnx")
+    quantize_static(
+        str(root / "float.onnx"),
+        str(root / "qdq.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["ConvTranspose", "Gemm"],
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "OpTypesToExcludeOutputQuantization": ["ConvTranspose", "Gemm"],
+        },
+    )
+    return onnx.load(str(root / "qdq.onnx"))
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(["texture", "vertices"], feeds)
+
+
+def _optimized_ops(model: onnx.ModelProto, path) -> Counter:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _feeds(model, n=3):
+    return default_calibration_feeds(model, n, seed=7)
+
+
+def test_phase_convolutions_reproduce_conv_transpose_exactly():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((2, 5, 6, 7)))
+    w = rng.standard_normal((5, 4, 4, 4))
+    reference = F.conv_transpose2d(x, torch.from_numpy(w), stride=2, padding=1)
+    out = torch.zeros_like(reference)
+    for (a, b), wp in zip(PHASES, phase_weights(w), strict=True):
+        top, left, bottom, right = phase_pads(a, b)
+        out[:, :, a::2, b::2] = F.conv2d(F.pad(x, (left, right, top, bottom)), torch.from_numpy(wp))
+    assert torch.abs(out - reference).max().item() < 1e-12
+
+
+def test_phase_weights_only_rearrange_the_values():
+    w = np.arange(3 * 2 * 16, dtype=np.int8).reshape(3, 2, 4, 4)
+    phases = phase_weights(w)
+    assert phases.shape == (4, 2, 3, 2, 2) and phases.dtype == np.int8
+    assert sorted(phases.ravel().tolist()) == sorted(w.ravel().tolist())
+
+
+def test_float_graph_rewrite_matches_the_original_to_float_rounding(float_model):
+    result = rewrite_for_ort(float_model)
+    feeds = _feeds(float_model)
+    (ref_tex, ref_vert), (tex, vert) = _run(float_model, feeds), _run(result.model, feeds)
+    span = ref_tex.max() - ref_tex.min()
+    assert np.abs(tex - ref_tex).max() <= 1e-6 * span
+    assert np.abs(vert - ref_vert).max() <= 1e-6 * np.abs(ref_vert).max()
+    assert [layer.mode for layer in result.layers] == ["float"] * 4
+    assert "ConvTranspose" not in {n.op_type for n in result.model.graph.node}
+
+
+def test_rewrite_keeps_inputs_outputs_opset_and_ir_version(float_model):
+    rewritten = rewrite_for_ort(float_model).model
+    assert [i.name for i in rewritten.graph.input] == ["z", "view"]
+    assert [o.name for o in rewritten.graph.output] == ["texture", "vertices"]
+    assert rewritten.ir_version == float_model.ir_version
+    assert list(rewritten.opset_import) == list(float_model.opset_import)
+    onnx.checker.check_model(rewritten)
+
+
+def test_output_layer_absorbs_the_texture_gain_and_offset(float_model):
+    # texture = (deconv + texel bias) * tex_gain + tex_offset: gain into the weights, both
+    # additive terms into one Add.
+    before = Counter(n.op_type for n in float_model.graph.node)
+    after = Counter(n.op_type for n in rewrite_for_ort(float_model).model.graph.node)
+    assert before["Mul"] - after["Mul"] == 1
+    assert before["Add"] - after["Add"] == 1
+
+
+def test_qdq_conv_transpose_becomes_int8_qlinearconv_in_onnxruntime(qdq_model, tmp_path):
+    result = rewrite_for_ort(qdq_model)
+    assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
+    ops = _optimized_ops(result.model, tmp_path / "rewritten.onnx")
+    assert ops["QLinearConv"] == 3 * 4  # four phases per int8 layer
+    assert ops["ConvTranspose"] == 0
+
+
+def test_plain_qdq_conv_transpose_runs_in_float_in_onnxruntime(qdq_model, tmp_path):
+    # Why the rewrite exists: ORT has no INT8 ConvTranspose, the Q/DQ stay around a float op.
+    ops = _optimized_ops(qdq_model, tmp_path / "plain.onnx")
+    assert ops["ConvTranspose"] == 4
+    assert ops["QLinearConv"] == 0
+
+
+def test_int8_rewrite_stays_within_60_db_of_the_qdq_graph(qdq_model):
+    result = rewrite_for_ort(qdq_model)
+    feeds = _feeds(qdq_model, 4)
+    (ref_tex, ref_vert), (tex, vert) = _run(qdq_model, feeds), _run(result.model, feeds)
+    span = float(ref_tex.max() - ref_tex.min())
+    psnr = 10 * np.log10(span**2 / np.mean((tex.astype(np.float64) - ref_tex) ** 2))
+    assert psnr >= 60.0
+    assert np.array_equal(vert, ref_vert)  # the mesh branch has no ConvTranspose
+
+
+def test_narrow_output_layer_stays_float_with_its_reason(qdq_model):
+    last = rewrite_for_ort(qdq_model).layers[-1]
+    assert (last.mode, last.reason, last.output_scale) == ("float", "3 output channels < 8", None)
+
+
+def test_min_int8_out_channels_1_makes_every_layer_int8(qdq_model):
+    result = rewrite_for_ort(qdq_model, OrtRewriteConfig(min_int8_out_channels=1))
+    assert [layer.mode for layer in result.layers] == ["int8"] * 4
+
+
+def test_gemm_weight_dequantize_is_folded_into_float_weights(qdq_model):
+    result = rewrite_for_ort(qdq_model)
+    inits = {i.name for i in result.model.graph.initializer}
+    gemm_weights = [n.input[1] for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert result.folded_weight_dq == 4
+    assert all(name in inits for name in gemm_weights)
+
+
+def test_conv_transpose_that_is_not_k4_s2_p1_is_kept():
+    w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[1, 1])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    result = rewrite_for_ort(model)
+    assert [(layer.node, layer.mode, layer.reason) for layer in result.layers] == [
+        ("up", "kept", "strides [1, 1]")
+    ]
+    assert [n.op_type for n in result.model.graph.node] == ["ConvTranspose"]
+
+
+def test_rewrite_config_round_trips_through_json():
+    import json
+
+    config = OrtRewriteConfig(min_int8_out_channels=4, output_scale_margin=1.1, seed=3)
+    assert OrtRewriteConfig.from_dict(json.loads(config.to_json())) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_int8_out_channels": 0},
+        {"output_scale_margin": 0.5},
+        {"calibration_samples": 0},
+        {"version": 9},
+    ],
+)
+def test_rewrite_config_rejects_bad_values(kwargs):
+    with pytest.raises(AvatarqError):
+        OrtRewriteConfig(**kwargs)
