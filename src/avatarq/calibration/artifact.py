@@ -28,7 +28,12 @@ import torch
 from torch import nn
 
 from avatarq.calibration.layers import PRECISIONS, QuantizedLayer, discover_layers, get_layer
-from avatarq.calibration.quantizers import activation_range, quantize_weight
+from avatarq.calibration.quantizers import (
+    MIN_SCALE,
+    activation_range,
+    quantize_weight,
+    weight_range,
+)
 from avatarq.errors import AvatarqError
 
 FORMAT = "avatarq-calibration"
@@ -36,6 +41,12 @@ ARTIFACT_VERSION = 1
 JSON_NAME = "calib.json"
 TENSORS_NAME = "tensors.npz"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def per_channel_amax_np(w: np.ndarray, axis: int) -> np.ndarray:
+    """max |w| over every axis but ``axis`` (at least MIN_SCALE): float32 [w.shape[axis]]."""
+    dims = tuple(d for d in range(w.ndim) if d != axis)
+    return np.maximum(np.abs(w).max(axis=dims), MIN_SCALE).astype(np.float32)
 
 
 def decoder_hash(decoder: nn.Module) -> str:
@@ -110,19 +121,44 @@ class LayerCalibration:
             weight, torch.from_numpy(self.weight_scale), self.weight_axis, self.bits
         )
 
-    def module(self, inner: nn.Module) -> QuantizedLayer:
-        """``inner`` wrapped with this calibration's numerics."""
+    def graph_weight(
+        self, weight: torch.Tensor | np.ndarray, conv_transpose_axis: int | None = 1
+    ) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """The int8 weight as a Q/DQ graph stores it: (q int8 [weight shape], scale float32
+        [C] or [] for per tensor, axis or None).
+
+        ConvTranspose layers may use another scale axis than the calibrated output axis 1:
+        0 (per input channel) or None (per tensor); their integers are then re-derived from
+        the float weight by max calibration along that axis (a fallback for TensorRT
+        versions that reject axis 1).
+        """
+        w = weight.detach().float().cpu().numpy() if torch.is_tensor(weight) else weight
+        w = np.array(w, np.float32, copy=True)
+        if self.kind != "conv_transpose" or conv_transpose_axis == self.weight_axis:
+            scale = np.asarray(self.weight_scale, np.float32)
+            return self.integer_weight(torch.from_numpy(w)), scale, self.weight_axis
+        qmax = weight_range(self.bits).qmax
+        if conv_transpose_axis is None:
+            scale = np.asarray(max(float(np.abs(w).max()), 1e-12) / qmax, np.float32)
+            return np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8), scale, None
+        scale = torch.from_numpy(per_channel_amax_np(w, conv_transpose_axis) / np.float32(qmax))
+        q = quantize_weight(torch.from_numpy(w), scale, conv_transpose_axis, self.bits)
+        return q, scale.numpy(), conv_transpose_axis
+
+    def module(self, inner: nn.Module, conv_transpose_axis: int | None = 1) -> QuantizedLayer:
+        """``inner`` wrapped with this calibration's numerics (see `graph_weight`)."""
         if not self.quantized:
             return QuantizedLayer(inner, self.precision, weight_axis=self.weight_axis)
+        q, scale, axis = self.graph_weight(inner.weight, conv_transpose_axis)
         return QuantizedLayer(
             inner,
             "int8",
             self.input_scale,
             self.input_zero_point,
             activation_range(self.bits, self.symmetric),
-            torch.from_numpy(self.integer_weight(inner.weight)),
-            torch.from_numpy(self.weight_scale),
-            self.weight_axis,
+            torch.from_numpy(q),
+            torch.from_numpy(scale),
+            axis,
         )
 
     def to_json(self) -> dict:

@@ -23,17 +23,23 @@ class FakeQuantDecoder(nn.Module):
     a value across a rounding boundary of the next quantizer.
 
     ``decoder`` (a `DeployableDecoder`) is copied, never changed; ``artifact`` is validated
-    against it first (AvatarqError on a mismatch).
+    against it first (AvatarqError on a mismatch). ``conv_transpose_axis`` must match the
+    graph's (`avatarq.export.qdq.QDQConfig`): 1 (calibrated), 0 or None (re-derived).
     """
 
-    def __init__(self, decoder: nn.Module, artifact: CalibrationArtifact) -> None:
+    def __init__(
+        self,
+        decoder: nn.Module,
+        artifact: CalibrationArtifact,
+        conv_transpose_axis: int | None = 1,
+    ) -> None:
         super().__init__()
         artifact.validate(decoder)
         self.decoder = copy.deepcopy(decoder).eval()
         install(
             self.decoder,
             {
-                layer.name: layer.module(get_layer(self.decoder, layer.name))
+                layer.name: layer.module(get_layer(self.decoder, layer.name), conv_transpose_axis)
                 for layer in artifact.layers
             },
         )

@@ -173,7 +173,7 @@ class QuantizedLayer(nn.Module):
         input_range: IntRange | None = None,
         weight_int: torch.Tensor | None = None,
         weight_scale: torch.Tensor | None = None,
-        weight_axis: int = 0,
+        weight_axis: int | None = 0,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:

@@ -145,10 +145,14 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, bits: 
     return q.astype(np.int8)
 
 
-def dequantize_weight(q: np.ndarray | torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    """float32 ``q * s_c`` (exactly what DequantizeLinear with per-axis scales computes)."""
+def dequantize_weight(
+    q: np.ndarray | torch.Tensor, scale: torch.Tensor, axis: int | None
+) -> torch.Tensor:
+    """float32 ``q * s_c`` (what DequantizeLinear computes); ``axis`` None: one scale."""
     q = torch.as_tensor(np.asarray(q)).float()
     s = torch.as_tensor(scale, dtype=torch.float32)
+    if axis is None:
+        return q * s.reshape(())
     return q * s.view(channel_shape(q.dim(), axis))
 
 
