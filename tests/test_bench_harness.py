@@ -179,6 +179,13 @@ def test_latency_is_reported_per_stage_for_the_reference_and_each_runner(self_re
         assert e2e.mean_ms >= r.latency["render"].mean_ms
 
 
+def test_interleaved_timing_gives_every_runner_the_same_number_of_samples(bundle, clip):
+    config = BenchConfig(runners=("onnx",), render="none", warmup=0, iters=4, interleave=True)
+    result = run_bench(bundle, clip, config)
+    for r in (result.reference, *result.runners):
+        assert {s: v.n for s, v in r.latency.items()} == {"decode": 4, "end_to_end": 4}
+
+
 def test_passing_gates_give_exit_code_0(self_result):
     assert self_result.passed and self_result.exit_code == 0
     assert [str(g.gate) for g in self_result.runners[0].gates] == [

@@ -16,15 +16,18 @@ What runs:
 
 What is measured, per runner:
 
-- fidelity and temporal stability in **texture space** (the decoded texture / 255, whole
-  texture) and in **screen space** (both rendered through the sequence's camera; every
+- fidelity and temporal stability in **texture space** (the decoded texture in 0..255
+  units / 255, every texel; an unfolded bundle is de-normalized with the capture first) and in **screen space** (both rendered through the sequence's camera; every
   mean restricted to the FP32 render's foreground mask of that frame): PSNR and SSIM per
   frame, tDE, J, FE (`avatarq.bench.metrics`);
 - **latency** per stage after warm-up: ``decode`` (runner call, inputs in host memory to
   outputs in host memory, so it includes the runner's own device copies), ``copy``
   (decoded texture, vertices and M to the render device), ``render``, and ``end_to_end``
-  (all three, one clock span). CPU: wall clock. CUDA: the device is synchronized before
-  every clock read, and ``copy`` and ``render`` are timed with CUDA events.
+  (the sum of the three spans; the measurement's own / 255 scaling between decode and
+  copy is not timed). CPU: wall clock. CUDA: the device is synchronized before every
+  clock read, and ``copy`` and ``render`` are timed with CUDA events. Without rendering
+  ``end_to_end`` equals ``decode``. Runners are timed one after the other, or round-robin
+  (`BenchConfig.interleave`).
 - **gates** (`avatarq.bench.metrics.parse_gates`) on texture- or screen-space metrics
   (`BenchConfig.gate_space`) and one latency stage (`BenchConfig.gate_stage`).
 
@@ -61,6 +64,7 @@ from avatarq.bench.sequences import BenchSequence
 from avatarq.errors import AvatarqError
 
 TEXTURE_PEAK = 255.0
+_REF_KEY = "<reference>"  # cannot clash with a backend name
 Progress = Callable[[str, int, int], None]
 
 
@@ -335,72 +339,100 @@ def _render(setup: _RenderSetup, vert: np.ndarray, tex: np.ndarray, M: np.ndarra
 # --------------------------------------------------------------------------- timing
 
 
-def _time_pipeline(
+def _timing_batches(
+    sequence: BenchSequence, setup: _RenderSetup | None, config: BenchConfig
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(z, view, M) of each warm-up and timed iteration: batches taken cyclically."""
+    t_len, b = len(sequence), config.batch
+    out = []
+    for i in range(config.warmup + config.iters):
+        idx = [(i * b + k) % t_len for k in range(b)]
+        M = None if setup is None else np.ascontiguousarray(setup.M[idx])
+        out.append((sequence.z[idx], sequence.view[idx], M))
+    return out
+
+
+def _time_step(
     runner: BenchRunner,
+    batch: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    setup: _RenderSetup | None,
+    denorm: _Denorm,
+) -> dict[str, float]:
+    """Milliseconds of each stage of one decode -> copy -> render iteration."""
+    import torch
+
+    z, view, M = batch
+    cuda = setup is not None and setup.device.type == "cuda"
+    clock = time.perf_counter_ns
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = clock()
+    tex, vert = runner.decode(z, view)  # host outputs: the call has finished
+    t1 = clock()
+    if setup is None:
+        return {"decode": (t1 - t0) / 1e6, "end_to_end": (t1 - t0) / 1e6}
+    # de-normalization is measurement bookkeeping, not part of the pipeline: not timed
+    tex01, vert_c = denorm.texture(tex), denorm.vertices(vert)
+    d = setup.device
+    if cuda:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+    t2 = clock()
+    vt, xt, mt = (torch.from_numpy(a).to(d) for a in (vert_c, tex01, M))
+    if cuda:
+        events[1].record()
+    t3 = clock()
+    setup.renderer.render(vt, xt, mt)
+    if cuda:
+        events[2].record()
+        torch.cuda.synchronize()
+    t4 = clock()
+    if cuda:
+        copy_ms = events[0].elapsed_time(events[1])
+        render_ms = events[1].elapsed_time(events[2])
+    else:
+        copy_ms, render_ms = (t3 - t2) / 1e6, (t4 - t3) / 1e6
+    return {
+        "decode": (t1 - t0) / 1e6,
+        "copy": float(copy_ms),
+        "render": float(render_ms),
+        "end_to_end": ((t1 - t0) + (t4 - t2)) / 1e6,
+    }
+
+
+def _time_runners(
+    runners: Mapping[str, BenchRunner],
     sequence: BenchSequence,
     setup: _RenderSetup | None,
     denorm: _Denorm,
     config: BenchConfig,
     progress: Progress | None,
-    label: str,
-) -> dict[str, LatencyStats]:
-    """Per-stage latency of decode -> copy -> render over `config.iters` timed iterations."""
-    import torch
-
-    cuda = setup is not None and setup.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t_len, b = len(sequence), config.batch
-    batches = []
-    for i in range(config.warmup + config.iters):
-        idx = [(i * b + k) % t_len for k in range(b)]
-        M = None if setup is None else np.ascontiguousarray(setup.M[idx])
-        batches.append(
-            (np.ascontiguousarray(sequence.z[idx]), np.ascontiguousarray(sequence.view[idx]), M)
-        )
-    samples: dict[str, list[float]] = {s: [] for s in STAGES}
-    clock = time.perf_counter_ns
-    total = config.warmup + config.iters
-    for i, (z, view, M) in enumerate(batches):
-        sync()
-        t0 = clock()
-        tex, vert = runner.decode(z, view)
-        t1 = clock()
-        if setup is not None:
-            tex01, vert_c = denorm.texture(tex), denorm.vertices(vert)
-            # de-normalization is measurement bookkeeping, not part of the pipeline
-            t1b = clock()
-            d = setup.device
-            if cuda:
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-                ev[0].record()
-            tc = clock()
-            vt = torch.from_numpy(vert_c).to(d)
-            xt = torch.from_numpy(tex01).to(d)
-            mt = torch.from_numpy(M).to(d)
-            if cuda:
-                ev[1].record()
-            tr = clock()
-            setup.renderer.render(vt, xt, mt)
-            if cuda:
-                ev[2].record()
-            sync()
-            t2 = clock()
-            if cuda:
-                copy_ms, render_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
-            else:
-                copy_ms, render_ms = (tr - tc) / 1e6, (t2 - tr) / 1e6
-            e2e_ms = (t2 - t0 - (t1b - t1)) / 1e6
-        if i >= config.warmup:
-            samples["decode"].append((t1 - t0) / 1e6)
-            if setup is not None:
-                samples["copy"].append(float(copy_ms))
-                samples["render"].append(float(render_ms))
-                samples["end_to_end"].append(e2e_ms)
-            else:
-                samples["end_to_end"].append((t1 - t0) / 1e6)
+) -> dict[str, dict[str, LatencyStats]]:
+    """Per-stage latency of every runner: `config.warmup` untimed iterations each, then
+    `config.iters` timed ones, runner after runner, or round-robin with
+    `config.interleave` (so that load from other processes hits all runners alike)."""
+    batches = _timing_batches(sequence, setup, config)
+    warm, timed = batches[: config.warmup], batches[config.warmup :]
+    names = list(runners)
+    samples = {n: {s: [] for s in STAGES} for n in names}
+    for name in names:
+        for batch in warm:
+            _time_step(runners[name], batch, setup, denorm)
+    if config.interleave:
+        order = [
+            (i, names[(i + k) % len(names)]) for i in range(len(timed)) for k in range(len(names))
+        ]
+    else:
+        order = [(i, n) for n in names for i in range(len(timed))]
+    for done, (i, name) in enumerate(order, 1):
+        for stage, ms in _time_step(runners[name], timed[i], setup, denorm).items():
+            samples[name][stage].append(ms)
         if progress is not None:
-            progress(f"timing {label}", i + 1, total)
-    return {stage: LatencyStats.from_samples(ms, batch=b) for stage, ms in samples.items() if ms}
+            progress("timing", done, len(order))
+    return {
+        n: {s: LatencyStats.from_samples(ms, batch=config.batch) for s, ms in st.items() if ms}
+        for n, st in samples.items()
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -502,10 +534,12 @@ def run_bench(
             progress,
         )
         ref_label = getattr(ref, "name", "reference")
-        ref_latency = _time_pipeline(ref, sequence, setup, denorm, config, progress, "reference")
+        timed = {_REF_KEY: ref, **dict(zip(names, active, strict=True))}
+        latencies = _time_runners(timed, sequence, setup, denorm, config, progress)
+        ref_latency = latencies[_REF_KEY]
         results = []
         for name, runner in zip(names, active, strict=True):
-            latency = _time_pipeline(runner, sequence, setup, denorm, config, progress, name)
+            latency = latencies[name]
             texture = texture_acc[name].result()
             screen = screen_acc[name].result() if setup is not None else None
             result = RunnerResult(name, getattr(runner, "name", name), latency, texture, screen)

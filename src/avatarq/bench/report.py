@@ -438,7 +438,9 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
         _img(figs["tde"], "tDE per frame"),
         "<h2>Latency</h2>",
         f"<p class='small'>{cfg['warmup']} warm-up and {cfg['iters']} timed iterations per "
-        f"runner, batch {cfg['batch']}; ratios are p50 over the reference's p50 in this run. "
+        f"runner, batch {cfg['batch']}, "
+        + ("round-robin across runners" if cfg.get("interleave") else "runner after runner")
+        + "; ratios are p50 over the reference's p50 in this run. "
         + (
             "Copy and render timed with CUDA events. "
             if env.get("cuda") and result.render.get("device") == "cuda"

@@ -59,6 +59,11 @@ class BenchConfig:
         compute_ssim: SSIM per frame (the costliest metric).
         gate_space: ``texture`` or ``screen``: which fidelity metrics the gates read.
         gate_stage: the latency stage the latency gates read (`STAGES`).
+        interleave: time the reference and the runners round-robin, one iteration each in
+            turn, instead of one after the other: load from other processes then hits all
+            alike, so ratios are fairer on a shared machine; each runner's weights are then
+            evicted from caches by the others, so absolute times are those of a cold-ish
+            cache.
         device: where runners run: ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda``.
         threads: ONNX Runtime intra-op threads (0: its default).
         version: schema version.
@@ -74,6 +79,7 @@ class BenchConfig:
     compute_ssim: bool = True
     gate_space: str = "texture"
     gate_stage: str = "end_to_end"
+    interleave: bool = False
     device: str = "auto"
     threads: int = 0
     version: int = BENCH_CONFIG_VERSION
@@ -107,8 +113,9 @@ class BenchConfig:
         _count("iters", self.iters, 1)
         _count("batch", self.batch, 1)
         _count("threads", self.threads, 0)
-        if not isinstance(self.compute_ssim, bool):
-            raise AvatarqError(f"compute_ssim must be true or false, got {self.compute_ssim!r}")
+        for name in ("compute_ssim", "interleave"):
+            if not isinstance(getattr(self, name), bool):
+                raise AvatarqError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gate_space not in GATE_SPACES:
             raise AvatarqError(
                 f"gate_space must be one of {', '.join(GATE_SPACES)}, got {self.gate_space!r}"
