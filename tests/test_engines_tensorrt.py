@@ -84,8 +84,29 @@ def bundle(tiny, tmp_path):
     return shutil.copytree(tiny, tmp_path / "dam.avq")
 
 
-def test_builds_a_real_engine_from_the_synthetic_dam_int8_onnx_on_the_cpu(small_bundle, tmp_path):
-    bundle = int8_copy(small_bundle, tmp_path / "dam_int8.avq")
+def calibrated_int8_copy(avatar, bundle, dst):
+    """``bundle`` with model.onnx replaced by avatarq's own INT8 Q/DQ graph (max calibration
+    on the capture, `avatarq.export.qdq.quantize_onnx`)."""
+    from avatarq.calibration import CalibrationConfig, calibrate, samples_from_capture
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization
+    from avatarq.export.qdq import quantize_onnx
+    from avatarq.models import DeployableDecoder, load_checkpoint
+
+    model = load_checkpoint(avatar.checkpoint)
+    capture = MultifaceCapture(avatar.capture_root)
+    decoder = DeployableDecoder(model, capture_normalization(capture))
+    samples = samples_from_capture(model, capture, n_random=8, n_clips=1, clip_length=4)
+    artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
+    shutil.copytree(bundle, dst)
+    onnx.save(quantize_onnx(onnx.load(str(bundle / "model.onnx")), artifact), dst / "model.onnx")
+    return dst
+
+
+def test_builds_a_real_engine_from_the_synthetic_dam_int8_onnx_on_the_cpu(
+    small_avatar, small_bundle, tmp_path
+):
+    bundle = calibrated_int8_copy(small_avatar, small_bundle, tmp_path / "dam_int8.avq")
     record = build_engine(bundle, "tensorrt-rtx", BuildOptions(max_batch=4))
     manifest = open_bundle(bundle).manifest
     engine = bundle / record.path

@@ -25,7 +25,12 @@ from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def float_model(tmp_path_factory) -> onnx.ModelProto:
+def float_model(tiny) -> onnx.ModelProto:
+    return onnx.load(str(tiny / "dam.avq" / "model.onnx"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
     """A random base DAM (z 16, texture 64, 4 ConvTranspose layers 16-16-16-16-3)."""
     torch.manual_seed(0)
     config = DAMConfig(z_dim=16, tex_size=64, n_vertices=30, n_cams=4, has_encoder=False)
@@ -36,13 +41,13 @@ def float_model(tmp_path_factory) -> onnx.ModelProto:
     root = tmp_path_factory.mktemp("rewrite")
     save_checkpoint(model, root / "dam.pt")
     export_bundle(root / "dam.pt", root / "dam.avq", options=ExportOptions(validate=False))
-    return onnx.load(str(root / "dam.avq" / "model.onnx"))
+    return root
 
 
-@pytest.fixture(scope="module")
-def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
-    """The same graph with Q/DQ as avatarq places it: int8 symmetric per-tensor on the inputs
-    of ConvTranspose/Gemm, int8 per-output-channel weights, nothing on their outputs."""
+def _quantize_static(float_model, root, symmetric=True) -> onnx.ModelProto:
+    """ORT's quantize_static with avatarq's placement: per-tensor Q/DQ on the inputs of
+    ConvTranspose/Gemm (int8 symmetric, or uint8 asymmetric), int8 per-output-channel
+    weights, nothing on their outputs, biases in float."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -59,7 +64,6 @@ def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
         def get_next(self):
             return next(self.items, None)
 
-    root = tmp_path_factory.mktemp("qdq")
     onnx.save(float_model, root / "float.onnx")
     quantize_static(
         str(root / "float.onnx"),
@@ -67,17 +71,40 @@ def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["ConvTranspose", "Gemm"],
         extra_options={
-            "ActivationSymmetric": True,
+            "ActivationSymmetric": symmetric,
             "WeightSymmetric": True,
             "QuantizeBias": False,
             "OpTypesToExcludeOutputQuantization": ["ConvTranspose", "Gemm"],
         },
     )
     return onnx.load(str(root / "qdq.onnx"))
+
+
+@pytest.fixture(scope="module")
+def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
+    """The graph with Q/DQ as avatarq places it (by ORT's quantize_static): int8 symmetric
+    per-tensor on the inputs of ConvTranspose/Gemm, int8 per-output-channel weights,
+    nothing on their outputs."""
+    return _quantize_static(float_model, tmp_path_factory.mktemp("qdq"))
+
+
+@pytest.fixture(scope="module")
+def avatarq_qdq_model(tiny) -> onnx.ModelProto:
+    """avatarq's own Q/DQ graph: max calibration + `avatarq.export.qdq.quantize_onnx`."""
+    from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
+    from avatarq.data.latents import LatentSequence
+    from avatarq.engines.compare import smooth_sequence
+    from avatarq.export.qdq import quantize_onnx
+    from avatarq.models import DeployableDecoder, load_checkpoint
+
+    decoder = DeployableDecoder(load_checkpoint(tiny / "dam.pt"))
+    samples = samples_from_latents(LatentSequence(*smooth_sequence(16, 32)), n_random=8, n_clips=0)
+    artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
+    return quantize_onnx(onnx.load(str(tiny / "dam.avq" / "model.onnx")), artifact)
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -155,6 +182,23 @@ def test_qdq_conv_transpose_becomes_int8_qlinearconv_in_onnxruntime(qdq_model, t
     ops = _optimized_ops(result.model, tmp_path / "rewritten.onnx")
     assert ops["QLinearConv"] == 3 * 4  # four phases per int8 layer
     assert ops["ConvTranspose"] == 0
+
+
+def test_avatarq_qdq_graph_becomes_qlinearconv_and_stays_close(avatarq_qdq_model, tmp_path):
+    result = rewrite_for_ort(avatarq_qdq_model)
+    assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
+    assert _optimized_ops(result.model, tmp_path / "opt.onnx")["QLinearConv"] == 12
+    feeds = _feeds(avatarq_qdq_model, 4)
+    ref_tex, tex = _run(avatarq_qdq_model, feeds)[0], _run(result.model, feeds)[0]
+    span = float(ref_tex.max() - ref_tex.min())
+    assert 10 * np.log10(span**2 / np.mean((tex.astype(np.float64) - ref_tex) ** 2)) >= 60.0
+
+
+def test_asymmetric_uint8_activations_become_qlinearconv_too(float_model, tmp_path):
+    model = _quantize_static(float_model, tmp_path, symmetric=False)
+    result = rewrite_for_ort(model)
+    assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
+    assert _optimized_ops(result.model, tmp_path / "opt.onnx")["QLinearConv"] == 12
 
 
 def test_plain_qdq_conv_transpose_runs_in_float_in_onnxruntime(qdq_model, tmp_path):

@@ -121,6 +121,8 @@ class RunOptions:
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees a GPU). ONNX Runtime
             uses its CUDA provider for ``cuda``; TensorRT always runs on CUDA.
         threads: ONNX Runtime intra-op threads (0 = its default).
+        spin_wait: ONNX Runtime: let idle intra-op threads spin between operators (a little
+            faster on a dedicated CPU, much slower on a shared one; off by default).
         max_batch: largest batch the runner preallocates for (None: the engine's profile,
             else 8).
         checkpoint: torch runner: the checkpoint the bundle was exported from.
@@ -133,6 +135,7 @@ class RunOptions:
 
     device: str = "auto"
     threads: int = 0
+    spin_wait: bool = False
     max_batch: int | None = None
     checkpoint: str | None = None
     capture: str | None = None

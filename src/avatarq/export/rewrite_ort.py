@@ -276,7 +276,9 @@ def _weights(g: _Graph, name: str) -> _Weights | None:
 
 
 def _activation_q(g: _Graph, name: str) -> onnx.NodeProto | None:
-    """The QuantizeLinear of an int8 symmetric per-tensor Q -> DQ feeding ``name``."""
+    """The QuantizeLinear of a per-tensor activation Q -> DQ feeding ``name``: int8 with zero
+    point 0 (symmetric, what TensorRT needs) or uint8 with any zero point (asymmetric, the
+    form ONNX Runtime runs natively); None for anything else."""
     dq = g.producer.get(name)
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
@@ -285,7 +287,9 @@ def _activation_q(g: _Graph, name: str) -> onnx.NodeProto | None:
         return None
     scale = g.array(dq.input[1])
     zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    if scale is None or scale.size != 1 or zp is None or zp.dtype != np.int8 or zp.any():
+    if scale is None or scale.size != 1 or zp is None or zp.size != 1:
+        return None
+    if not (zp.dtype == np.uint8 or (zp.dtype == np.int8 and not zp.any())):
         return None
     if any(c.op_type != "DequantizeLinear" for c in g.consumers.get(q.output[0], [])):
         return None
@@ -293,11 +297,12 @@ def _activation_q(g: _Graph, name: str) -> onnx.NodeProto | None:
 
 
 def _to_uint8(g: _Graph, q: onnx.NodeProto) -> None:
-    """Re-express an int8 zero-point-0 Q and its DQs as uint8 with zero point 128."""
+    """Re-express an int8 zero-point-0 Q and its DQs as uint8 with zero point 128 (the
+    same numbers); ONNX Runtime's x86 QLinearConv only takes uint8 activations."""
+    if g.array(q.input[2]).dtype == np.uint8:
+        return
     zp = g.const(f"{q.output[0]}.zero_point_u8", np.array(_U8_ZERO, np.uint8))
     for node in [q, *g.consumers.get(q.output[0], [])]:
-        while len(node.input) < 3:
-            node.input.append("")
         node.input[2] = zp
 
 
@@ -366,9 +371,11 @@ def rewrite_for_ort(
 
     Args:
         model: an ONNX decoder, float or with Q/DQ (not modified; a copy is rewritten). A
-            ConvTranspose becomes ``int8`` when its input has an int8 symmetric per-tensor
-            Q -> DQ and its weight is an int8 symmetric initializer behind a
-            DequantizeLinear (per-tensor, or per-output-channel = axis 1).
+            ConvTranspose becomes ``int8`` when its input has a per-tensor Q -> DQ (int8
+            with zero point 0, or uint8) and its weight is an int8 symmetric initializer
+            behind a DequantizeLinear (per-tensor, or per-output-channel = axis 1), and it
+            has at least ``config.min_int8_out_channels`` outputs; other k4/s2/p1 layers
+            become ``float`` (exact), anything else is ``kept``.
         config: see `OrtRewriteConfig`.
         calibration_feeds: graph inputs {name: float32 [N, ...]} that calibrate the output
             scales of ``int8`` layers (default: `default_calibration_feeds`).
@@ -386,7 +393,7 @@ def rewrite_for_ort(
         problem = _not_k4s2p1(node)
         weights = None if problem else _weights(g, node.input[1])
         if not problem and weights is None:
-            problem = "weight is neither a float32 initializer nor a DequantizeLinear of one"
+            problem = "weight is not float32 nor int8 behind a DequantizeLinear (fp16 layer?)"
         if not problem and weights.float_values.shape[2:] != (4, 4):
             problem = f"kernel {list(weights.float_values.shape[2:])}"
         if not problem and node.input[0] not in sizes:
@@ -398,7 +405,7 @@ def rewrite_for_ort(
         if weights.int8 is None:
             reason = weights.problem or "float weights"
         elif _activation_q(g, node.input[0]) is None:
-            reason = "input has no int8 symmetric per-tensor Q/DQ"
+            reason = "input has no per-tensor int8/uint8 Q/DQ"
         elif cout < config.min_int8_out_channels:
             reason = f"{cout} output channels < {config.min_int8_out_channels}"
         else:
