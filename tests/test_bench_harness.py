@@ -246,7 +246,7 @@ def test_the_torch_decoder_is_the_reference_when_the_checkpoint_is_given(
 ):
     config = BenchConfig(runners=("onnx",), render="none", warmup=0, iters=1)
     result = run_bench(bundle, clip, config, checkpoint=small_avatar.checkpoint)
-    assert result.reference.label == "torch fp32 cpu"
+    assert result.reference.label == "FP32 PyTorch decoder of dam.pt (torch fp32 cpu)"
     assert result.runners[0].texture.psnr_min > 100  # ORT FP32 vs torch FP32: rounding only
 
 

@@ -4,12 +4,13 @@ stability exactly as the metrics spec defines them.
 
 What runs:
 
-- **The reference** F. With a checkpoint: the PyTorch decoder of the checkpoint the bundle
-  was exported from (torch runner, FP32, on the CPU so that no TF32 or reduced-precision
-  GPU kernel enters the reference; the capture de-normalizes it like the bundle). Else an
-  FP32 bundle's own model.onnx under ONNX Runtime on the CPU (backend ``onnx``), or the
-  model.onnx of an FP32 ``reference_bundle``. A quantized bundle without either has no
-  reference: AvatarqError.
+- **The reference** F, the first that applies: the model.onnx of an FP32
+  ``reference_bundle`` exported from the same checkpoint (ONNX Runtime, CPU); with a
+  checkpoint, the PyTorch decoder of the checkpoint the bundle was exported from (torch
+  runner, FP32, on the CPU so that no TF32 or reduced-precision GPU kernel enters the
+  reference; the capture de-normalizes it like the bundle); an FP32 bundle's own
+  model.onnx (ONNX Runtime, CPU). A quantized bundle with none of these has no reference:
+  AvatarqError. The reference is always run on the CPU.
 - **The runners** Q: the `avatarq.engines` backends named in `BenchConfig.runners`; by
   default ``onnx`` (model.onnx as exported) plus every backend whose engine the bundle
   holds and this machine can run.
@@ -135,14 +136,6 @@ def open_reference(
     from avatarq.export.bundle import open_bundle
 
     m = bundle.manifest
-    if checkpoint is not None:
-        options = RunOptions(
-            device="cpu",
-            max_batch=config.batch,
-            checkpoint=str(checkpoint),
-            capture=None if capture is None else str(capture),
-        )
-        return open_runner(bundle, "torch", options)
     options = RunOptions(device="cpu", threads=config.threads, max_batch=config.batch)
     if reference_bundle is not None:
         ref = open_bundle(reference_bundle)
@@ -164,14 +157,29 @@ def open_reference(
                 f"reference bundle {ref.root} differs from {bundle.root} in de-normalization "
                 "or folded camera; export both with the same --capture and --camera"
             )
-        return open_runner(ref, "onnx", options)
+        return _labelled(open_runner(ref, "onnx", options), f"FP32 {ref.root.name}/model.onnx")
+    if checkpoint is not None:
+        options = RunOptions(
+            device="cpu",
+            max_batch=config.batch,
+            checkpoint=str(checkpoint),
+            capture=None if capture is None else str(capture),
+        )
+        runner = open_runner(bundle, "torch", options)
+        return _labelled(runner, f"FP32 PyTorch decoder of {Path(checkpoint).name}")
     if m.precision != "fp32":
         raise AvatarqError(
             f"bundle {bundle.root} is {m.precision}, so it cannot be its own FP32 reference; "
             "pass the checkpoint it was exported from (--checkpoint dam.pt, with --capture "
             "when its de-normalization is folded in) or an FP32 bundle (--reference fp32.avq)"
         )
-    return open_runner(bundle, "onnx", options)
+    return _labelled(open_runner(bundle, "onnx", options), f"FP32 {bundle.root.name}/model.onnx")
+
+
+def _labelled(runner: Any, what: str) -> Any:
+    """Name the reference runner for the report (engines runners keep a plain ``name``)."""
+    runner.name = f"{what} ({runner.name})"
+    return runner
 
 
 # --------------------------------------------------------------------------- helpers

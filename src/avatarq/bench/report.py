@@ -208,9 +208,11 @@ def latency_figure(result: BenchResult) -> bytes:
             )
             ax.axvline(stats.p50_ms, color=color, ls="--", lw=1)
         for g in _gates_on(result, "p99_ms") if stage == result.config.gate_stage else []:
-            ax.axvline(
-                g.threshold, color="k", ls=":", lw=1, label=f"gate p99 {g.op}{g.threshold:g} ms"
-            )
+            label = f"gate p99 {g.op}{g.threshold:g} ms"
+            if lo / 3 <= g.threshold <= hi * 3:
+                ax.axvline(g.threshold, color="k", ls=":", lw=1, label=label)
+            else:  # far off the data: say so rather than squash the histogram
+                ax.plot([], [], " ", label=f"{label} (off scale)")
         if log:
             ax.set_xscale("log")
         ax.set_title(
