@@ -121,7 +121,18 @@ def _run_options(config: BenchConfig, backend: str, **extra: Any) -> Any:
 
     # TensorRT engines fix their batch range at build time; the others size buffers freely.
     max_batch = None if backend.startswith("tensorrt") else max(config.batch, 1)
-    return RunOptions(device=config.device, threads=config.threads, max_batch=max_batch, **extra)
+    device = config.device
+    if device == "auto" and backend in ("onnx", "onnxruntime"):
+        device = "cuda" if _ort_has_cuda() and _cuda_available() else "cpu"
+    return RunOptions(device=device, threads=config.threads, max_batch=max_batch, **extra)
+
+
+def _ort_has_cuda() -> bool:
+    """Whether this ONNX Runtime has its CUDA provider (onnxruntime-gpu): with the CPU-only
+    package a GPU machine still runs ORT runners on the CPU under device auto."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def open_reference(

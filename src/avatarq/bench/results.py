@@ -194,7 +194,8 @@ class RunnerResult:
     Attributes:
         name: backend name (``onnx``, ``tensorrt``, ...), or ``reference``.
         label: the runner's own description (model file, precision, device).
-        latency: stage name (`STAGES`; only ``decode`` without rendering) -> stats.
+        latency: stage name (`STAGES`; ``decode`` and ``end_to_end`` only, without
+            rendering) -> stats.
         texture: comparison with the reference in texture space (None for the reference).
         screen: comparison in screen space (None when not rendered).
         gates: results of the configured gates.
@@ -392,24 +393,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git(here: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def _git_revision() -> dict[str, Any] | None:
-    """The git commit of the avatarq source tree running the bench (None outside git)."""
-    here = Path(__file__).resolve().parent
+    """The git commit of the avatarq source tree running the bench: None when avatarq is not
+    run from its own checkout (an installed copy inside some other repository included)."""
+    package = Path(__file__).resolve().parent.parent  # .../src/avatarq
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        top = Path(_git(package, "rev-parse", "--show-toplevel")).resolve()
+        if top / "src" / "avatarq" != package:
+            return None
+        rev = _git(package, "rev-parse", "HEAD")
+        dirty = _git(package, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return {"revision": rev, "dirty": bool(dirty)} if rev else None
