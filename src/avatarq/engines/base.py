@@ -118,8 +118,9 @@ class RunOptions:
     """How a runner runs; each backend reads the fields that concern it.
 
     Attributes:
-        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees a GPU). ONNX Runtime
-            uses its CUDA provider for ``cuda``; TensorRT always runs on CUDA.
+        device: ``cpu``, ``cuda`` or ``auto``: for torch, CUDA when torch sees a GPU; for
+            ONNX Runtime, its CUDA provider when installed (onnxruntime-gpu); TensorRT
+            always runs on CUDA.
         threads: ONNX Runtime intra-op threads (0 = its default).
         spin_wait: ONNX Runtime: let idle intra-op threads spin between operators (a little
             faster on a dedicated CPU, much slower on a shared one; off by default).

@@ -74,6 +74,15 @@ def providers_for(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def _device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this onnxruntime has the CUDA provider, else ``cpu``."""
+    if device != "auto":
+        return device
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
 def make_session(
     model: str | Path | bytes,
     device: str = "cpu",
@@ -148,7 +157,7 @@ class OnnxRuntimeRunner(Runner):
             bundle.manifest.inputs,
             bundle.manifest.outputs,
             options.max_batch or DEFAULT_MAX_BATCH,
-            options.resolved_device(),
+            _device(options.device),
             options.threads,
             options.spin_wait,
         )

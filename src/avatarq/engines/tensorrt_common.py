@@ -325,7 +325,7 @@ class TensorRTRunnerBase(Runner):
         self._engine = self._context = self._runtime = self._stream = None
         self._device_buffers: dict[str, Any] = {}
         self._host_inputs: dict[str, Any] = {}
-        self._host_outputs: list[Any] = []
+        self._host_outputs: dict[str, Any] = {}
         self._graphs: dict[int, Any] = {}
         self._batch: int | None = None
 
@@ -433,7 +433,7 @@ class TensorRTRunnerBase(Runner):
         import torch
 
         pinned = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-        self._host_outputs.append(pinned)
+        self._host_outputs[spec.name] = pinned
         return pinned.numpy()
 
     def _deactivate(self) -> None:
@@ -459,8 +459,9 @@ class TensorRTRunnerBase(Runner):
                     self._context.set_input_shape(spec.name, self._concrete(spec, batch))
                 self._batch = batch
             self._execute(batch)
-            for name, host in outputs.items():
-                torch.from_numpy(host).copy_(self._device_buffers[name][:batch], non_blocking=True)
+            for name in outputs:
+                host = self._host_outputs[name][:batch]  # pinned: the copy is asynchronous
+                host.copy_(self._device_buffers[name][:batch], non_blocking=True)
         stream.synchronize()
 
     def _execute(self, batch: int) -> None:

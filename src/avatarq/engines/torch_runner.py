@@ -53,6 +53,7 @@ class TorchRunner(Runner):
         self.fp16 = fp16
         self.device = device
         self.decoder = None
+        self._pinned: list = []
         if inputs is None or outputs is None:
             from avatarq.models import read_state_dict
             from avatarq.models.checkpoint import infer_config, strip_prefix
@@ -126,7 +127,7 @@ class TorchRunner(Runner):
 
         # Pinned host memory: device-to-host copies run at full speed and asynchronously.
         pinned = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-        self._pinned = getattr(self, "_pinned", []) + [pinned]
+        self._pinned.append(pinned)
         return pinned.numpy()
 
     def _deactivate(self) -> None:
