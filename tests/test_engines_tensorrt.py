@@ -213,6 +213,15 @@ def test_runner_without_a_gpu_says_so(bundle):
         open_runner(bundle, "tensorrt-rtx").activate()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only choice")
+def test_auto_passes_over_an_rtx_engine_it_cannot_run_here(bundle):
+    from avatarq.engines import resolve_backend
+
+    build_engine(bundle, "tensorrt-rtx")
+    build_engine(bundle, "onnxruntime")
+    assert resolve_backend(open_bundle(bundle), "auto") == "onnxruntime"
+
+
 @pytest.mark.parametrize(
     "target, capability, runs",
     [

@@ -216,6 +216,11 @@ class Runner(abc.ABC):
         self.timings_ms: collections.deque[float] = collections.deque(maxlen=TIMINGS_KEPT)
         self._buffers: dict[str, np.ndarray] = {}
 
+    @classmethod
+    def can_run(cls, bundle: Bundle) -> bool:
+        """Whether this backend can run ``bundle`` on this machine (what ``auto`` asks)."""
+        return True
+
     # -- lifecycle
 
     def __enter__(self) -> Runner:

@@ -156,7 +156,8 @@ AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "onnxruntime", "onnx")
 
 def resolve_backend(bundle: Bundle, name: str) -> str:
     """``name``, or for ``auto`` the first backend of `AUTO_ORDER` that is installed, has an
-    engine in ``bundle`` (``onnx`` needs none) and, for TensorRT, a GPU to run on."""
+    engine in ``bundle`` (``onnx`` needs none) and can run it here (``Runner.can_run``:
+    for TensorRT, a GPU the engine was built for and the same library version)."""
     if name != "auto":
         get_backend(name)
         return name
@@ -167,11 +168,8 @@ def resolve_backend(bundle: Bundle, name: str) -> str:
             continue
         if backend.builder is not None and candidate not in built:
             continue
-        if candidate.startswith("tensorrt"):
-            import torch
-
-            if not torch.cuda.is_available():
-                continue
+        if not backend.runner_class().can_run(bundle):
+            continue
         return candidate
     raise AvatarqError(
         f"no backend can run {bundle.root} here; available: {', '.join(available_backends())}"

@@ -348,6 +348,21 @@ class TensorRTRunnerBase(Runner):
         return records[-1]
 
     @classmethod
+    def can_run(cls, bundle: Bundle) -> bool:
+        """A GPU is here, the engine targets it, and the installed library built it."""
+        capability = device_capability()
+        if capability is None or not engine_records(bundle, cls.backend):
+            return False
+        record = cls.select(bundle)
+        try:
+            trt = import_module(cls.module_name, cls.display)
+            probe = cls(bundle.root / record.path, record, [], [], 1)
+            probe.check_target(capability, "this GPU")
+        except AvatarqError:
+            return False
+        return record.library_version == trt.__version__
+
+    @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> TensorRTRunnerBase:
         record = cls.select(bundle)
         trt = import_module(cls.module_name, cls.display)
