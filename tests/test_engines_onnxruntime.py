@@ -162,3 +162,15 @@ def test_cuda_provider_matches_cpu_when_onnxruntime_gpu_is_installed(tiny):
     with open_runner(tiny[0], "onnx", RunOptions(device="cuda")) as gpu:
         out = gpu.decode(z, view)[0]
     assert np.abs(out - ref).max() < 1e-3 * (ref.max() - ref.min())
+
+
+def test_calibration_latents_are_recorded_and_checked(bundle, tmp_path):
+    from avatarq.data.latents import LatentSequence
+    from avatarq.engines.compare import smooth_sequence
+
+    good = LatentSequence(*smooth_sequence(Z_DIM, 40)).save(tmp_path / "good.npz")
+    record = build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=good))
+    assert record.settings["calibration_latents"] == str(good)
+    bad = LatentSequence(*smooth_sequence(8, 40)).save(tmp_path / "bad.npz")
+    with pytest.raises(AvatarqError, match="has z of size 8; the bundle's decoder takes 16"):
+        build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=bad))

@@ -59,6 +59,8 @@ class BuildOptions:
         timing_cache: keep a TensorRT timing cache beside the engine and reuse it.
         ort_rewrite: ONNX Runtime: rewrite ConvTranspose layers into phase convolutions
             (`avatarq.export.rewrite_ort`), the INT8 CPU path for Q/DQ graphs.
+        calibration_latents: ONNX Runtime: a latent-sequence .npz whose steps calibrate the
+            output scales of the rewritten INT8 layers (None: seeded N(0, 1) latents).
         version: schema version.
     """
 
@@ -69,9 +71,12 @@ class BuildOptions:
     compute_capabilities: tuple[str, ...] = ()
     timing_cache: bool = True
     ort_rewrite: bool = True
+    calibration_latents: str | None = None
     version: int = OPTIONS_VERSION
 
     def __post_init__(self) -> None:
+        if self.calibration_latents is not None:
+            object.__setattr__(self, "calibration_latents", str(self.calibration_latents))
         if self.version != OPTIONS_VERSION:
             raise AvatarqError(
                 f"build options version {self.version!r} is not supported (expected {OPTIONS_VERSION})"

@@ -34,6 +34,7 @@ from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
 BACKEND = "onnxruntime"
 DEFAULT_MAX_BATCH = 8
 CHECK_SAMPLES = 4
+CALIBRATION_STEPS = 32
 
 
 def session_options(threads: int = 0, profile_prefix: str | None = None, spin_wait: bool = False):
@@ -236,7 +237,10 @@ class OnnxRuntimeBuilder(Builder):
         start = time.perf_counter()
         model = onnx.load(str(bundle.model_path))
         config = OrtRewriteConfig()
-        feeds = default_calibration_feeds(model, config.calibration_samples, config.seed)
+        if self.options.calibration_latents is not None:
+            feeds = latent_feeds(self.options.calibration_latents, bundle, CALIBRATION_STEPS)
+        else:
+            feeds = default_calibration_feeds(model, config.calibration_samples, config.seed)
         settings: dict[str, Any] = {**self.options.to_dict(), "rewrite": None}
         if self.options.ort_rewrite:
             say("rewriting ConvTranspose layers into phase convolutions")
@@ -268,6 +272,20 @@ class OnnxRuntimeBuilder(Builder):
             build_seconds=round(seconds, 3),
         )
         return BuildResult(record, [path])
+
+
+def latent_feeds(path: str | Path, bundle: Bundle, n: int) -> dict[str, np.ndarray]:
+    """Up to ``n`` evenly spaced steps of a latent-sequence .npz as graph inputs."""
+    from avatarq.data.latents import LatentSequence
+
+    seq = LatentSequence.load(path)
+    if seq.z_dim != bundle.manifest.z_dim:
+        raise AvatarqError(
+            f"latent sequence {path} has z of size {seq.z_dim}; the bundle's decoder takes "
+            f"{bundle.manifest.z_dim}"
+        )
+    steps = np.unique(np.linspace(0, len(seq) - 1, min(n, len(seq))).round().astype(int))
+    return {"z": seq.z[steps], "view": seq.view[steps]}
 
 
 def _peak(bundle: Bundle) -> float | None:
