@@ -216,6 +216,7 @@ class Runner(abc.ABC):
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.max_batch = max_batch
+        self.min_batch = 1  # a TensorRT profile may start higher
         self.name = name or self.backend
         self.is_active = False
         self.timings_ms: collections.deque[float] = collections.deque(maxlen=TIMINGS_KEPT)
@@ -322,9 +323,10 @@ class Runner(abc.ABC):
                 )
             batch = n
             arrays[spec.name] = np.ascontiguousarray(value)
-        if batch is None or not 1 <= batch <= self.max_batch:
+        if batch is None or not max(1, self.min_batch) <= batch <= self.max_batch:
             raise AvatarqError(
-                f"batch size must be 1..{self.max_batch} for runner {self.name}, got {batch}"
+                f"batch size must be {max(1, self.min_batch)}..{self.max_batch} for runner "
+                f"{self.name}, got {batch}"
             )
         return arrays, batch
 

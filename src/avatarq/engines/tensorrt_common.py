@@ -345,6 +345,13 @@ class TensorRTRunnerBase(Runner):
                 f"bundle {bundle.root} has no {cls.display} engine (engines built: {built}); "
                 f"build one: avatarq build {bundle.root} --backend {cls.backend}"
             )
+        capability = device_capability() if len(records) > 1 else None
+        for record in reversed(records if capability is not None else []):
+            try:
+                cls(bundle.root / record.path, record, [], [], 1).check_target(capability, "")
+                return record
+            except AvatarqError:
+                continue
         return records[-1]
 
     @classmethod
@@ -384,7 +391,7 @@ class TensorRTRunnerBase(Runner):
                 f"max_batch {max_batch} exceeds the engine's profile (built for batch "
                 f"{record.settings.get('min_batch', 1)}..{profile_max}); rebuild with --max-batch"
             )
-        return cls(
+        runner = cls(
             path,
             record,
             bundle.manifest.inputs,
@@ -392,6 +399,8 @@ class TensorRTRunnerBase(Runner):
             max_batch,
             options.cuda_graph,
         )
+        runner.min_batch = int(record.settings.get("min_batch", 1))
+        return runner
 
     # -- lifecycle
 
