@@ -130,6 +130,7 @@ def psnr_figure(result: BenchResult) -> bytes:
         for note in notes:
             ax.plot([], [], " ", label=note)
         ax.set_title(f"PSNR per frame, {space} space")
+        ax.set_xlim(-0.5, result.sequence["n_frames"] - 0.5)
         ax.set_xlabel("frame")
         ax.set_ylabel("PSNR vs FP32 (dB)")
         _integer_x(ax)
@@ -162,6 +163,7 @@ def tde_figure(result: BenchResult) -> bytes:
         for g in _gates_on(result, "tde"):
             ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
         ax.set_title(f"tDE per frame, {space} space")
+        ax.set_xlim(0.5, result.sequence["n_frames"] - 0.5)
         ax.set_xlabel("frame t (pair t-1, t)")
         ax.set_ylabel("mean |e_t - e_(t-1)|")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
