@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -196,6 +197,158 @@ def export(
     console.print(f"bundle      {result.bundle.root}  ({result.bundle.manifest.precision})")
     if result.validation is not None:
         console.print(f"validation  ORT vs PyTorch: {result.validation.summary()}")
+
+
+@app.command()
+@user_errors
+def build(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `avatarq export`.")],
+    backend: Annotated[
+        str, typer.Option("--backend", "-b", help="onnxruntime, tensorrt-rtx or tensorrt.")
+    ] = "onnxruntime",
+    max_batch: Annotated[int, typer.Option(help="Largest batch (TensorRT profile max).")] = 8,
+    opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes for.")] = 1,
+    min_batch: Annotated[int, typer.Option(help="Smallest batch of the TensorRT profile.")] = 1,
+    opt_level: Annotated[
+        int, typer.Option("--opt-level", help="TensorRT builder optimization level 0..5.")
+    ] = 3,
+    compute_capability: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compute-capability",
+            help="TensorRT-RTX target, repeatable (sm75, sm86, sm89, sm120); default Ampere+.",
+        ),
+    ] = None,
+    timing_cache: Annotated[
+        bool, typer.Option(help="Reuse/update the TensorRT timing cache in the bundle.")
+    ] = True,
+    rewrite: Annotated[
+        bool, typer.Option(help="onnxruntime: rewrite ConvTranspose into phase convs (INT8 path).")
+    ] = True,
+    latents: Annotated[
+        Path | None,
+        typer.Option(help="onnxruntime: latent-sequence .npz that calibrates INT8 output scales."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Build an engine for a bundle and record it in its manifest.
+
+    Example: avatarq build dam.avq --backend tensorrt-rtx
+    """
+    from avatarq.engines import BuildOptions, build_engine
+
+    options = BuildOptions(
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        optimization_level=opt_level,
+        compute_capabilities=tuple(compute_capability or ()),
+        timing_cache=timing_cache,
+        ort_rewrite=rewrite,
+        calibration_latents=None if latents is None else str(latents),
+    )
+    with _progress() as progress:
+        task = progress.add_task(f"build {backend}", total=None)
+        record = build_engine(
+            bundle, backend, options, lambda m: progress.update(task, description=m)
+        )
+    if as_json:
+        console.print_json(json.dumps({"bundle": str(bundle), "engine": asdict(record)}))
+        return
+    _print_engine(bundle, record)
+
+
+def _print_engine(bundle: Path, record) -> None:  # noqa: ANN001
+    size_mb = record.settings.get("size_bytes", 0) / 1e6
+    console.print(
+        f"engine      {bundle / record.path}  ({record.backend} {record.library_version}, "
+        f"target {record.target}, {size_mb:.1f} MB, {record.build_seconds:.1f} s)"
+    )
+    rewrite_info = record.settings.get("rewrite")
+    if rewrite_info:
+        modes = [layer["mode"] for layer in rewrite_info["layers"]]
+        console.print(
+            f"rewrite     {modes.count('int8')} int8 / {modes.count('float')} float / "
+            f"{modes.count('kept')} kept ConvTranspose layers"
+        )
+    check = record.settings.get("check")
+    if check:
+        console.print(
+            f"check       vs model.onnx: texture max|err| {check['texture_max_abs_error']:.3g}, "
+            f"PSNR {check['texture_psnr_db']} dB"
+        )
+    if record.settings.get("layers"):
+        console.print(f"layers      {bundle / record.settings['layers']}")
+
+
+@app.command()
+@user_errors
+def compare(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    reference: Annotated[
+        str, typer.Option(help="Reference backend: onnx (model.onnx as exported), torch, ...")
+    ] = "onnx",
+    candidate: Annotated[
+        str, typer.Option(help="Candidate backend; auto = the best engine built for here.")
+    ] = "auto",
+    latents: Annotated[
+        Path | None, typer.Option(help="Latent-sequence .npz (z, view); default: seeded.")
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames of the seeded sequence.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the seeded sequence.")] = 0,
+    batch: Annotated[int, typer.Option(help="Frames per decode call.")] = 1,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="torch backend: the checkpoint the bundle came from.")
+    ] = None,
+    capture: Annotated[
+        Path | None, typer.Option(help="torch backend: capture root (folded normalization).")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="torch candidate in float16.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    min_psnr: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) below this mean PSNR, dB.")
+    ] = None,
+    max_jitter: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) above this jitter ratio J.")
+    ] = None,
+    ssim: Annotated[bool, typer.Option(help="Compute SSIM per frame.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Run two backends on the same ordered inputs; print errors, PSNR and temporal metrics.
+
+    Example: avatarq compare dam.avq --reference onnx --candidate onnxruntime
+    """
+    from avatarq.bench.metrics import Tolerances
+    from avatarq.engines import RunOptions
+    from avatarq.engines.compare import compare_bundle
+
+    common = {
+        "device": device,
+        "threads": threads,
+        "max_batch": batch,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "capture": None if capture is None else str(capture),
+    }
+    result = compare_bundle(
+        bundle,
+        reference,
+        candidate,
+        RunOptions(**common),
+        RunOptions(**common, fp16=fp16),
+        latents=latents,
+        n_frames=frames,
+        seed=seed,
+        tolerances=Tolerances(min_psnr=min_psnr, max_jitter_ratio=max_jitter),
+        batch=batch,
+        compute_ssim=ssim,
+    )
+    if as_json:
+        console.print_json(json.dumps(result.to_dict()))
+    else:
+        console.print(result.summary(), markup=False, highlight=False)
+    if not result:
+        raise typer.Exit(1)
 
 
 @app.command()
