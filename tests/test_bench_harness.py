@@ -6,6 +6,7 @@ test; wrapped runners add errors with known temporal statistics.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -269,7 +270,39 @@ def test_default_runners_are_model_onnx_plus_the_engines_built_into_the_bundle(b
     assert default_runners(bundle) == (["onnx"], {})
 
 
+def _with_missing_engine(bundle, tmp_path):
+    """A copy of the bundle whose manifest lists an onnxruntime engine file that is gone."""
+    copy = tmp_path / "engine.avq"
+    shutil.copytree(bundle.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["engines"] = [
+        {
+            "backend": "onnxruntime",
+            "path": "engines/onnxruntime-cpu.onnx",
+            "library_version": "1",
+            "target": "cpu",
+        }
+    ]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_default_runner_that_cannot_open_is_skipped_with_the_reason(bundle, clip, tmp_path):
+    copy = _with_missing_engine(bundle, tmp_path)
+    result = run_bench(copy, clip, BenchConfig(render="none", warmup=0, iters=1))
+    assert [r.name for r in result.runners] == ["onnx"]
+    assert "engines/onnxruntime-cpu.onnx" in result.skipped["onnxruntime"]
+    assert "is missing" in result.skipped["onnxruntime"]
+
+
 # --------------------------------------------------------------------------- bad input
+
+
+def test_a_named_runner_that_cannot_open_is_a_one_line_error(bundle, clip, tmp_path):
+    copy = _with_missing_engine(bundle, tmp_path)
+    config = BenchConfig(runners=("onnxruntime",), render="none")
+    with pytest.raises(AvatarqError, match="engine file engines/onnxruntime-cpu.onnx .* missing"):
+        run_bench(copy, clip, config)
 
 
 def test_rendering_a_bundle_without_topology_is_a_one_line_error(small_avatar, bundle, tmp_path):

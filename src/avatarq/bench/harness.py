@@ -511,32 +511,52 @@ def run_bench(
         )
 
     skipped: dict[str, str] = {}
+    # (name, runner not yet entered, whether a runner that cannot open is skipped)
+    planned: list[tuple[str, Any, bool]] = []
     if runners is None:
         from avatarq.engines import open_runner
 
         names = list(config.runners)
-        if not names:
+        optional = not names  # a default runner that cannot run here is skipped, not fatal
+        if optional:
             names, skipped = default_runners(bundle, config.device)
         extra = {}
         if checkpoint is not None:
             extra["checkpoint"] = str(checkpoint)
         if capture_root is not None:
             extra["capture"] = str(capture_root)
-        runner_objs = [
-            open_runner(bundle, n, _run_options(config, n, **(extra if n == "torch" else {})))
-            for n in names
-        ]
+        for n in names:
+            options = _run_options(config, n, **(extra if n == "torch" else {}))
+            try:
+                planned.append((n, open_runner(bundle, n, options), optional))
+            except AvatarqError as exc:
+                if not optional:
+                    raise
+                skipped[n] = str(exc)
     else:
-        runner_objs = list(runners)
-        names = [getattr(r, "name", f"runner{i}") for i, r in enumerate(runner_objs)]
-        if len(set(names)) != len(names):
-            names = [f"{n}#{i}" for i, n in enumerate(names)]
+        labels = [getattr(r, "name", f"runner{i}") for i, r in enumerate(runners)]
+        if len(set(labels)) != len(labels):
+            labels = [f"{n}#{i}" for i, n in enumerate(labels)]
+        planned = [(n, r, False) for n, r in zip(labels, runners, strict=True)]
     if reference is None:
         reference = open_reference(bundle, config, checkpoint, capture_root, reference_bundle)
 
     with contextlib.ExitStack() as stack:
         ref = stack.enter_context(reference)
-        active = [stack.enter_context(r) for r in runner_objs]
+        names, active = [], []
+        for name, runner, optional in planned:
+            try:
+                active.append(stack.enter_context(runner))
+            except AvatarqError as exc:
+                if not optional:
+                    raise
+                skipped[name] = str(exc)
+                continue
+            names.append(name)
+        if not names:
+            raise AvatarqError(
+                "no runner could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            )
         texture_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         screen_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         worst = {n: (_Worst("texture"), _Worst("screen")) for n in names}
