@@ -351,6 +351,142 @@ def compare(
         raise typer.Exit(1)
 
 
+def _resolution(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise AvatarqError(
+            f"--resolution must be HxW in pixels, e.g. 1024x667; got {text!r}"
+        ) from None
+    return h, w
+
+
+@app.command()
+@user_errors
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (from avatarq export).")],
+    sequence: Annotated[
+        str | None,
+        typer.Option(
+            help="CAPTURE:SEGMENT[:CAMERA], a latent .npz, or omitted: the capture's first "
+            "segment (with --capture and --checkpoint) or a smooth synthetic latent clip."
+        ),
+    ] = None,
+    runner: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--runner",
+            help="Backend to benchmark (repeatable): onnx, onnxruntime, torch, tensorrt, "
+            "tensorrt-rtx. Default: onnx plus every engine built into the bundle.",
+        ),
+    ] = None,
+    render: Annotated[
+        str, typer.Option(help="Renderer: auto, torch, nvdiffrast or none.")
+    ] = "auto",
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Release gate(s), e.g. 'psnr>=40,J<=0.5,p99_ms<=20' (repeatable); "
+            "the command exits 1 when one fails."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report directory (report.json, report.html)."),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="The checkpoint the bundle came from: encodes capture segments and becomes "
+            "the FP32 reference (torch)."
+        ),
+    ] = None,
+    capture: Annotated[
+        Path | None, typer.Option(help="Capture root: cameras and de-normalization.")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="An FP32 bundle of the same checkpoint as the reference.")
+    ] = None,
+    resolution: Annotated[
+        str | None, typer.Option(help="Render size HxW (default: the camera's image size).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed iterations per runner.")] = 3,
+    iters: Annotated[int, typer.Option(help="Timed iterations per runner.")] = 20,
+    batch: Annotated[int, typer.Option(help="Frames per decode call.")] = 1,
+    gate_space: Annotated[
+        str, typer.Option(help="Fidelity gates read texture or screen metrics.")
+    ] = "texture",
+    ssim: Annotated[bool, typer.Option(help="Compute SSIM per frame (slow on big frames).")] = True,
+    interleave: Annotated[
+        bool, typer.Option(help="Time runners round-robin (fairer ratios on a busy machine).")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Where runners run: auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: its default).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Benchmark a bundle: latency, fidelity and temporal stability vs FP32, with gates.
+
+    Example: avatarq bench dam_int8.avq --checkpoint dam.pt --capture capture/ --gate 'psnr>=40,J<=0.5' -o report/
+    """
+    from avatarq.bench import BenchConfig, bench_bundle
+
+    config = BenchConfig(
+        runners=tuple(runner or ()),
+        render=render,
+        resolution=_resolution(resolution),
+        warmup=warmup,
+        iters=iters,
+        batch=batch,
+        gates=tuple(gate or ()),
+        compute_ssim=ssim,
+        gate_space=gate_space,
+        interleave=interleave,
+        device=device,
+        threads=threads,
+    )
+    with _progress() as progress:
+        task = progress.add_task("bench", total=None)
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        result, paths = bench_bundle(
+            bundle, sequence, config, checkpoint, capture, reference, out, on_progress
+        )
+    if as_json:
+        report = {k: str(v) for k, v in paths.items()}
+        console.print_json(json.dumps({**result.to_dict(), "report": report}))
+        raise typer.Exit(result.exit_code)
+    _print_bench(result, paths)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_bench(result, paths: dict) -> None:  # noqa: ANN001
+    console.print(f"sequence   {result.sequence['source']}")
+    console.print(f"reference  {result.reference.label}")
+    for r in result.runners:
+        t, s = r.texture, r.screen
+        line = (
+            f"[bold]{r.name:<12}[/bold] texture PSNR {t.psnr_mean:.2f} dB (min {t.psnr_min:.2f}) "
+            f"tDE {t.tde:.3g} J {t.jitter_ratio:.3f} FE {t.flicker_excess:.3g}"
+        )
+        if s is not None:
+            line += f" | screen PSNR {s.psnr_mean:.2f} dB J {s.jitter_ratio:.3f}"
+        e2e = r.latency["end_to_end"]
+        line += f" | p50 {e2e.p50_ms:.3g} ms p99 {e2e.p99_ms:.3g} ms"
+        ratio = result.latency_ratios(r).get("decode")
+        if ratio is not None:
+            line += f" (decode {ratio:.2f}x ref)"
+        console.print(line, highlight=False)
+    for name, why in result.skipped.items():
+        console.print(f"skipped    {name}: {why}")
+    console.print(result.verdict(), style="green" if result.passed else "red", highlight=False)
+    if paths:
+        console.print(f"report     {paths['html']}")
+
+
 @app.command()
 @user_errors
 def demo(
