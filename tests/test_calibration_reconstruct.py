@@ -7,14 +7,8 @@ import torch
 from torch import nn
 
 from avatarq.calibration import CalibrationConfig, CalibrationSamples, calibrate, discover_layers
-from avatarq.calibration.reconstruct import (
-    TrainableLayer,
-    build_cache,
-    crop2d,
-    crop_geometry,
-    evaluate,
-    optimize,
-)
+from avatarq.calibration.cache import crop2d, crop_geometry, upstream_layers
+from avatarq.calibration.reconstruct import TrainableLayer, build_cache, evaluate, optimize
 from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
 
 
@@ -117,3 +111,26 @@ def test_max_method_uses_the_absolute_maximum_of_each_layer_input():
     handle.remove()
     assert artifact[name].input_scale == pytest.approx(float(inputs[0].abs().max()) / 127, rel=1e-6)
     assert artifact[name].loss == {}
+
+
+def test_upstream_layers_follow_the_data_flow():
+    decoder = tiny_decoder()
+    up = upstream_layers(decoder, discover_layers(decoder))
+    assert up["dec.view_fc"] == frozenset() and up["dec.z_fc"] == frozenset()
+    assert up["dec.mesh_fc"] == {"dec.z_fc"}
+    assert up["dec.texture_decoder.upsample.0.conv2.deconv"] == {
+        "dec.view_fc",
+        "dec.z_fc",
+        "dec.texture_fc",
+        "dec.texture_decoder.upsample.0.conv1.deconv",
+    }
+
+
+def test_capturing_later_layers_early_does_not_change_the_result(monkeypatch):
+    import avatarq.calibration.reconstruct as reconstruct
+
+    decoder, samples = tiny_decoder(), tiny_samples()
+    config = CalibrationConfig(iters=3, sensitivity="none", crop=8)
+    grouped = calibrate(decoder, samples, config).to_json()
+    monkeypatch.setattr(reconstruct, "GROUP_SLACK", -1.0)  # every layer in its own pass
+    assert calibrate(decoder, samples, config).to_json() == grouped

@@ -62,7 +62,7 @@ class CalibrationConfig:
     patience: int = 3
     seed: int = 0
     sensitivity: str = "error"
-    sensitivity_samples: int = 4
+    sensitivity_samples: int = 2
     fp16_budget: int = 0
     precision: dict[str, str] = field(default_factory=dict)
     version: int = CONFIG_VERSION

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration, decoder_hash
+from avatarq.calibration.cache import CAPTURE_BATCH
 from avatarq.calibration.config import CalibrationConfig, check_layer_names
 from avatarq.calibration.layers import (
     LayerInfo,
@@ -21,7 +22,7 @@ from avatarq.calibration.layers import (
 from avatarq.calibration.masks import visibility_masks
 from avatarq.calibration.precision import measured_sensitivity, omega_sensitivity, precision_plan
 from avatarq.calibration.quantizers import max_activation_range, weight_scales
-from avatarq.calibration.reconstruct import CAPTURE_BATCH, reconstruct
+from avatarq.calibration.reconstruct import reconstruct
 from avatarq.calibration.samples import CalibrationSamples
 from avatarq.errors import AvatarqError
 

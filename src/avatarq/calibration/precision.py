@@ -27,7 +27,6 @@ from avatarq.calibration.quantizers import (
     quantize_weight,
     weight_scales,
 )
-from avatarq.calibration.reconstruct import capture
 
 
 def _output_nsr(ref: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> float:
@@ -69,14 +68,29 @@ def measured_sensitivity(
 ) -> dict[str, float]:
     """{layer: output NSR with that layer alone max-calibrated to ``bits``}.
 
-    ``decoder`` is used in place and restored; z [N, Z], view [N, 3] are the inputs.
+    One FP32 pass records every layer's input, then one pass per layer with only that
+    layer quantized. ``decoder`` is used in place and restored; z [N, Z], view [N, 3].
     """
-    reference = decoder(z, view)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, output) -> None:
+            inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    handles = [get_layer(decoder, i.name).register_forward_hook(keep(i.name)) for i in layers]
+    try:
+        reference = decoder(z, view)
+    finally:
+        for h in handles:
+            h.remove()
     out: dict[str, float] = {}
     for info in layers:
         module = get_layer(decoder, info.name)
-        x = capture(decoder, info.name, z, view, "input")
-        install(decoder, {info.name: _max_quantized(module, info, x, bits, symmetric)})
+        install(
+            decoder, {info.name: _max_quantized(module, info, inputs[info.name], bits, symmetric)}
+        )
         try:
             out[info.name] = _output_nsr(reference, decoder(z, view))
         finally:

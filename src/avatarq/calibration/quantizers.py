@@ -19,6 +19,7 @@ Conventions (all of avatarq uses these; `avatarq.export.qdq` writes the same num
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ MIN_SCALE = 1e-12
 GRID_CANDIDATES = 80
 GRID_STEP = 0.01
 GRID_POWER = 2.4
+GRID_MAX_VALUES = 1 << 20
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -157,17 +159,8 @@ def dequantize_weight(
 
 
 # ------------------------------------------------------------------ activation range search
-def _masked_power_error(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, r: IntRange
-) -> torch.Tensor:
-    err = (fake_quantize(x, scale, zp, r) - x).abs().pow(GRID_POWER)
-    return (err * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def _sample_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten to [N, -1] value rows and broadcast per-position weights to them."""
-    mask = torch.broadcast_to(mask, x.shape).float()
-    return x.reshape(x.shape[0], -1).float(), mask.reshape(x.shape[0], -1)
+def _power_error(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, r: IntRange) -> float:
+    return float((fake_quantize(values, scale, zp, r) - values).abs().pow(GRID_POWER).mean())
 
 
 def search_activation_range(
@@ -187,32 +180,35 @@ def search_activation_range(
 
     The initial range is the mean over samples of the per-sample masked max |x| (symmetric)
     or of the per-sample masked min / max (asymmetric), as POCA initializes from a batch.
-    The candidate minimizing mean |x_hat - x|^2.4 over masked positions wins (first on ties).
+    The candidate minimizing mean |x_hat - x|^2.4 over the masked values wins (the first on
+    ties); beyond `GRID_MAX_VALUES` masked values, a fixed-seed random subset of that size
+    is scored.
 
     Returns:
         (scale, zero_point, loss) of the best candidate, as Python floats.
     """
-    if mask is None:
-        mask = torch.ones(1)
-    rows, weight = _sample_rows(x, mask)
-    seen = weight > 0
+    if candidates < 1:
+        raise AvatarqError(f"the grid search needs at least one candidate, got {candidates}")
+    rows = x.detach().reshape(x.shape[0], -1).float()
+    seen = torch.ones_like(rows, dtype=torch.bool)
+    if mask is not None:
+        seen = torch.broadcast_to(mask, x.shape).reshape(x.shape[0], -1) > 0
+        if not bool(seen.any()):
+            seen = torch.ones_like(rows, dtype=torch.bool)
     has_any = seen.any(dim=1)
-    if not bool(has_any.any()):
-        rows, weight = _sample_rows(x, torch.ones(1))
-        seen = weight > 0
-        has_any = seen.any(dim=1)
     big = torch.finfo(torch.float32).max
-    r = activation_range(bits, symmetric)
     if symmetric:
-        per_max = torch.where(seen, rows.abs(), torch.zeros(())).amax(dim=1)
-        init_max = per_max[has_any].mean()
+        init_max = torch.where(seen, rows.abs(), torch.zeros(())).amax(dim=1)[has_any].mean()
         init_min = -init_max
     else:
-        per_min = torch.where(seen, rows, torch.full((), big)).amin(dim=1)
-        per_max = torch.where(seen, rows, torch.full((), -big)).amax(dim=1)
-        init_min = per_min[has_any].mean()
-        init_max = per_max[has_any].mean()
-    best: tuple[float, float, float] | None = None
+        init_min = torch.where(seen, rows, torch.full((), big)).amin(dim=1)[has_any].mean()
+        init_max = torch.where(seen, rows, torch.full((), -big)).amax(dim=1)[has_any].mean()
+    values = rows[seen]
+    if values.numel() > GRID_MAX_VALUES:
+        gen = torch.Generator().manual_seed(0)
+        values = values[torch.randperm(values.numel(), generator=gen)[:GRID_MAX_VALUES]]
+    r = activation_range(bits, symmetric)
+    best: tuple[float, float, float] = (1.0, 0.0, math.inf)
     for i in range(candidates):
         shrink = 1.0 - GRID_STEP * i
         if symmetric:
@@ -220,10 +216,9 @@ def search_activation_range(
             zp = torch.zeros(())
         else:
             scale, zp = asymmetric_params(init_min * shrink, init_max * shrink, bits)
-        loss = float(_masked_power_error(rows, weight, scale, zp, r))
-        if best is None or loss < best[2]:
+        loss = _power_error(values, scale, zp, r)
+        if loss < best[2]:
             best = (float(scale), float(zp), loss)
-    assert best is not None
     return best
 
 

@@ -1,16 +1,13 @@
 """Sequential layer-wise reconstruction (POCA / AdaRound / BRECQ style).
 
-For each int8 layer, coarse to fine: run the decoder with every earlier layer already
-quantized and cache this layer's input x; run the FP32 decoder and cache the layer's FP32
-output y and its mask M (masks.py); initialize the activation scale by the masked
+For each int8 layer, coarse to fine: take this layer's input x from the decoder with every
+earlier layer already quantized, and its FP32 output y and mask M (masks.py) from the FP32
+decoder (cache.py: crops for fine layers); initialize the activation scale by the masked
 shrinking grid search and the weight scales by per-channel max; minimize the masked MSE
-``sum(((layer_q(x) - y) * M)^2) / (C * sum(M))`` with Adam over the log-scales (LSQ with
-straight-through rounding) and, optionally, AdaRound's rounding variables, plus an
-optional temporal term on consecutive clip frames; freeze the layer and move on.
-
-Fine layers are calibrated on crops: an output window of ``crop`` x ``crop`` texels and
-the input window that determines it exactly (zero outside the image, as the layer's own
-padding), so time and memory do not grow with the texture size.
+``sum((layer_q(x) - y)^2 * M) / (C * sum(M))``, divided by the masked mean of y^2 (so the
+loss reads as the layer's output noise-to-signal ratio), with Adam over the log-scales
+(LSQ with straight-through rounding) and, optionally, AdaRound's rounding variables, plus
+an optional temporal term on consecutive clip frames; freeze the layer and move on.
 """
 
 from __future__ import annotations
@@ -24,9 +21,19 @@ import torch
 from torch import nn
 
 from avatarq.calibration.artifact import LayerCalibration
+from avatarq.calibration.cache import (
+    GROUP_SLACK,
+    CropGeometry,
+    CropPlan,
+    Targets,
+    capture_inputs,
+    cumulative_cost,
+    plan_crops,
+    reference_targets,
+    upstream_layers,
+)
 from avatarq.calibration.config import CalibrationConfig
 from avatarq.calibration.layers import LayerInfo, get_layer, install, layer_forward
-from avatarq.calibration.masks import input_mask, layer_mask, pool_mask
 from avatarq.calibration.quantizers import (
     activation_range,
     adaround_beta,
@@ -42,107 +49,12 @@ from avatarq.calibration.quantizers import (
 )
 from avatarq.calibration.samples import CalibrationSamples
 
-CAPTURE_BATCH = 8
 EVAL_BATCH = 64
+ROW_SAMPLE = 4096  # output rows of a large Linear layer per Adam step
 PLATEAU_REL = 1e-3
 ADAROUND_LR_FACTOR = 10.0
 
 Progress = Callable[[str, int, int], None]
-
-
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward pass is not needed."""
-
-
-@torch.no_grad()
-def capture(
-    model: nn.Module, name: str, z: torch.Tensor, view: torch.Tensor, what: str
-) -> torch.Tensor:
-    """The input (``what="input"``) or output of submodule ``name`` for a batch (z, view)."""
-    box: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        box.append((inputs[0] if what == "input" else output).detach())
-        raise _Stop
-
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        model(z, view)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return box[0]
-
-
-# ------------------------------------------------------------------ crops
-@dataclass(frozen=True)
-class CropGeometry:
-    """Which input window determines an output window of a conv layer exactly.
-
-    For an output window starting at row ``oa`` (a multiple of ``align``) and ``size``
-    rows long, the input window starts at ``input_start(oa)`` and is ``in_size`` rows long;
-    running the layer (with its own padding) on that window gives the wanted output rows
-    at ``out_start`` .. ``out_start + size``. Columns work the same way.
-    """
-
-    size: int
-    in_size: int
-    out_start: int
-    align: int
-    offset: int
-
-    def input_start(self, oa: int) -> int:
-        return oa // self.align + self.offset if self.align > 1 else oa + self.offset
-
-
-def crop_geometry(module: nn.Module, size: int) -> CropGeometry | None:
-    """Geometry for ConvTranspose2d (any k, s, p) and stride-1 Conv2d; None otherwise."""
-
-    def same(v) -> int | None:
-        v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-        return v[0] if v[0] == v[1] else None
-
-    k, s, p = same(module.kernel_size), same(module.stride), same(module.padding)
-    if None in (k, s, p) or same(module.dilation) != 1 or module.groups != 1:
-        return None
-    if isinstance(module, nn.ConvTranspose2d):
-        if same(module.output_padding) != 0 or size % s:
-            return None
-        d = -((k - p - 1) // s)
-        return CropGeometry(size, (size - 1 + p) // s - d + 1, -s * d, s, d)
-    if isinstance(module, nn.Conv2d) and s == 1:
-        return CropGeometry(size, size + k - 1, p, 1, -p)
-    return None
-
-
-def crop2d(t: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
-    """t[..., y0:y0+h, x0:x0+w] with zeros where the window leaves the tensor."""
-    out = t.new_zeros(*t.shape[:-2], h, w)
-    H, W = t.shape[-2:]
-    ys, ye = max(y0, 0), min(y0 + h, H)
-    xs, xe = max(x0, 0), min(x0 + w, W)
-    if ys < ye and xs < xe:
-        out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = t[..., ys:ye, xs:xe]
-    return out
-
-
-def _crop_positions(
-    weights: torch.Tensor, k: int, size: int, align: int, gen: torch.Generator
-) -> list[tuple[int, int]]:
-    """k window origins in an output map; centres drawn where ``weights`` [H, W] > 0."""
-    h, w = weights.shape
-    flat = weights.reshape(-1).float()
-    if float(flat.sum()) <= 0:
-        flat = torch.ones_like(flat)
-    centres = torch.multinomial(flat, k, replacement=True, generator=gen)
-    out = []
-    for c in centres.tolist():
-        cy, cx = divmod(c, w)
-        oy = min(max(cy - size // 2, 0), h - size) // align * align
-        ox = min(max(cx - size // 2, 0), w - size) // align * align
-        out.append((oy, ox))
-    return out
 
 
 # ------------------------------------------------------------------ the cache
@@ -181,6 +93,24 @@ class LayerCache:
         return y[..., g.out_start : g.out_start + g.size, g.out_start : g.out_start + g.size]
 
 
+def make_cache(
+    x: torch.Tensor, targets: Targets, plan: CropPlan, samples: CalibrationSamples
+) -> LayerCache:
+    """Assemble a layer's cache from its input items and FP32 targets (same item order)."""
+    k = plan.k
+    pairs = [(p * k + c, q * k + c) for p, q in samples.pairs for c in range(k)]
+    energy = float(masked_mse(targets.y, torch.zeros(()), targets.mask))
+    return LayerCache(
+        x,
+        targets.y,
+        targets.mask,
+        targets.in_mask,
+        torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+        plan.geometry,
+        energy if energy > 0 else 1.0,
+    )
+
+
 def build_cache(
     work: nn.Module,
     reference: nn.Module,
@@ -190,68 +120,12 @@ def build_cache(
     config: CalibrationConfig,
     gen: torch.Generator,
 ) -> LayerCache:
-    """Run ``work`` (earlier layers quantized) and ``reference`` (FP32) over the samples."""
-    module = get_layer(reference, info.name)
-    n = len(samples)
-    geometry = None
-    k = 1
-    if info.spatial and info.out_shape[-1] > config.crop:
-        geometry = crop_geometry(module, config.crop)
-        k = config.crops_per_sample if geometry is not None else 1
-    positions: list[list[tuple[int, int]]] = [[] for _ in range(n)]
-    if geometry is not None:
-        size = info.out_shape[-1]
-        weights = (
-            pool_mask(visibility, size)[:, 0]
-            if visibility is not None
-            else torch.ones(n, size, size)
-        )
-        group_of = list(range(n))
-        for clip in samples.clips:
-            for i in clip:
-                group_of[i] = clip[0]
-        for i in range(n):
-            if group_of[i] == i:
-                positions[i] = _crop_positions(weights[i], k, config.crop, geometry.align, gen)
-        for i in range(n):
-            positions[i] = positions[group_of[i]]
-    xs, ys, ms, ims = [], [], [], []
-    for start in range(0, n, CAPTURE_BATCH):
-        stop = min(start + CAPTURE_BATCH, n)
-        z, view = samples.z[start:stop], samples.view[start:stop]
-        x = capture(work, info.name, z, view, "input")
-        y = capture(reference, info.name, z, view, "output")
-        vis = None if visibility is None else visibility[start:stop]
-        m = layer_mask(y, vis, config.tau)
-        im = input_mask(m, x.shape[-1]) if m is not None and x.dim() == 4 else None
-        if geometry is None:
-            xs.append(x)
-            ys.append(y)
-            ms.append(m)
-            ims.append(im)
-            continue
-        g = geometry
-        for j in range(stop - start):
-            for oy, ox in positions[start + j]:
-                iy, ix = g.input_start(oy), g.input_start(ox)
-                xs.append(crop2d(x[j : j + 1], iy, ix, g.in_size, g.in_size))
-                ys.append(y[j : j + 1, :, oy : oy + g.size, ox : ox + g.size])
-                ms.append(m[j : j + 1, :, oy : oy + g.size, ox : ox + g.size])
-                ims.append(crop2d(im[j : j + 1], iy, ix, g.in_size, g.in_size))
-    mask = None if any(m is None for m in ms) else torch.cat(ms)
-    in_m = None if any(m is None for m in ims) else torch.cat(ims)
-    pairs = [(p * k + c, q * k + c) for p, q in samples.pairs for c in range(k)]
-    y_all = torch.cat(ys).contiguous()
-    energy = float(masked_mse(y_all, torch.zeros(()), mask))
-    return LayerCache(
-        torch.cat(xs).contiguous(),
-        y_all,
-        mask,
-        in_m,
-        torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
-        geometry,
-        energy if energy > 0 else 1.0,
-    )
+    """One layer's cache: inputs from ``work`` (earlier layers quantized), targets from the
+    FP32 ``reference``."""
+    plan = plan_crops(get_layer(reference, info.name), info, samples, visibility, config, gen)
+    targets = reference_targets(reference, [info], {info.name: plan}, samples, visibility, config)
+    x = capture_inputs(work, [info.name], {info.name: plan}, samples)[info.name]
+    return make_cache(x, targets[info.name], plan, samples)
 
 
 # ------------------------------------------------------------------ the trainable layer
@@ -308,16 +182,33 @@ class TrainableLayer(nn.Module):
     def w_scale(self) -> torch.Tensor:
         return self.w_scale0 if self.log_w is None else self.w_scale0 * torch.exp(self.log_w)
 
-    def quant_weight(self, hard: bool) -> torch.Tensor:
-        if self.alpha is not None:
-            return adaround_weight(
-                self.weight, self.w_scale0, self.alpha, self.axis, self.bits, hard
-            )
-        s = self.w_scale().view(channel_shape(self.weight.dim(), self.axis))
-        return fake_quantize(self.weight, s, 0.0, self.w_range, ste=not hard)
+    def quant_weight(self, hard: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight (only output ``rows`` of a Linear weight if given)."""
+        weight, w_scale0 = self.weight, self.w_scale0
+        alpha = self.alpha
+        scale = self.w_scale()
+        if rows is not None:
+            weight, w_scale0, scale = weight[rows], w_scale0[rows], scale[rows]
+            alpha = None if alpha is None else alpha[rows]
+        if alpha is not None:
+            return adaround_weight(weight, w_scale0, alpha, self.axis, self.bits, hard)
+        s = scale.view(channel_shape(weight.dim(), self.axis))
+        return fake_quantize(weight, s, 0.0, self.w_range, ste=not hard)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache, hard: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache,
+        hard: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Quantized output on items ``x``; ``rows`` restricts a Linear layer's outputs (the
+        loss of a Linear layer is a sum over output rows, so a random subset of rows is an
+        unbiased estimate: it keeps steps on the 21918-row mesh layer cheap)."""
         xq = fake_quantize(x, self.act_scale(), self.act_zp, self.act_range, ste=not hard)
+        if rows is not None:
+            bias = None if self.module.bias is None else self.module.bias[rows]
+            return torch.nn.functional.linear(xq, self.quant_weight(hard, rows), bias)
         return cache.output(self.module, xq, self.quant_weight(hard))
 
     def frozen(self) -> tuple[float, np.ndarray, np.ndarray | None]:
@@ -376,22 +267,31 @@ def optimize(
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, iters)))
         idx = torch.randint(len(cache), (config.batch,), generator=gen)
+        rows = None
+        if cache.mask is None and cache.y.dim() == 2 and cache.y.shape[1] > ROW_SAMPLE:
+            rows = torch.randperm(cache.y.shape[1], generator=gen)[:ROW_SAMPLE]
+
+        def target(items: torch.Tensor, rows: torch.Tensor | None = rows) -> torch.Tensor:
+            y = cache.y[items]
+            return y if rows is None else y[:, rows]
+
         mask = None if cache.mask is None else cache.mask[idx]
-        pred = layer(cache.x[idx], cache)
-        loss = masked_mse(pred, cache.y[idx], mask) / cache.energy
+        pred = layer(cache.x[idx], cache, rows=rows)
+        loss = masked_mse(pred, target(idx), mask) / cache.energy
         objective = loss
         if use_temporal:
             pick = cache.pairs[torch.randint(len(cache.pairs), (config.batch,), generator=gen)]
             p, q = pick[:, 0], pick[:, 1]
-            e_prev = layer(cache.x[p], cache) - cache.y[p]
-            e_now = layer(cache.x[q], cache) - cache.y[q]
+            e_prev = layer(cache.x[p], cache, rows=rows) - target(p)
+            e_now = layer(cache.x[q], cache, rows=rows) - target(q)
             mq = None if cache.mask is None else cache.mask[q]
             temporal = masked_temporal(e_now, e_prev, mq) / math.sqrt(cache.energy)
             objective = objective + config.temporal_weight * temporal
         if layer.alpha is not None:
             beta = adaround_beta(step, iters)
             if beta is not None:
-                reg = adaround_regularizer(layer.alpha, beta) / layer.alpha.numel()
+                alpha = layer.alpha if rows is None else layer.alpha[rows]
+                reg = adaround_regularizer(alpha, beta) / alpha.numel()
                 objective = objective + config.adaround_lambda * reg
         opt.zero_grad(set_to_none=True)
         objective.backward()
@@ -427,51 +327,79 @@ def reconstruct(
     """Calibrate the int8 layers of ``plan`` one after another (POCA).
 
     ``reference`` is the FP32 decoder; ``work`` a copy whose fp16 layers are already
-    installed; each calibrated layer is installed into ``work`` before the next one is
-    cached. Returns {layer: calibration} for the int8 layers.
+    installed; each calibrated layer is installed into ``work`` before later inputs are
+    captured. Returns {layer: calibration} for the int8 layers.
     """
-    out: dict[str, LayerCalibration] = {}
     todo = [info for info in layers if plan[info.name] == "int8"]
-    for index, info in enumerate(todo):
-        if progress is not None:
-            progress(f"calibrating {info.name}", index, len(todo))
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        cache = build_cache(work, reference, info, samples, visibility, config, gen)
-        act_scale, act_zp = _init_activation(cache, config)
-        module = get_layer(reference, info.name)
-        layer = TrainableLayer(module, info, config, act_scale, act_zp)
-        initial, temporal_initial = evaluate(layer, cache)
-        curve = optimize(layer, cache, config, gen) if config.iters else []
-        final, temporal_final = evaluate(layer, cache)
-        scale, w_scale, w_int = layer.frozen()
-        loss = {
-            "initial": initial,
-            "final": final,
-            "iters": len(curve),
-            "items": len(cache),
-            "curve": [float(np.float32(v)) for v in curve],
-        }
-        if temporal_initial is not None:
-            loss["temporal_initial"] = temporal_initial
-            loss["temporal_final"] = temporal_final
-        calibration = LayerCalibration(
-            name=info.name,
-            kind=info.kind,
-            weight_shape=info.weight_shape,
-            weight_axis=info.weight_axis,
-            precision="int8",
-            bits=config.bits,
-            symmetric=config.symmetric,
-            input_scale=scale,
-            input_zero_point=int(round(act_zp)),
-            weight_scale=w_scale,
-            rounding="adaround" if w_int is not None else "nearest",
-            weight_int=w_int,
-            loss=loss,
+    say = progress or (lambda *_: None)
+    say("caching FP32 targets", 0, len(todo))
+    gen = torch.Generator().manual_seed(config.seed)
+    crops = {
+        info.name: plan_crops(
+            get_layer(reference, info.name), info, samples, visibility, config, gen
         )
+        for info in todo
+    }
+    targets = reference_targets(reference, todo, crops, samples, visibility, config)
+    upstream = upstream_layers(reference, layers)
+    cost = cumulative_cost(layers)
+    final = {name for name, precision in plan.items() if precision != "int8"}
+    inputs: dict[str, torch.Tensor] = {}
+    out: dict[str, LayerCalibration] = {}
+    for index, info in enumerate(todo):
+        say(f"calibrating {info.name}", index, len(todo))
+        if info.name not in inputs:
+            group = [info.name] + [
+                m.name
+                for m in todo[index + 1 :]
+                if m.name not in inputs
+                and upstream[m.name] <= final
+                and cost[m.name] <= cost[info.name] + GROUP_SLACK
+            ]
+            inputs.update(capture_inputs(work, group, crops, samples))
+        cache = make_cache(inputs.pop(info.name), targets.pop(info.name), crops[info.name], samples)
+        calibration = calibrate_layer(reference, info, cache, config, index)
         out[info.name] = calibration
         install(work, {info.name: calibration.module(get_layer(work, info.name))})
+        final.add(info.name)
         del cache
-    if progress is not None:
-        progress("calibrated", len(todo), len(todo))
+    say("calibrated", len(todo), len(todo))
     return out
+
+
+def calibrate_layer(
+    reference: nn.Module, info: LayerInfo, cache: LayerCache, config: CalibrationConfig, index: int
+) -> LayerCalibration:
+    """Grid-search init, masked LSQ (+ AdaRound) reconstruction, frozen calibration."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    act_scale, act_zp = _init_activation(cache, config)
+    layer = TrainableLayer(get_layer(reference, info.name), info, config, act_scale, act_zp)
+    initial, temporal_initial = evaluate(layer, cache)
+    curve = optimize(layer, cache, config, gen) if config.iters else []
+    final, temporal_final = evaluate(layer, cache)
+    scale, w_scale, w_int = layer.frozen()
+    loss = {
+        "initial": initial,
+        "final": final,
+        "iters": len(curve),
+        "items": len(cache),
+        "curve": [float(np.float32(v)) for v in curve],
+    }
+    if temporal_initial is not None:
+        loss["temporal_initial"] = temporal_initial
+        loss["temporal_final"] = temporal_final
+    return LayerCalibration(
+        name=info.name,
+        kind=info.kind,
+        weight_shape=info.weight_shape,
+        weight_axis=info.weight_axis,
+        precision="int8",
+        bits=config.bits,
+        symmetric=config.symmetric,
+        input_scale=scale,
+        input_zero_point=int(round(act_zp)),
+        weight_scale=w_scale,
+        rounding="adaround" if w_int is not None else "nearest",
+        weight_int=w_int,
+        loss=loss,
+    )
