@@ -153,6 +153,89 @@ def _synth(out, capture_config, train_config, force, make):  # noqa: ANN001
 
 @app.command()
 @user_errors
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Multiface-format DAM checkpoint.")],
+    data: Annotated[Path, typer.Option(help="Capture root or latent-sequence .npz.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration artifact directory.")],
+    capture: Annotated[
+        Path | None,
+        typer.Option(
+            help="Capture root for normalization and cameras (default: --data if a capture)."
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help="poca or max (standard PTQ, no masks).")] = "poca",
+    tau: Annotated[
+        float, typer.Option(help="Std-mask threshold: fraction of positions dropped.")
+    ] = 0.9,
+    bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
+    iters: Annotated[int, typer.Option(help="Adam iterations per layer (upper bound).")] = 100,
+    samples: Annotated[int, typer.Option(help="Random (frame, camera) samples.")] = 64,
+    temporal_weight: Annotated[float, typer.Option(help="Weight of the temporal term.")] = 0.0,
+    adaround: Annotated[bool, typer.Option(help="Learn weight rounding (AdaRound).")] = False,
+    asymmetric: Annotated[
+        bool, typer.Option(help="Asymmetric activations (ONNX Runtime targets only).")
+    ] = False,
+    fp16_budget: Annotated[int, typer.Option(help="Most sensitive layers kept in FP16.")] = 0,
+    precision: Annotated[
+        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=int8'.")
+    ] = None,
+    camera: Annotated[
+        int | None, typer.Option(help="Camera whose colour correction is folded in.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of samples and optimisation.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Calibrate a decoder with POCA and write the calibration artifact.
+
+    Example: avatarq calibrate --model dam.pt --data capture/ -o calib/
+    """
+    from avatarq.calibration import CalibrationConfig, parse_precision
+    from avatarq.calibration.from_files import calibrate_decoder
+    from avatarq.models.checkpoint import load_checkpoint
+
+    config = CalibrationConfig(
+        method=method,
+        tau=tau,
+        bits=bits,
+        iters=iters,
+        temporal_weight=temporal_weight,
+        adaround=adaround,
+        symmetric=not asymmetric,
+        fp16_budget=fp16_budget,
+        precision=parse_precision(precision) if precision else {},
+        seed=seed,
+    )
+    loaded = load_checkpoint(model)
+    with _progress() as progress:
+        task = progress.add_task("calibrate", total=None)
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, on_progress)
+    artifact.save(out)
+    plan = artifact.precision
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "precision": plan,
+                    "layers": [layer.to_json() for layer in artifact.layers],
+                }
+            )
+        )
+        return
+    counts = {p: list(plan.values()).count(p) for p in sorted(set(plan.values()))}
+    console.print(
+        f"calibration {out}  ({method}, tau {tau}, {bits}-bit; "
+        + ", ".join(f"{n} {p}" for p, n in counts.items())
+        + " layers)"
+    )
+
+
+@app.command()
+@user_errors
 def export(
     model: Annotated[Path, typer.Option("--model", "-m", help="Multiface-format DAM checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
@@ -163,6 +246,20 @@ def export(
     fp16: Annotated[
         bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
     ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="INT8/mixed graph with Q/DQ nodes from a calibration.")
+    ] = False,
+    calib: Annotated[
+        Path | None,
+        typer.Option(help="Calibration artifact (avatarq calibrate); omitted: calibrate now."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Capture root or latents .npz for on-the-fly calibration."),
+    ] = None,
+    conv_transpose_axis: Annotated[
+        str, typer.Option(help="ConvTranspose weight-scale axis: 1, 0 or tensor.")
+    ] = "1",
     camera: Annotated[
         int | None, typer.Option(help="Fold this camera's colour correction in.")
     ] = None,
@@ -174,11 +271,27 @@ def export(
 ) -> None:
     """Trace a decoder to ONNX and write a validated bundle.
 
-    Example: avatarq export --model dam.pt --capture capture/ -o dam.avq
+    Example: avatarq export --model dam.pt --capture capture/ --int8 -o dam_int8.avq
     """
     from avatarq.export import ExportOptions, export_bundle
 
-    options = ExportOptions(fp16=fp16, camera=camera, max_batch=max_batch, validate=validate)
+    axes = {"1": 1, "0": 0, "tensor": None}
+    if conv_transpose_axis not in axes:
+        raise AvatarqError(
+            f"--conv-transpose-axis must be 1, 0 or tensor, got {conv_transpose_axis!r}"
+        )
+    if (calib is not None or data is not None) and not int8:
+        raise AvatarqError("--calib and --data go with --int8")
+    options = ExportOptions(
+        fp16=fp16,
+        camera=camera,
+        max_batch=max_batch,
+        validate=validate,
+        int8=int8,
+        calib=None if calib is None else str(calib),
+        calib_data=None if data is None else str(data),
+        conv_transpose_axis=axes[conv_transpose_axis],
+    )
     with _progress() as progress:
         task = progress.add_task("export", total=None)
         result = export_bundle(
@@ -196,7 +309,14 @@ def export(
         return
     console.print(f"bundle      {result.bundle.root}  ({result.bundle.manifest.precision})")
     if result.validation is not None:
-        console.print(f"validation  ORT vs PyTorch: {result.validation.summary()}")
+        reference = "fake-quant" if int8 else "PyTorch"
+        console.print(f"validation  ORT vs {reference}: {result.validation.summary()}")
+    vs_fp32 = result.bundle.manifest.validation.get("vs_fp32")
+    if vs_fp32:
+        console.print(
+            f"vs FP32     texture PSNR {vs_fp32['texture_psnr_db']:.1f} dB, "
+            f"max|err| {vs_fp32['texture_max_abs_error']:.3g}"
+        )
 
 
 @app.command()

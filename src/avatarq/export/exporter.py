@@ -35,6 +35,11 @@ class ExportOptions:
         validate: run the graph with ONNX Runtime and compare with PyTorch.
         n_validation: number of (z, view) samples used by the validation.
         seed: seed for validation inputs when no capture is given.
+        int8: write the calibrated INT8/mixed precision plan as Q/DQ nodes.
+        calib: a calibration artifact directory (`avatarq calibrate`); None with ``int8``
+            calibrates on the fly with POCA defaults on ``calib_data`` or the capture.
+        calib_data: capture root or latents .npz for on-the-fly calibration.
+        conv_transpose_axis: weight-scale axis of ConvTranspose Q/DQ (1, 0 or None).
     """
 
     fp16: bool = False
@@ -43,6 +48,10 @@ class ExportOptions:
     validate: bool = True
     n_validation: int = 8
     seed: int = 0
+    int8: bool = False
+    calib: str | None = None
+    calib_data: str | None = None
+    conv_transpose_axis: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -131,17 +140,55 @@ def export_bundle(
         normalization = capture_normalization(capture)
     decoder = DeployableDecoder(model, normalization, options.camera)
     say("tracing to ONNX")
+    if options.int8 and options.fp16:
+        raise AvatarqError(
+            "--int8 and --fp16 are exclusive: FP16 layers of an INT8 plan come from the calibration"
+        )
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
     precision = "fp16" if options.fp16 else "fp32"
+    layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
+    artifact = None
+    if options.int8:
+        artifact = _calibration(model, decoder, capture_root, options, say)
+        from avatarq.export.qdq import QDQConfig, quantize_onnx
+
+        say("inserting Q/DQ nodes")
+        proto = quantize_onnx(proto, artifact, QDQConfig(options.conv_transpose_axis))
+        onnx.checker.check_model(proto)
+        layer_precision = dict(sorted(artifact.precision.items()))
+        precision = "int8" if set(layer_precision.values()) == {"int8"} else "mixed"
     with BundleWriter(out) as writer:
         model_path = writer.path("model.onnx")
         save_onnx(proto, model_path)
         if capture is not None:
             capture.topology.save(writer.path("topology.npz"))
+        calib_sha = None
+        if artifact is not None:
+            artifact.save(writer.path("calib"))
+            calib_sha = _sha256_text((writer.path("calib") / "calib.json").read_text())
         result = None
         validation: dict = {}
-        if options.validate:
+        if options.validate and artifact is not None:
+            from avatarq.export.qdq import QDQConfig, validate_qdq
+
+            say("validating Q/DQ graph with ONNX Runtime")
+            z, view, source = validation_inputs(
+                decoder, capture, model, options.n_validation, options.seed
+            )
+            qdq = validate_qdq(
+                model_path, decoder, artifact, z, view, QDQConfig(options.conv_transpose_axis)
+            )
+            result = qdq.vs_fakequant
+            validation = {
+                "reference": "torch fake-quant (the calibrated numerics)",
+                "inputs": source,
+                **qdq.vs_fakequant.to_dict(),
+                "vs_fp32": qdq.vs_fp32.to_dict(),
+            }
+            if not qdq:
+                raise AvatarqError(f"Q/DQ graph does not match the calibration: {qdq.summary()}")
+        elif options.validate:
             say("validating with ONNX Runtime")
             z, view, source = validation_inputs(
                 decoder, capture, model, options.n_validation, options.seed
@@ -167,17 +214,42 @@ def export_bundle(
             inputs=_tensor_specs(decoder)[0],
             outputs=_tensor_specs(decoder)[1],
             precision=precision,
-            layer_precision={name: precision for name in sorted(layer_nodes(proto))},
+            layer_precision=layer_precision,
             normalization=_normalization_record(decoder, normalization),
             source_checkpoint_sha256=file_sha256(checkpoint),
             versions=_versions(),
             camera=options.camera,
             validation=validation,
+            calib_sha256=calib_sha,
         )
         manifest_options = asdict(options)
         manifest.validation["export_options"] = manifest_options
         bundle = writer.commit(manifest)
     return ExportResult(bundle, result)
+
+
+def _calibration(model, decoder: DeployableDecoder, capture_root, options: ExportOptions, say):
+    """The artifact to export with: loaded and validated, or calibrated now with defaults."""
+    from avatarq.calibration import CalibrationArtifact, CalibrationConfig
+    from avatarq.calibration.from_files import load_samples
+    from avatarq.calibration.pipeline import calibrate
+
+    if options.calib is not None:
+        return CalibrationArtifact.load(options.calib, decoder)
+    data = options.calib_data or capture_root
+    if data is None:
+        raise AvatarqError(
+            "--int8 without --calib calibrates on the fly and needs --capture or --data"
+        )
+    say("calibrating (POCA)")
+    samples = load_samples(model, data, seed=options.seed)
+    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:
