@@ -615,35 +615,28 @@ def demo(
     ),
     iters: Annotated[int, typer.Option(help="Training steps for the synthetic DAM.")] = 400,
 ) -> None:
-    """The whole path on the embedded synthetic avatar.
+    """The whole path on the embedded synthetic avatar: synth, calibrate, export, build, bench.
 
     Example: avatarq demo --workdir out/demo
     """
-    from avatarq.data.synthetic import make_synthetic_avatar
-    from avatarq.data.synthetic_capture import SyntheticCaptureConfig
-    from avatarq.data.train import TrainConfig
-    from avatarq.export import ExportOptions, export_bundle
+    from avatarq.bench.demo import run_demo
 
-    console.rule("1. synthetic avatar")
-    avatar = _synth(
-        workdir / "synth",
-        SyntheticCaptureConfig(),
-        TrainConfig(iters=iters),
-        False,
-        make_synthetic_avatar,
-    )
-    training = avatar.record["training"]
-    console.print(
-        f"checkpoint {avatar.checkpoint} ({'cached' if avatar.reused else 'trained'}; "
-        f"texture loss {training['final_texture_loss']:.4f})"
-    )
-    for name, fp16 in (("fp32", False), ("fp16", True)):
-        console.rule(f"2. export {name}")
-        bundle_dir = workdir / f"dam_{name}.avq"
-        result = export_bundle(
-            avatar.checkpoint, bundle_dir, avatar.capture_root, ExportOptions(fp16=fp16)
-        )
-        console.print(f"{bundle_dir}: ORT vs PyTorch {result.validation.summary()}")
+    with _progress() as progress:
+        task = progress.add_task("demo", total=None)
+        result = run_demo(workdir, iters, lambda m: progress.update(task, description=m))
+    console.rule("synthetic avatar")
+    console.print(f"checkpoint  {result.checkpoint}")
+    console.print(f"capture     {result.capture_root}")
+    console.rule("export (ONNX Runtime vs PyTorch reference)")
+    for name, line in result.validations.items():
+        console.print(f"{name:<5} {result.bundles[name]}: {line}", highlight=False)
+    console.rule("engines for the INT8 bundle")
+    for backend, line in result.engines.items():
+        console.print(f"{backend:<13} {line}", highlight=False)
+    console.rule("bench: INT8 vs FP32 on an ordered clip")
+    for line in result.bench_lines:
+        console.print(line, highlight=False)
+    console.print(f"report      {result.report}")
 
 
 def main() -> None:

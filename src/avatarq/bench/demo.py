@@ -1,0 +1,120 @@
+"""`avatarq demo`: the whole path on the embedded synthetic avatar, every step cached.
+
+synth -> calibrate (POCA) -> export fp32 / fp16 / int8 -> build (what this machine can)
+-> bench the INT8 bundle against the FP32 one -> report.html
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatarq.errors import AvatarqError
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class DemoResult:
+    """What the demo made and measured (paths under the work directory)."""
+
+    checkpoint: Path
+    capture_root: Path
+    bundles: dict[str, Path] = field(default_factory=dict)
+    validations: dict[str, str] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+    bench_lines: list[str] = field(default_factory=list)
+    passed: bool = True
+
+
+def _calibration(avatar, out: Path, say: Say, config) -> Path:
+    """Calibrate once; reuse the artifact while the checkpoint and settings are unchanged."""
+    from avatarq.calibration.from_files import calibrate_decoder
+    from avatarq.models.checkpoint import file_sha256, load_checkpoint
+
+    stamp = {"checkpoint": file_sha256(avatar.checkpoint), "config": config.to_dict()}
+    stamp_path = out / "demo_stamp.json"
+    if (out / "calib.json").is_file() and stamp_path.is_file():
+        if json.loads(stamp_path.read_text()) == stamp:
+            say(f"calibration {out} (cached)")
+            return out
+    say("calibrating with POCA")
+    model = load_checkpoint(avatar.checkpoint)
+    _, artifact = calibrate_decoder(model, avatar.capture_root, None, config)
+    artifact.save(out)
+    stamp_path.write_text(json.dumps(stamp, sort_keys=True))
+    return out
+
+
+def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None) -> DemoResult:
+    """Run the demo in ``workdir``; returns paths and one-line summaries of each step."""
+    from avatarq.bench.harness import bench_bundle
+    from avatarq.bench.results import BenchConfig
+    from avatarq.calibration import CalibrationConfig
+    from avatarq.data.synthetic import make_synthetic_avatar
+    from avatarq.data.synthetic_capture import SyntheticCaptureConfig
+    from avatarq.data.train import TrainConfig
+    from avatarq.engines import BuildOptions, available_backends, build_engine
+    from avatarq.export import ExportOptions, export_bundle
+
+    say = say or (lambda _m: None)
+    workdir = Path(workdir)
+    say("synthetic avatar")
+    avatar = make_synthetic_avatar(
+        workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), say=say
+    )
+    result = DemoResult(avatar.checkpoint, avatar.capture_root)
+    calib = _calibration(avatar, workdir / "calib", say, CalibrationConfig())
+    for name, options in (
+        ("fp32", ExportOptions()),
+        ("fp16", ExportOptions(fp16=True)),
+        ("int8", ExportOptions(int8=True, calib=str(calib))),
+    ):
+        say(f"export {name}")
+        bundle = workdir / f"dam_{name}.avq"
+        exported = export_bundle(avatar.checkpoint, bundle, avatar.capture_root, options)
+        result.bundles[name] = bundle
+        line = exported.validation.summary() if exported.validation else "not validated"
+        vs_fp32 = exported.bundle.manifest.validation.get("vs_fp32")
+        if vs_fp32:
+            line += f"; vs FP32 PSNR {vs_fp32['texture_psnr_db']:.1f} dB"
+        result.validations[name] = line
+    int8 = result.bundles["int8"]
+    for backend in ("onnxruntime", "tensorrt-rtx"):
+        if backend not in available_backends():
+            result.engines[backend] = "not installed"
+            continue
+        say(f"build {backend}")
+        try:
+            record = build_engine(int8, backend, BuildOptions())
+        except AvatarqError as exc:
+            result.engines[backend] = f"not built: {exc}"
+            continue
+        result.engines[backend] = (
+            f"{record.path} ({record.settings.get('size_bytes', 0) / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
+        )
+    say("bench: INT8 runners against the FP32 bundle")
+    bench, paths = bench_bundle(
+        int8,
+        config=BenchConfig(resolution=(512, 334), warmup=2, iters=10),
+        checkpoint=avatar.checkpoint,
+        capture=avatar.capture_root,
+        reference_bundle=result.bundles["fp32"],
+        out=workdir / "report",
+    )
+    result.report = paths.get("html")
+    for r in bench.runners:
+        t = r.texture
+        e2e = r.latency["end_to_end"]
+        result.bench_lines.append(
+            f"{r.name:<12} texture PSNR {t.psnr_mean:.1f} dB, tDE {t.tde:.3g}, J {t.jitter_ratio:.3f}, "
+            f"FE {t.flicker_excess:.3g}, p50 {e2e.p50_ms:.3g} ms"
+        )
+    for name, why in bench.skipped.items():
+        result.bench_lines.append(f"{name:<12} skipped: {why}")
+    result.bench_lines.append(bench.verdict())
+    result.passed = bench.passed
+    return result
