@@ -164,13 +164,47 @@ def test_cuda_provider_matches_cpu_when_onnxruntime_gpu_is_installed(tiny):
     assert np.abs(out - ref).max() < 1e-3 * (ref.max() - ref.min())
 
 
-def test_calibration_latents_are_recorded_and_checked(bundle, tmp_path):
+def test_build_check_decodes_the_given_latents_and_records_them(bundle, tmp_path):
     from avatarq.data.latents import LatentSequence
     from avatarq.engines.compare import smooth_sequence
 
     good = LatentSequence(*smooth_sequence(Z_DIM, 40)).save(tmp_path / "good.npz")
     record = build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=good))
     assert record.settings["calibration_latents"] == str(good)
+    assert record.settings["check"]["inputs"] == f"16 steps of {good}"
+    assert record.settings["check"]["samples"] == 16
     bad = LatentSequence(*smooth_sequence(8, 40)).save(tmp_path / "bad.npz")
     with pytest.raises(AvatarqError, match="has z of size 8; the bundle's decoder takes 16"):
         build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=bad))
+
+
+def test_build_check_defaults_to_seeded_latents(bundle):
+    check = build_engine(bundle, "onnxruntime").settings["check"]
+    assert (check["inputs"], check["samples"]) == ("4 seeded N(0, 1) latents", 4)
+
+
+def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tmp_path):
+    # Regression: `avatarq build` once gave an INT8 bundle of a trained avatar 64 dB against
+    # its own Q/DQ graph on real codes (scales of its own, calibrated on N(0, 1) latents).
+    from avatarq.calibration import CalibrationConfig, calibrate, samples_from_capture
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization, encode_frames
+    from avatarq.data.latents import LatentSequence
+    from avatarq.engines.compare import compare_bundle
+    from avatarq.models import DeployableDecoder, load_checkpoint
+
+    model = load_checkpoint(small_avatar.checkpoint)
+    capture = MultifaceCapture(small_avatar.capture_root)
+    samples = samples_from_capture(model, capture, n_random=16, n_clips=0, seed=0)
+    decoder = DeployableDecoder(model, capture_normalization(capture))
+    calibrate(decoder, samples, CalibrationConfig(method="max")).save(tmp_path / "calib")
+    options = ExportOptions(int8=True, calib=str(tmp_path / "calib"), validate=False)
+    bundle = tmp_path / "dam_int8.avq"
+    export_bundle(small_avatar.checkpoint, bundle, small_avatar.capture_root, options)
+    segment, frames = next(capture.clips())
+    z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
+    view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(z), 1))
+    build_engine(bundle, "onnxruntime")
+    latents = LatentSequence(z, view)
+    result = compare_bundle(bundle, "onnx", "onnxruntime", latents=latents, compute_ssim=False)
+    assert result.texture.psnr_min >= 90.0  # worst frame

@@ -1,5 +1,5 @@
-"""The ONNX Runtime rewrite: ConvTranspose(k4, s2, p1) -> phase convolutions, exact in float,
-real INT8 QLinearConv for Q/DQ graphs."""
+"""The ONNX Runtime rewrite: ConvTranspose(k4, s2, p1) -> phase convolutions, exact for float
+and Q/DQ graphs (no scale of its own; quantized layers end in the graph's own Q)."""
 
 from collections import Counter
 
@@ -17,6 +17,7 @@ from avatarq.export.rewrite_ort import (
     PHASES,
     OrtRewriteConfig,
     default_calibration_feeds,
+    merged_phase_weights,
     phase_pads,
     phase_weights,
     rewrite_for_ort,
@@ -128,6 +129,23 @@ def _feeds(model, n=3):
     return default_calibration_feeds(model, n, seed=7)
 
 
+def _psnr(reference: np.ndarray, candidate: np.ndarray, peak: float) -> float:
+    mse = float(np.mean((candidate.astype(np.float64) - reference) ** 2))
+    return np.inf if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def _input_scales(model: onnx.ModelProto) -> list[float]:
+    """Scale of the QuantizeLinear in front of each ConvTranspose, graph order."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    scales = []
+    for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            dq = producer[node.input[0]]
+            scales.append(float(inits[dq.input[1]]))
+    return scales
+
+
 def test_phase_convolutions_reproduce_conv_transpose_exactly():
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((2, 5, 6, 7)))
@@ -138,6 +156,17 @@ def test_phase_convolutions_reproduce_conv_transpose_exactly():
         top, left, bottom, right = phase_pads(a, b)
         out[:, :, a::2, b::2] = F.conv2d(F.pad(x, (left, right, top, bottom)), torch.from_numpy(wp))
     assert torch.abs(out - reference).max().item() < 1e-12
+
+
+def test_merged_phase_conv_read_channels_last_is_the_conv_transpose_plus_a_border():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((2, 5, 6, 7)))
+    w = rng.standard_normal((5, 4, 4, 4))
+    reference = F.conv_transpose2d(x, torch.from_numpy(w), stride=2, padding=1)
+    merged = F.conv2d(x, torch.from_numpy(merged_phase_weights(w)), padding=1)  # [2, 16, 7, 8]
+    blocks = merged.permute(0, 2, 3, 1).reshape(2, 7, 8, 2, 2, 4)  # n, i, j, u, v, c
+    image = blocks.permute(0, 1, 3, 2, 4, 5).reshape(2, 14, 16, 4)[:, 1:13, 1:15]
+    assert torch.abs(image.permute(0, 3, 1, 2) - reference).max().item() < 1e-12
 
 
 def test_phase_weights_only_rearrange_the_values():
@@ -176,29 +205,40 @@ def test_output_layer_absorbs_the_texture_gain_and_offset(float_model):
     assert before["Add"] - after["Add"] == 1
 
 
-def test_qdq_conv_transpose_becomes_int8_qlinearconv_in_onnxruntime(qdq_model, tmp_path):
+def test_int8_layers_requantize_with_the_next_layers_own_input_scale(qdq_model):
+    # The rewrite has no scale of its own: each int8 layer ends in the QuantizeLinear that
+    # fed the next ConvTranspose in the Q/DQ graph.
     result = rewrite_for_ort(qdq_model)
     assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
-    ops = _optimized_ops(result.model, tmp_path / "rewritten.onnx")
-    assert ops["QLinearConv"] == 3 * 4  # four phases per int8 layer
+    assert [layer.output_scale for layer in result.layers[:3]] == _input_scales(qdq_model)[1:]
+
+
+def test_int8_layers_interleave_8bit_data_and_leave_no_conv_transpose(qdq_model, tmp_path):
+    ops = _optimized_ops(rewrite_for_ort(qdq_model).model, tmp_path / "rewritten.onnx")
+    optimized = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "rewritten.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in optimized.graph.value_info}
+    blocks = [n for n in optimized.graph.node if n.op_type == "Transpose" and len(n.attribute)]
+    six_d = [n for n in blocks if list(n.attribute[0].ints) == [0, 1, 3, 2, 4, 5]]
     assert ops["ConvTranspose"] == 0
+    assert len(six_d) == 3  # one interleave per int8 layer
+    assert {types[n.output[0]] for n in six_d} == {TensorProto.INT8}
 
 
-def test_avatarq_qdq_graph_becomes_qlinearconv_and_stays_close(avatarq_qdq_model, tmp_path):
+def test_avatarq_qdq_graph_rewrite_equals_the_graph_up_to_rounding(avatarq_qdq_model):
     result = rewrite_for_ort(avatarq_qdq_model)
     assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
-    assert _optimized_ops(result.model, tmp_path / "opt.onnx")["QLinearConv"] == 12
     feeds = _feeds(avatarq_qdq_model, 4)
     ref_tex, tex = _run(avatarq_qdq_model, feeds)[0], _run(result.model, feeds)[0]
-    span = float(ref_tex.max() - ref_tex.min())
-    assert 10 * np.log10(span**2 / np.mean((tex.astype(np.float64) - ref_tex) ** 2)) >= 60.0
+    assert _psnr(ref_tex, tex, float(ref_tex.max() - ref_tex.min())) >= 100.0
 
 
-def test_asymmetric_uint8_activations_become_qlinearconv_too(float_model, tmp_path):
+def test_asymmetric_uint8_activations_are_rewritten_exactly_too(float_model, tmp_path):
     model = _quantize_static(float_model, tmp_path, symmetric=False)
     result = rewrite_for_ort(model)
     assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
-    assert _optimized_ops(result.model, tmp_path / "opt.onnx")["QLinearConv"] == 12
+    feeds = _feeds(model, 4)
+    ref_tex, tex = _run(model, feeds)[0], _run(result.model, feeds)[0]
+    assert _psnr(ref_tex, tex, float(ref_tex.max() - ref_tex.min())) >= 100.0
 
 
 def test_plain_qdq_conv_transpose_runs_in_float_in_onnxruntime(qdq_model, tmp_path):
@@ -208,14 +248,38 @@ def test_plain_qdq_conv_transpose_runs_in_float_in_onnxruntime(qdq_model, tmp_pa
     assert ops["QLinearConv"] == 0
 
 
-def test_int8_rewrite_stays_within_60_db_of_the_qdq_graph(qdq_model):
+def test_int8_rewrite_equals_the_qdq_graph_up_to_rounding(qdq_model):
     result = rewrite_for_ort(qdq_model)
     feeds = _feeds(qdq_model, 4)
     (ref_tex, ref_vert), (tex, vert) = _run(qdq_model, feeds), _run(result.model, feeds)
-    span = float(ref_tex.max() - ref_tex.min())
-    psnr = 10 * np.log10(span**2 / np.mean((tex.astype(np.float64) - ref_tex) ** 2))
-    assert psnr >= 60.0
+    assert _psnr(ref_tex, tex, float(ref_tex.max() - ref_tex.min())) >= 100.0
     assert np.array_equal(vert, ref_vert)  # the mesh branch has no ConvTranspose
+
+
+def test_int8_rewrite_matches_its_qdq_graph_on_real_latent_codes(small_avatar, small_bundle):
+    # Regression: the rewrite once calibrated its own uint8 output scales on seeded N(0, 1)
+    # latents; a trained encoder's codes are far from unit variance and clipped there
+    # (46 dB here, 64 dB on the demo avatar). The graph, calibrated on real codes, is the
+    # reference; the rewrite must reproduce it (exact up to rounding-boundary flips).
+    from avatarq.calibration import CalibrationConfig, calibrate, samples_from_capture
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization, encode_frames
+    from avatarq.export.qdq import quantize_onnx
+    from avatarq.models import DeployableDecoder, load_checkpoint
+
+    model = load_checkpoint(small_avatar.checkpoint)
+    capture = MultifaceCapture(small_avatar.capture_root)
+    samples = samples_from_capture(model, capture, n_random=16, n_clips=0, seed=0)
+    decoder = DeployableDecoder(model, capture_normalization(capture))
+    artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
+    qdq = quantize_onnx(onnx.load(str(small_bundle / "model.onnx")), artifact)
+    segment, frames = next(capture.clips())
+    z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
+    feeds = {"z": z, "view": np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(z), 1))}
+    result = rewrite_for_ort(qdq)
+    assert [layer.mode for layer in result.layers] == ["int8", "int8", "int8", "float"]
+    ref_tex, tex = _run(qdq, feeds)[0], _run(result.model, feeds)[0]
+    assert _psnr(ref_tex, tex, 255.0) >= 90.0
 
 
 def test_narrow_output_layer_stays_float_with_its_reason(qdq_model):
@@ -223,9 +287,12 @@ def test_narrow_output_layer_stays_float_with_its_reason(qdq_model):
     assert (last.mode, last.reason, last.output_scale) == ("float", "3 output channels < 8", None)
 
 
-def test_min_int8_out_channels_1_makes_every_layer_int8(qdq_model):
-    result = rewrite_for_ort(qdq_model, OrtRewriteConfig(min_int8_out_channels=1))
-    assert [layer.mode for layer in result.layers] == ["int8"] * 4
+def test_a_layer_whose_output_reaches_no_quantize_stays_float(qdq_model):
+    # With the channel threshold out of the way, the output layer is still float: its
+    # output goes to the texture, there is no Q (and no scale) to requantize with.
+    last = rewrite_for_ort(qdq_model, OrtRewriteConfig(min_int8_out_channels=1)).layers[-1]
+    assert (last.mode, last.output_scale) == ("float", None)
+    assert last.reason == "output reaches no QuantizeLinear through single-consumer elementwise ops"
 
 
 def test_gemm_weight_dequantize_is_folded_into_float_weights(qdq_model):
@@ -257,7 +324,7 @@ def test_conv_transpose_that_is_not_k4_s2_p1_is_kept():
 def test_rewrite_config_round_trips_through_json():
     import json
 
-    config = OrtRewriteConfig(min_int8_out_channels=4, output_scale_margin=1.1, seed=3)
+    config = OrtRewriteConfig(min_int8_out_channels=4, fold_weight_dq=False)
     assert OrtRewriteConfig.from_dict(json.loads(config.to_json())) == config
 
 
@@ -265,9 +332,7 @@ def test_rewrite_config_round_trips_through_json():
     "kwargs",
     [
         {"min_int8_out_channels": 0},
-        {"output_scale_margin": 0.5},
-        {"calibration_samples": 0},
-        {"version": 9},
+        {"version": 1},
     ],
 )
 def test_rewrite_config_rejects_bad_values(kwargs):
