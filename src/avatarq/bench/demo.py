@@ -6,6 +6,7 @@ synth -> calibrate (POCA) -> export fp32 / fp16 / int8 -> build (what this machi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,39 @@ def _calibration(avatar, out: Path, say: Say, config) -> Path:
     return out
 
 
+def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
+    """The manifest of ``bundle`` if it was exported from this checkpoint with these options."""
+    from dataclasses import asdict
+
+    from avatarq.export import open_bundle
+    from avatarq.models.checkpoint import file_sha256
+
+    try:
+        manifest = open_bundle(bundle).manifest
+    except AvatarqError:
+        return None
+    same_source = manifest.source_checkpoint_sha256 == file_sha256(checkpoint)
+    same_options = manifest.validation.get("export_options") == asdict(options)
+    if options.calib is not None:
+        calib_json = Path(options.calib) / "calib.json"
+        digest = (
+            hashlib.sha256(calib_json.read_bytes()).hexdigest() if calib_json.is_file() else None
+        )
+        same_options = same_options and manifest.calib_sha256 == digest
+    return manifest if same_source and same_options and manifest.validation.get("passed") else None
+
+
+def _validation_line(validation: dict) -> str:
+    if not validation:
+        return "not validated"
+    psnr = validation["texture_psnr_db"]
+    psnr = psnr if isinstance(psnr, str) else f"{psnr:.1f}"
+    return (
+        f"vs {validation['reference']}: texture max|err| {validation['texture_max_abs_error']:.3g}, "
+        f"PSNR {psnr} dB"
+    )
+
+
 def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None) -> DemoResult:
     """Run the demo in ``workdir``; returns paths and one-line summaries of each step."""
     from avatarq.bench.harness import bench_bundle
@@ -58,7 +92,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     from avatarq.data.synthetic_capture import SyntheticCaptureConfig
     from avatarq.data.train import TrainConfig
     from avatarq.engines import BuildOptions, available_backends, build_engine
-    from avatarq.export import ExportOptions, export_bundle
+    from avatarq.export import ExportOptions, export_bundle, open_bundle
 
     say = say or (lambda _m: None)
     workdir = Path(workdir)
@@ -75,10 +109,13 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     ):
         say(f"export {name}")
         bundle = workdir / f"dam_{name}.avq"
-        exported = export_bundle(avatar.checkpoint, bundle, avatar.capture_root, options)
+        manifest = _cached_bundle(bundle, avatar.checkpoint, options)
+        if manifest is None:
+            exported = export_bundle(avatar.checkpoint, bundle, avatar.capture_root, options)
+            manifest = exported.bundle.manifest
         result.bundles[name] = bundle
-        line = exported.validation.summary() if exported.validation else "not validated"
-        vs_fp32 = exported.bundle.manifest.validation.get("vs_fp32")
+        line = _validation_line(manifest.validation)
+        vs_fp32 = manifest.validation.get("vs_fp32")
         if vs_fp32:
             line += f"; vs FP32 PSNR {vs_fp32['texture_psnr_db']:.1f} dB"
         result.validations[name] = line
@@ -86,6 +123,10 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     for backend in ("onnxruntime", "tensorrt-rtx"):
         if backend not in available_backends():
             result.engines[backend] = "not installed"
+            continue
+        built = [e for e in open_bundle(int8).manifest.engines if e.backend == backend]
+        if built and (int8 / built[0].path).is_file():
+            result.engines[backend] = f"{built[0].path} (cached)"
             continue
         say(f"build {backend}")
         try:
@@ -99,7 +140,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     say("bench: INT8 runners against the FP32 bundle")
     bench, paths = bench_bundle(
         int8,
-        config=BenchConfig(resolution=(512, 334), warmup=2, iters=10),
+        config=BenchConfig(resolution=(512, 334), warmup=1, iters=5),
         checkpoint=avatar.checkpoint,
         capture=avatar.capture_root,
         reference_bundle=result.bundles["fp32"],
