@@ -1,0 +1,112 @@
+"""`avatarq calibrate` and `avatarq export --int8` from the command line."""
+
+import json
+
+import onnx
+from typer.testing import CliRunner
+
+from avatarq.cli import app
+from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _calibrate(avatar, out):
+    return _run(
+        "calibrate",
+        "--model",
+        avatar.checkpoint,
+        "--data",
+        avatar.capture_root,
+        "-o",
+        out,
+        "--samples",
+        8,
+        "--iters",
+        5,
+        "--json",
+    )
+
+
+def test_calibrate_writes_an_artifact_naming_every_layer(small_avatar, tmp_path):
+    result = _calibrate(small_avatar, tmp_path / "calib")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert set(printed["precision"].values()) == {"int8"}
+    assert (tmp_path / "calib" / "calib.json").is_file()
+
+
+def test_export_int8_from_an_artifact_writes_qdq_on_every_layer(small_avatar, tmp_path):
+    assert _calibrate(small_avatar, tmp_path / "calib").exit_code == 0
+    out = tmp_path / "int8.avq"
+    result = _run(
+        "export",
+        "--model",
+        small_avatar.checkpoint,
+        "--capture",
+        small_avatar.capture_root,
+        "--int8",
+        "--calib",
+        tmp_path / "calib",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    assert manifest["calib_sha256"]
+    assert (out / "calib" / "calib.json").is_file()
+    model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= len(manifest["layer_precision"])
+    assert "fake-quant" in result.stdout
+
+
+def test_an_artifact_of_another_model_is_refused_with_one_line(small_avatar, tmp_path):
+    assert _calibrate(small_avatar, tmp_path / "calib").exit_code == 0
+    other = tmp_path / "other.pt"
+    save_checkpoint(
+        DeepAppearanceModel(DAMConfig(z_dim=16, tex_size=64, n_vertices=362, n_cams=3)), other
+    )
+    result = _run(
+        "export",
+        "--model",
+        other,
+        "--int8",
+        "--calib",
+        tmp_path / "calib",
+        "-o",
+        tmp_path / "x.avq",
+    )
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.avq").exists()
+
+
+def test_calib_without_int8_is_a_user_error(small_avatar, tmp_path):
+    result = _run(
+        "export", "--model", small_avatar.checkpoint, "--calib", tmp_path, "-o", tmp_path / "x.avq"
+    )
+    assert result.exit_code == 2
+    assert "--calib and --data go with --int8" in result.stderr
+
+
+def test_int8_and_fp16_together_are_a_user_error(small_avatar, tmp_path):
+    result = _run(
+        "export",
+        "--model",
+        small_avatar.checkpoint,
+        "--capture",
+        small_avatar.capture_root,
+        "--int8",
+        "--fp16",
+        "-o",
+        tmp_path / "x.avq",
+    )
+    assert result.exit_code == 2
+    assert "exclusive" in result.stderr
