@@ -303,6 +303,64 @@ def test_gemm_weight_dequantize_is_folded_into_float_weights(qdq_model):
     assert all(name in inits for name in gemm_weights)
 
 
+def test_int8_tail_of_per_channel_gain_texel_bias_and_clip_is_reproduced():
+    # Q/DQ -> ConvTranspose -> Mul (per channel) -> Add (per texel) -> Clip -> Q -> DQ: every
+    # tail node is repeated on the merged conv output with its constant re-laid.
+    rng = np.random.default_rng(3)
+    c, h = 8, 5
+
+    def init(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [
+        init("sx", np.float32(0.05)),
+        init("zx", np.int8(0)),
+        init("wq", rng.integers(-127, 128, (4, c, 4, 4)).astype(np.int8)),
+        init("ws", (rng.random(c) * 0.002 + 0.001).astype(np.float32)),
+        init("wz", np.zeros(c, np.int8)),
+        init("gain", (rng.random((1, c, 1, 1)) + 0.5).astype(np.float32)),
+        init("bias", rng.standard_normal((1, c, 2 * h, 2 * h)).astype(np.float32)),
+        init("lo", np.float32(-1.0)),
+        init("hi", np.float32(1.5)),
+        init("sy", np.float32(0.02)),
+        init("zy", np.int8(0)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
+        helper.make_node("ConvTranspose", ["xd", "wd"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["gain", "y"], ["g"]),
+        helper.make_node("Add", ["g", "bias"], ["b"]),
+        helper.make_node("Clip", ["b", "lo", "hi"], ["clipped"]),
+        helper.make_node("QuantizeLinear", ["clipped", "sy", "zy"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "sy", "zy"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, h, h])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, c, 2 * h, 2 * h])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    result = rewrite_for_ort(model)
+    assert [(layer.mode, layer.output_scale) for layer in result.layers] == [
+        ("int8", np.float32(0.02).item())
+    ]
+    assert "ConvTranspose" not in {n.op_type for n in result.model.graph.node}
+    x = rng.standard_normal((2, 4, h, h)).astype(np.float32)
+    (ref,), (out,) = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["out"], {"x": x}
+        )
+        for m in (model, result.model)
+    )
+    assert np.mean(out != ref) < 1e-3  # rounding-boundary flips only
+    assert np.abs(out - ref).max() <= 0.02 + 1e-7  # one step where they happen
+
+
 def test_conv_transpose_that_is_not_k4_s2_p1_is_kept():
     w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")
     node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[1, 1])
