@@ -52,7 +52,7 @@ def test_artifact_describes_model_samples_and_every_layer(calibrated):
     assert doc["model"]["hash"] == decoder_hash(decoder)
     assert doc["samples"]["hash"] == samples.hash
     assert doc["samples"]["ids"][0] == ["seg", "0", "cam"]
-    assert (doc["method"], doc["tau"], doc["bits"]) == ("poca", 0.9, 8)
+    assert (doc["method"], doc["tau"], doc["bits"]) == ("poca", 0.0, 8)
     names = [layer["name"] for layer in doc["layers"]]
     assert names[:3] == ["dec.view_fc", "dec.z_fc", "dec.texture_fc"]
     assert names[-1] == "dec.mesh_fc"

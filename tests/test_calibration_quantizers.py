@@ -96,22 +96,35 @@ def test_quantize_weight_is_rint_of_w_over_s_and_dequantize_multiplies_back():
     assert torch.equal(back, torch.from_numpy(q).float() * s[:, None])
 
 
-def test_grid_search_returns_the_best_of_the_80_shrunk_ranges():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 10000, generator=gen) * 2 - 1
-    x[:, 0] = 1.05  # one mild outlier per sample: clipping it pays
-    scale, zp, loss = search_activation_range(x, None, 8)
-    init = x.abs().amax(dim=1).mean()
+def _brute_force(x: torch.Tensor, start: torch.Tensor) -> tuple[float, float]:
     losses = []
     for i in range(GRID_CANDIDATES):
-        s = symmetric_scale(init * (1 - 0.01 * i), 8)
+        s = symmetric_scale(start * (1 - 0.01 * i), 8)
         err = (fake_quantize(x, s, 0.0, activation_range(8)) - x).abs().pow(2.4).mean()
         losses.append((float(err), float(s)))
-    best_loss, best_scale = min(losses, key=lambda t: t[0])
+    return min(losses, key=lambda t: t[0])
+
+
+def test_grid_search_returns_the_best_of_80_ranges_shrunk_from_the_global_max():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 10000, generator=gen) * 2 - 1
+    x[:, 0] = torch.tensor([1.05, 1.1, 1.2, 3.0])  # one outlier per sample, sizes differ
+    scale, zp, loss = search_activation_range(x, None, 8)
+    best_loss, best_scale = _brute_force(x, torch.tensor(3.0))
     assert zp == 0.0
     assert scale == best_scale
     assert loss == pytest.approx(best_loss, rel=1e-6)
-    assert scale < float(symmetric_scale(init, 8))  # the tail is clipped
+    assert scale < 3.0 / 127  # clipping the rare outliers pays
+
+
+def test_grid_search_can_start_from_the_mean_of_per_sample_maxima_like_poca():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 10000, generator=gen) * 2 - 1
+    x[:, 0] = torch.tensor([1.05, 1.1, 1.2, 3.0])
+    scale, _, loss = search_activation_range(x, None, 8, init="mean")
+    best_loss, best_scale = _brute_force(x, x.abs().amax(dim=1).mean())
+    assert scale == best_scale
+    assert loss == pytest.approx(best_loss, rel=1e-6)
 
 
 def test_grid_search_ignores_masked_out_positions():

@@ -86,7 +86,7 @@ def test_poca_records_a_loss_curve_and_never_ends_above_its_start():
         loss = layer.loss
         assert 1 <= loss["iters"] <= 20
         assert len(loss["curve"]) == loss["iters"]
-        assert loss["final"] <= loss["initial"] * 1.05
+        assert loss["final"] <= loss["initial"]  # a worse end reverts to the start
 
 
 def test_temporal_term_is_measured_on_the_clip_pairs():

@@ -32,6 +32,7 @@ GRID_CANDIDATES = 80
 GRID_STEP = 0.01
 GRID_POWER = 2.4
 GRID_MAX_VALUES = 1 << 20
+RANGE_INITS = ("max", "mean")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -169,6 +170,7 @@ def search_activation_range(
     bits: int,
     symmetric: bool = True,
     candidates: int = GRID_CANDIDATES,
+    init: str = "max",
 ) -> tuple[float, float, float]:
     """POCA's shrinking grid search for a per-tensor activation range.
 
@@ -178,8 +180,11 @@ def search_activation_range(
         bits: bit width; symmetric: signed zero-point-0 grid (else unsigned asymmetric).
         candidates: number of shrunk ranges (1 - 0.01 i) * initial, i = 0..candidates-1.
 
-    The initial range is the mean over samples of the per-sample masked max |x| (symmetric)
-    or of the per-sample masked min / max (asymmetric), as POCA initializes from a batch.
+    The initial range (``init``): "max", the masked max |x| (symmetric) or masked min / max
+    (asymmetric) over all samples, so that the first candidate clips nothing (avatarq's
+    default); "mean", the mean over samples of the per-sample masked max |x| or min / max,
+    as POCA's code initializes from a batch (every candidate then clips the samples whose
+    range exceeds the mean).
     The candidate minimizing mean |x_hat - x|^2.4 over the masked values wins (the first on
     ties); beyond `GRID_MAX_VALUES` masked values, a fixed-seed random subset of that size
     is scored.
@@ -195,14 +200,23 @@ def search_activation_range(
         seen = torch.broadcast_to(mask, x.shape).reshape(x.shape[0], -1) > 0
         if not bool(seen.any()):
             seen = torch.ones_like(rows, dtype=torch.bool)
+    if init not in RANGE_INITS:
+        raise AvatarqError(f"range init must be one of {RANGE_INITS}, got {init!r}")
     has_any = seen.any(dim=1)
     big = torch.finfo(torch.float32).max
+
+    def reduce(per_sample: torch.Tensor, largest: bool) -> torch.Tensor:
+        per_sample = per_sample[has_any]
+        if init == "mean":
+            return per_sample.mean()
+        return per_sample.max() if largest else per_sample.min()
+
     if symmetric:
-        init_max = torch.where(seen, rows.abs(), torch.zeros(())).amax(dim=1)[has_any].mean()
+        init_max = reduce(torch.where(seen, rows.abs(), torch.zeros(())).amax(dim=1), True)
         init_min = -init_max
     else:
-        init_min = torch.where(seen, rows, torch.full((), big)).amin(dim=1)[has_any].mean()
-        init_max = torch.where(seen, rows, torch.full((), -big)).amax(dim=1)[has_any].mean()
+        init_min = reduce(torch.where(seen, rows, torch.full((), big)).amin(dim=1), False)
+        init_max = reduce(torch.where(seen, rows, torch.full((), -big)).amax(dim=1), True)
     values = rows[seen]
     if values.numel() > GRID_MAX_VALUES:
         gen = torch.Generator().manual_seed(0)

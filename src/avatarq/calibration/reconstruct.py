@@ -310,7 +310,9 @@ def optimize(
 
 # ------------------------------------------------------------------ the driver
 def _init_activation(cache: LayerCache, config: CalibrationConfig) -> tuple[float, float]:
-    scale, zp, _ = search_activation_range(cache.x, cache.in_mask, config.bits, config.symmetric)
+    scale, zp, _ = search_activation_range(
+        cache.x, cache.in_mask, config.bits, config.symmetric, init=config.range_init
+    )
     return scale, zp
 
 
@@ -375,14 +377,26 @@ def calibrate_layer(
     act_scale, act_zp = _init_activation(cache, config)
     layer = TrainableLayer(get_layer(reference, info.name), info, config, act_scale, act_zp)
     initial, temporal_initial = evaluate(layer, cache)
+    start = {k: v.detach().clone() for k, v in layer.named_parameters(recurse=False)}
     curve = optimize(layer, cache, config, gen) if config.iters else []
     final, temporal_final = evaluate(layer, cache)
+
+    def objective(mse: float, temporal: float | None) -> float:
+        return mse + config.temporal_weight * (temporal or 0.0)
+
+    reverted = objective(final, temporal_final) > objective(initial, temporal_initial)
+    if reverted:  # the stochastic steps ended worse on the whole cache: keep the start
+        with torch.no_grad():
+            for k, v in layer.named_parameters(recurse=False):
+                v.copy_(start[k])
+        final, temporal_final = initial, temporal_initial
     scale, w_scale, w_int = layer.frozen()
     loss = {
         "initial": initial,
         "final": final,
         "iters": len(curve),
         "items": len(cache),
+        "reverted": reverted,
         "curve": [float(np.float32(v)) for v in curve],
     }
     if temporal_initial is not None:
