@@ -347,7 +347,7 @@ def build(
     ] = True,
     latents: Annotated[
         Path | None,
-        typer.Option(help="onnxruntime: latent-sequence .npz that calibrates INT8 output scales."),
+        typer.Option(help="onnxruntime: latent-sequence .npz for the build's accuracy check."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -59,8 +59,9 @@ class BuildOptions:
         timing_cache: keep a TensorRT timing cache beside the engine and reuse it.
         ort_rewrite: ONNX Runtime: rewrite ConvTranspose layers into phase convolutions
             (`avatarq.export.rewrite_ort`), the INT8 CPU path for Q/DQ graphs.
-        calibration_latents: ONNX Runtime: a latent-sequence .npz whose steps calibrate the
-            output scales of the rewritten INT8 layers (None: seeded N(0, 1) latents).
+        calibration_latents: ONNX Runtime: a latent-sequence .npz whose steps are the inputs
+            of the build's check of the rewritten graph against model.onnx (None: seeded
+            N(0, 1) latents). The rewrite itself uses only the graph's own scales.
         version: schema version.
     """
 
