@@ -92,7 +92,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     from avatarq.data.synthetic_capture import SyntheticCaptureConfig
     from avatarq.data.train import TrainConfig
     from avatarq.engines import BuildOptions, available_backends, build_engine
-    from avatarq.export import ExportOptions, export_bundle, open_bundle
+    from avatarq.export import ExportOptions, export_bundle
 
     say = say or (lambda _m: None)
     workdir = Path(workdir)
@@ -123,10 +123,6 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     for backend in ("onnxruntime", "tensorrt-rtx"):
         if backend not in available_backends():
             result.engines[backend] = "not installed"
-            continue
-        built = [e for e in open_bundle(int8).manifest.engines if e.backend == backend]
-        if built and (int8 / built[0].path).is_file():
-            result.engines[backend] = f"{built[0].path} (cached)"
             continue
         say(f"build {backend}")
         try:
