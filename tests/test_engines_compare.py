@@ -4,28 +4,19 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from avatarq.bench.metrics import Tolerances
 from avatarq.engines import RunOptions, build_engine, open_runner
 from avatarq.engines.compare import compare_bundle, compare_runners, smooth_sequence
 from avatarq.errors import AvatarqError
-from avatarq.export import ExportOptions, export_bundle
-from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
+from tiny_dam import export_tiny_dam
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(bundle with an ORT engine, checkpoint) of a random base DAM, z 16, texture 64."""
-    torch.manual_seed(0)
-    config = DAMConfig(z_dim=16, tex_size=64, n_vertices=30, n_cams=4, has_encoder=False)
-    model = DeepAppearanceModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     root = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(model, root / "dam.pt")
-    export_bundle(root / "dam.pt", root / "dam.avq", options=ExportOptions(validate=False))
+    export_tiny_dam(root, "dam.avq")
     build_engine(root / "dam.avq", "onnxruntime")
     return root / "dam.avq", root / "dam.pt"
 

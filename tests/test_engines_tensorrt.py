@@ -12,13 +12,13 @@ import torch
 
 from avatarq.engines import BuildOptions, RunOptions, build_engine, get_backend, open_runner
 from avatarq.errors import AvatarqError
-from avatarq.export import ExportOptions, export_bundle, open_bundle
+from avatarq.export import open_bundle
 from avatarq.export.rewrite_ort import default_calibration_feeds
-from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
 
 from avatarq.engines.tensorrt_rtx import TensorRTRTXRunner, runs_on  # noqa: E402
+from tiny_dam import export_tiny_dam  # noqa: E402
 
 
 def quantize(model_path, out_path, quantize_bias=False):
@@ -67,15 +67,8 @@ def int8_copy(bundle, dst, quantize_bias=False):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    config = DAMConfig(z_dim=16, tex_size=64, n_vertices=30, n_cams=4, has_encoder=False)
-    model = DeepAppearanceModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     root = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(model, root / "dam.pt")
-    export_bundle(root / "dam.pt", root / "fp32.avq", options=ExportOptions(validate=False))
+    export_tiny_dam(root, "fp32.avq")
     return int8_copy(root / "fp32.avq", root / "int8.avq")
 
 

@@ -13,10 +13,9 @@ import torch
 
 from avatarq.engines import build_engine
 from avatarq.errors import AvatarqError
-from avatarq.export import ExportOptions, export_bundle
-from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 from avatarq.render import RenderConfig, Renderer, Topology
 from avatarq.runtime import AvatarRuntime
+from tiny_dam import export_tiny_dam
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_frame_loop.py"
 
@@ -25,15 +24,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_frame_loop.p
 def plain(tmp_path_factory):
     """A random tiny DAM bundle (z 16, texture 64, 30 vertices) with a strip topology and
     no engine built."""
-    torch.manual_seed(0)
-    config = DAMConfig(z_dim=16, tex_size=64, n_vertices=30, n_cams=4, has_encoder=False)
-    model = DeepAppearanceModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     root = tmp_path_factory.mktemp("runtime")
-    save_checkpoint(model, root / "dam.pt")
-    export_bundle(root / "dam.pt", root / "dam.avq", options=ExportOptions(validate=False))
+    export_tiny_dam(root, "dam.avq")
     faces = np.array([[i, i + 1, i + 2] for i in range(28)], np.int32)
     uvs = np.stack([np.linspace(0, 1, 30), np.linspace(1, 0, 30)], 1).astype(np.float32)
     Topology(faces, faces, uvs).save(root / "dam.avq" / "topology.npz")
