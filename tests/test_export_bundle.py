@@ -148,3 +148,10 @@ def test_opening_a_bundle_with_a_corrupt_manifest_is_a_user_error(small_bundle, 
     (copy / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(AvatarqError, match="schema_version"):
         open_bundle(copy)
+
+
+def test_exported_graph_carries_no_source_paths_of_the_exporting_machine(small_bundle):
+    model = onnx.load(small_bundle / "model.onnx")
+    keys = {p.key for node in model.graph.node for p in node.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert b".py" not in (small_bundle / "model.onnx").read_bytes()

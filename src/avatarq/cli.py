@@ -165,8 +165,12 @@ def calibrate(
     ] = None,
     method: Annotated[str, typer.Option(help="poca or max (standard PTQ, no masks).")] = "poca",
     tau: Annotated[
-        float, typer.Option(help="Std-mask threshold: fraction of positions dropped.")
-    ] = 0.9,
+        float,
+        typer.Option(
+            help="Std-mask threshold: fraction of positions dropped (POCA ships 0.9; "
+            "0 measured best on the synthetic avatar, see docs/benchmarks.md)."
+        ),
+    ] = 0.0,
     bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
     iters: Annotated[int, typer.Option(help="Adam iterations per layer (upper bound).")] = 100,
     samples: Annotated[int, typer.Option(help="Random (frame, camera) samples.")] = 64,

@@ -106,7 +106,17 @@ def export_onnx(
             f"exported graph has inputs {names}, outputs {[o.name for o in model.graph.output]}"
         )
     _strip_wrapper_prefix(model)
+    _strip_stack_traces(model)
     return model
+
+
+def _strip_stack_traces(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold source-file paths of the
+    exporting machine, so the graph's bytes would depend on where avatarq is installed."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def _strip_wrapper_prefix(model: onnx.ModelProto) -> None:
