@@ -16,26 +16,18 @@ from avatarq.calibration.layers import QuantizedLayer
 from avatarq.calibration.precision import measured_sensitivity, omega_sensitivity, precision_plan
 from avatarq.calibration.quantizers import quantize_weight, weight_scales
 from avatarq.errors import AvatarqError
-from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
+from avatarq.models import DeployableDecoder
+from tiny_dam import tiny_calibration_decoder, tiny_calibration_samples
 
 FAST = CalibrationConfig(iters=10, crop=8, sensitivity="none")
 
 
 def tiny_decoder(seed: int = 0) -> DeployableDecoder:
-    torch.manual_seed(seed)
-    model = DeepAppearanceModel(DAMConfig(z_dim=8, tex_size=16, n_vertices=10, n_cams=1))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("conv1.bias", "conv2.bias")):
-                p.normal_(0, 0.3)
-    return DeployableDecoder(model)
+    return tiny_calibration_decoder(seed)
 
 
 def tiny_samples(n: int = 16) -> CalibrationSamples:
-    gen = torch.Generator().manual_seed(2)
-    z = torch.randn(n, 8, generator=gen)
-    view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
-    return CalibrationSamples(z, view, tuple(("s", str(i), "c") for i in range(n)))
+    return tiny_calibration_samples(n)
 
 
 def nsr(ref: torch.Tensor, test: torch.Tensor) -> float:

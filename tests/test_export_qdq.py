@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, numpy_helper
 
 from avatarq.calibration import CalibrationConfig, CalibrationSamples, calibrate
@@ -14,27 +13,19 @@ from avatarq.errors import AvatarqError
 from avatarq.export import export_onnx
 from avatarq.export.onnx_export import layer_nodes
 from avatarq.export.qdq import QDQConfig, quantize_onnx, validate_qdq
-from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
+from avatarq.models import DeployableDecoder
+from tiny_dam import tiny_calibration_decoder, tiny_calibration_samples
 
 FAST = CalibrationConfig(iters=5, crop=8, sensitivity="none")
 DECONV = "dec.texture_decoder.upsample.0.conv2.deconv"
 
 
-def tiny_decoder() -> DeployableDecoder:
-    torch.manual_seed(0)
-    model = DeepAppearanceModel(DAMConfig(z_dim=8, tex_size=16, n_vertices=10, n_cams=1))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("conv1.bias", "conv2.bias")):
-                p.normal_(0, 0.3)
-    return DeployableDecoder(model)
+def tiny_decoder(seed: int = 0) -> DeployableDecoder:
+    return tiny_calibration_decoder(seed)
 
 
 def tiny_samples(n: int = 8) -> CalibrationSamples:
-    gen = torch.Generator().manual_seed(2)
-    z = torch.randn(n, 8, generator=gen)
-    view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
-    return CalibrationSamples(z, view, tuple(("s", str(i), "c") for i in range(n)))
+    return tiny_calibration_samples(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,3 +24,27 @@ def export_tiny_dam(root: Path, bundle_name: str = "dam.avq") -> tuple[Path, Pat
     save_checkpoint(model, root / "dam.pt")
     export_bundle(root / "dam.pt", root / bundle_name, options=ExportOptions(validate=False))
     return root / bundle_name, root / "dam.pt"
+
+
+def tiny_calibration_decoder(seed: int = 0):
+    """A 16x16-texture deployable decoder (z 8, 10 vertices) whose texel biases are random,
+    so every layer's activations have structure worth calibrating."""
+    from avatarq.models import DeployableDecoder
+
+    torch.manual_seed(seed)
+    model = DeepAppearanceModel(DAMConfig(z_dim=8, tex_size=16, n_vertices=10, n_cams=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("conv1.bias", "conv2.bias")):
+                p.normal_(0, 0.3)
+    return DeployableDecoder(model)
+
+
+def tiny_calibration_samples(n: int):
+    """``n`` seeded (z [n, 8], unit view [n, 3]) samples without cameras."""
+    from avatarq.calibration import CalibrationSamples
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(n, 8, generator=gen)
+    view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
+    return CalibrationSamples(z, view, tuple(("s", str(i), "c") for i in range(n)))
