@@ -105,6 +105,22 @@ class LayerCalibration:
     loss: dict = field(default_factory=dict)
     sensitivity: float | None = None
 
+    @classmethod
+    def for_layer(
+        cls, info, precision: str, bits: int, symmetric: bool, **fields
+    ) -> LayerCalibration:
+        """An entry for the layer ``info`` (a `LayerInfo`) with the given plan and results."""
+        return cls(
+            name=info.name,
+            kind=info.kind,
+            weight_shape=info.weight_shape,
+            weight_axis=info.weight_axis,
+            precision=precision,
+            bits=bits,
+            symmetric=symmetric,
+            **fields,
+        )
+
     @property
     def quantized(self) -> bool:
         return self.precision == "int8"

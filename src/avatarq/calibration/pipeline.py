@@ -70,14 +70,11 @@ def _max_method(
         w_scale = weight_scales(
             get_layer(reference, info.name).weight, info.weight_axis, config.bits
         )
-        out[info.name] = LayerCalibration(
-            name=info.name,
-            kind=info.kind,
-            weight_shape=info.weight_shape,
-            weight_axis=info.weight_axis,
-            precision="int8",
-            bits=config.bits,
-            symmetric=config.symmetric,
+        out[info.name] = LayerCalibration.for_layer(
+            info,
+            "int8",
+            config.bits,
+            config.symmetric,
             input_scale=scale,
             input_zero_point=int(round(zp)),
             weight_scale=w_scale.numpy().astype(np.float32),
@@ -186,14 +183,8 @@ def calibrate(
     )
     entries = []
     for info in layers:
-        entry = calibrated.get(info.name) or LayerCalibration(
-            name=info.name,
-            kind=info.kind,
-            weight_shape=info.weight_shape,
-            weight_axis=info.weight_axis,
-            precision=plan[info.name],
-            bits=config.bits,
-            symmetric=config.symmetric,
+        entry = calibrated.get(info.name) or LayerCalibration.for_layer(
+            info, plan[info.name], config.bits, config.symmetric
         )
         if sensitivity is not None:
             entry.sensitivity = float(sensitivity[info.name])

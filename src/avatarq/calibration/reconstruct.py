@@ -402,14 +402,11 @@ def calibrate_layer(
     if temporal_initial is not None:
         loss["temporal_initial"] = temporal_initial
         loss["temporal_final"] = temporal_final
-    return LayerCalibration(
-        name=info.name,
-        kind=info.kind,
-        weight_shape=info.weight_shape,
-        weight_axis=info.weight_axis,
-        precision="int8",
-        bits=config.bits,
-        symmetric=config.symmetric,
+    return LayerCalibration.for_layer(
+        info,
+        "int8",
+        config.bits,
+        config.symmetric,
         input_scale=scale,
         input_zero_point=int(round(act_zp)),
         weight_scale=w_scale,
