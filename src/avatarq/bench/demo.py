@@ -6,7 +6,6 @@ synth -> calibrate (POCA) -> export fp32 / fp16 / int8 -> build (what this machi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +64,7 @@ def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
     same_options = manifest.validation.get("export_options") == asdict(options)
     if options.calib is not None:
         calib_json = Path(options.calib) / "calib.json"
-        digest = (
-            hashlib.sha256(calib_json.read_bytes()).hexdigest() if calib_json.is_file() else None
-        )
+        digest = file_sha256(calib_json) if calib_json.is_file() else None
         same_options = same_options and manifest.calib_sha256 == digest
     return manifest if same_source and same_options and manifest.validation.get("passed") else None
 

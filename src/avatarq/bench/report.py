@@ -27,6 +27,7 @@ import numpy as np
 
 from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
 from avatarq.errors import AvatarqError
+from avatarq.jsonfile import read_json_object
 
 JSON_FILE = "report.json"
 HTML_FILE = "report.html"
@@ -51,13 +52,7 @@ def load_report(path: str | Path) -> BenchResult:
         path = path / JSON_FILE
     if not path.is_file():
         raise AvatarqError(f"bench report not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AvatarqError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AvatarqError(f"{path} must hold a JSON object")
-    return BenchResult.from_dict(data)
+    return BenchResult.from_dict(read_json_object(path))
 
 
 # --------------------------------------------------------------------------- figures

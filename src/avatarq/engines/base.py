@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import ENGINES_DIR, Bundle, EngineRecord, TensorSpec
+from avatarq.models.checkpoint import file_sha256
 
 OPTIONS_VERSION = 1
 TIMINGS_KEPT = 4096
@@ -384,14 +384,6 @@ class Builder(abc.ABC):
     def engine_path(self, bundle: Bundle, suffix: str = ".engine") -> Path:
         """``bundle/engines/<backend>-<target><suffix>``."""
         return bundle.root / ENGINES_DIR / f"{self.backend}-{self.target()}{suffix}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

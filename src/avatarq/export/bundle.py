@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avatarq.errors import AvatarqError
+from avatarq.jsonfile import read_json_object
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -133,13 +134,7 @@ def open_bundle(path: str | Path) -> Bundle:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise AvatarqError(f"{root} is not a bundle: {MANIFEST_FILE} is missing")
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AvatarqError(f"{manifest_path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AvatarqError(f"{manifest_path} must hold a JSON object")
-    manifest = Manifest.from_dict(data)
+    manifest = Manifest.from_dict(read_json_object(manifest_path))
     if not (root / MODEL_FILE).is_file():
         raise AvatarqError(f"bundle {root} has no {MODEL_FILE}")
     return Bundle(root, manifest)

@@ -166,7 +166,7 @@ def export_bundle(
         calib_sha = None
         if artifact is not None:
             artifact.save(writer.path("calib"))
-            calib_sha = _sha256_text((writer.path("calib") / "calib.json").read_text())
+            calib_sha = file_sha256(writer.path("calib") / "calib.json")
         result = None
         validation: dict = {}
         if options.validate and artifact is not None:
@@ -244,12 +244,6 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
     say("calibrating (POCA)")
     samples = load_samples(model, data, seed=options.seed)
     return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
-
-
-def _sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:

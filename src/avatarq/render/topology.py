@@ -65,6 +65,8 @@ class Topology:
             with np.load(path) as data:
                 return cls(data["vert_ids"], data["uv_ids"], data["uvs"])
         except KeyError as exc:
-            raise AvatarqError(f"{path} is missing the array {exc} (need vert_ids, uv_ids, uvs)") from None
+            raise AvatarqError(
+                f"{path} is missing the array {exc} (need vert_ids, uv_ids, uvs)"
+            ) from None
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise AvatarqError(f"{path} is not a readable topology .npz ({exc})") from None

@@ -1,0 +1,21 @@
+"""Reading the JSON documents avatarq writes (manifests, reports) with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from avatarq.errors import AvatarqError
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object stored at ``path``; malformed JSON or another top-level type is an
+    AvatarqError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AvatarqError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AvatarqError(f"{path} must hold a JSON object")
+    return data
