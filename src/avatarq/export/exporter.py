@@ -193,7 +193,6 @@ def export_bundle(
             z, view, source = validation_inputs(
                 decoder, capture, model, options.n_validation, options.seed
             )
-            peak = 255.0 if decoder.denormalized else None
             result = validate_against_torch(
                 model_path,
                 decoder,
@@ -201,18 +200,19 @@ def export_bundle(
                 view,
                 decoder.denormalized,
                 FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
-                None if options.fp16 or peak is None else FP32_MAX_ABS_ERROR_01 * peak,
+                None if options.fp16 or not decoder.denormalized else FP32_MAX_ABS_ERROR_01 * 255.0,
             )
             validation = {"reference": "torch fp32", "inputs": source, **result.to_dict()}
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
+        inputs, outputs = _tensor_specs(decoder)
         manifest = Manifest(
             arch=model.config.arch,
             z_dim=model.config.z_dim,
             tex_size=model.config.tex_size,
             n_vertices=model.config.n_vertices,
-            inputs=_tensor_specs(decoder)[0],
-            outputs=_tensor_specs(decoder)[1],
+            inputs=inputs,
+            outputs=outputs,
             precision=precision,
             layer_precision=layer_precision,
             normalization=_normalization_record(decoder, normalization),
@@ -222,8 +222,7 @@ def export_bundle(
             validation=validation,
             calib_sha256=calib_sha,
         )
-        manifest_options = asdict(options)
-        manifest.validation["export_options"] = manifest_options
+        manifest.validation["export_options"] = asdict(options)
         bundle = writer.commit(manifest)
     return ExportResult(bundle, result)
 
