@@ -127,6 +127,7 @@ def calibrate(
     samples: CalibrationSamples,
     config: CalibrationConfig = CalibrationConfig(),
     progress: Progress | None = None,
+    visibility: torch.Tensor | None = None,
 ) -> CalibrationArtifact:
     """Calibrate ``decoder`` (a `DeployableDecoder`, left unchanged) on ``samples``.
 
@@ -139,6 +140,8 @@ def calibrate(
 
     Args:
         progress: called as progress(description, done, total) while working.
+        visibility: bool [N, T, T] masks `visibility_masks` computed for these samples and
+            this decoder, to share them between calibrations (None: computed here).
 
     Returns:
         the artifact (write it with ``.save(dir)``); deterministic for the same inputs on
@@ -170,8 +173,15 @@ def calibrate(
             )
     plan = precision_plan(layers, sensitivity, config.fp16_budget, config.precision)
 
-    visibility = None
-    if config.visibility and config.method == "poca" and samples.M is not None:
+    if not (config.visibility and config.method == "poca" and samples.M is not None):
+        visibility = None
+    elif visibility is not None:
+        expected = (len(samples), decoder.config.tex_size, decoder.config.tex_size)
+        if tuple(visibility.shape) != expected:
+            raise AvatarqError(
+                f"visibility masks are {list(visibility.shape)}, the samples need {list(expected)}"
+            )
+    else:
         if progress is not None:
             progress("visibility masks", 0, len(samples))
         step = None if progress is None else (lambda d, t: progress("visibility masks", d, t))
