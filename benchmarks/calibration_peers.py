@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{model['tex_size']}^2, {model['n_vertices']} vertices, trained {train.iters} "
             f"steps on the synthetic capture. Calibration: {study.setup['samples']['count']} "
             f"samples (seed {args.seed}). Clip: {study.setup['clip']['source']}. "
-            f"W8A8, ONNX Runtime CPU, {args.threads} threads.",
+            f"W8A8, ONNX Runtime CPU, {args.threads} threads. POCA times include the "
+            f"visibility masks ({study.setup['visibility_mask_seconds']:.0f} s, rasterized "
+            "once on the CPU and shared by every POCA row).",
             "",
             f"Measured {datetime.date.today().isoformat()} on {env['cpu']} "
             f"({env['cpu_count']} CPUs, {platform.system()}); {versions}. Command: "
