@@ -117,18 +117,21 @@ def default_methods(
 
 @dataclass
 class PeerRow:
-    """One method's result. PSNR in dB; tDE and FE in [0, 1] texture units; seconds wall."""
+    """One method's result. PSNR in dB; tDE and FE in [0, 1] texture units; seconds wall.
+    ``*_visible``: the same metric over the texels the clip's camera sees in each frame."""
 
     name: str
     tool: str
     settings: dict[str, Any]
     psnr: float
     psnr_min: float
-    psnr_visible: float | None
+    psnr_visible: float
     tde: float
-    tde_visible: float | None
+    tde_visible: float
     jitter_ratio: float
+    jitter_ratio_visible: float
     flicker_excess: float
+    flicker_excess_visible: float
     calibration_seconds: float
     quantize_nodes: int
 
@@ -148,15 +151,16 @@ class PeerStudy:
     def markdown(self) -> str:
         """The comparison table (one row per method) in GitHub markdown."""
         header = (
-            "| method | PSNR mean (min) | PSNR seen | tDE | tDE seen | J | FE "
-            "| calibration | Q nodes |"
+            "| method | PSNR all (min) | PSNR seen | tDE all | tDE seen | J all | J seen "
+            "| FE seen | calibration | Q nodes |"
         )
-        lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+        lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(
                 f"| {r.name} | {_db(r.psnr)} ({_db(r.psnr_min)}) | {_db(r.psnr_visible)} "
                 f"| {_sci(r.tde)} | {_sci(r.tde_visible)} | {r.jitter_ratio:.3f} "
-                f"| {_sci(r.flicker_excess)} | {r.calibration_seconds:.0f} s | {r.quantize_nodes} |"
+                f"| {r.jitter_ratio_visible:.3f} | {_sci(r.flicker_excess_visible)} "
+                f"| {r.calibration_seconds:.0f} s | {r.quantize_nodes} |"
             )
         return "\n".join(lines)
 
@@ -172,14 +176,12 @@ def replace_marked_block(text: str, key: str, block: str) -> str:
     return text.rstrip("\n") + "\n\n" + new + "\n"
 
 
-def _db(x: float | None) -> str:
-    if x is None:
-        return "-"
+def _db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f} dB"
 
 
-def _sci(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2e}"
+def _sci(x: float) -> str:
+    return f"{x:.2e}"
 
 
 class _DataReader:
@@ -380,7 +382,9 @@ def compare_calibrations(
                 tde=everywhere.tde,
                 tde_visible=visible.tde,
                 jitter_ratio=everywhere.jitter_ratio,
+                jitter_ratio_visible=visible.jitter_ratio,
                 flicker_excess=everywhere.flicker_excess,
+                flicker_excess_visible=visible.flicker_excess,
                 calibration_seconds=seconds,
                 quantize_nodes=_count_quantize_nodes(path),
             )
