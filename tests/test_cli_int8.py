@@ -2,10 +2,14 @@
 
 import json
 
+import numpy as np
 import onnx
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from avatarq.cli import app
+from avatarq.data.latents import LatentSequence
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 
 runner = CliRunner()
@@ -110,3 +114,27 @@ def test_int8_and_fp16_together_are_a_user_error(small_avatar, tmp_path):
     )
     assert result.exit_code == 2
     assert "exclusive" in result.stderr
+
+
+@pytest.mark.slow
+def test_export_int8_of_a_full_size_multiface_checkpoint_calibrates_on_latents(tmp_path):
+    config = DAMConfig()  # z 256, texture 1024, 7306 vertices, 40 cameras
+    torch.manual_seed(0)
+    save_checkpoint(DeepAppearanceModel(config), tmp_path / "dam.pt")
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((12, config.z_dim)).astype(np.float32)
+    view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (12, 1))
+    LatentSequence(z=z, view=view).save(tmp_path / "latents.npz")
+    out = tmp_path / "full_int8.avq"
+    result = _run(
+        "export", "--model", tmp_path / "dam.pt", "--int8", "--data", tmp_path / "latents.npz",
+        "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["validation"]["passed"] is True
+    model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    layers = sum(ops.count(op) for op in ("Conv", "ConvTranspose", "MatMul", "Gemm"))
+    assert ops.count("QuantizeLinear") == layers
+    assert ops.count("DequantizeLinear") == 2 * layers
