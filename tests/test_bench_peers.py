@@ -160,3 +160,16 @@ def test_calibrate_rejects_visibility_masks_of_the_wrong_shape(decoder_and_sampl
         calibrate(
             decoder, samples, CalibrationConfig(iters=5, sensitivity="none"), visibility=wrong
         )
+
+
+def test_the_benchmark_script_imports_and_lists_its_options():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "calibration_peers.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--avatar {demo,full}" in result.stdout
