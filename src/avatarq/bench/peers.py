@@ -329,7 +329,8 @@ def compare_calibrations(
     fp32_path = workdir / "fp32.onnx"
     ort_input = workdir / "fp32_ort_preprocessed.onnx"
     ort_input.unlink(missing_ok=True)
-    save_onnx(export_onnx(decoder), fp32_path)
+    fp32_model = export_onnx(decoder)
+    save_onnx(fp32_model, fp32_path)
 
     say(f"encoding {n_random} calibration samples and the evaluation clip")
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
@@ -365,7 +366,7 @@ def compare_calibrations(
             ort_quantize_static(ort_input, path, samples.z.numpy(), samples.view.numpy(), method)
         else:
             artifact = calibrate(decoder, samples, method.calibration, visibility=visibility)
-            save_onnx(quantize_onnx(_load(fp32_path), artifact), path)
+            save_onnx(quantize_onnx(fp32_model, artifact), path)
         seconds = time.perf_counter() - start
         if method.calibration is not None and method.calibration.method == "poca":
             seconds += mask_seconds
@@ -407,9 +408,3 @@ def compare_calibrations(
         "ort_threads": threads,
     }
     return PeerStudy(rows, setup)
-
-
-def _load(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
