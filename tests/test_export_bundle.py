@@ -25,12 +25,37 @@ def _real_codes(avatar, n=4):
     return model, capture, z, view
 
 
-def test_bundle_holds_model_manifest_and_topology(small_bundle):
+def test_bundle_holds_model_manifest_normalization_and_topology(small_bundle):
     assert sorted(p.name for p in small_bundle.iterdir()) == [
         "manifest.json",
         "model.onnx",
+        "normalization.npz",
         "topology.npz",
     ]
+
+
+def test_the_normalization_arrays_are_in_the_bundle_even_when_folded(small_avatar, small_bundle):
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization
+
+    bundle = open_bundle(small_bundle)
+    arrays = bundle.normalization_arrays()
+    expected = capture_normalization(MultifaceCapture(small_avatar.capture_root))
+    assert bundle.manifest.normalization.folded
+    np.testing.assert_array_equal(arrays["tex_mean"], np.asarray(expected.tex_mean, np.float32))
+    assert float(arrays["vert_std"]) == pytest.approx(expected.vert_std)
+
+
+def test_the_manifest_pins_the_graph_by_sha256(small_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.avq"
+    shutil.copytree(small_bundle, copy)
+    bundle = open_bundle(copy)
+    assert bundle.checked_model_path() == copy / "model.onnx"
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(AvatarqError, match="not the graph this bundle's manifest describes"):
+        open_bundle(copy).checked_model_path()
 
 
 def test_graph_has_named_inputs_outputs_and_dynamic_batch(small_bundle):
@@ -70,12 +95,10 @@ def test_manifest_records_io_precision_normalization_and_validation(small_bundle
     assert manifest.precision == "fp32"
     assert [t.name for t in manifest.inputs] == ["z", "view"]
     assert manifest.outputs[0].shape == ["batch", 3, 64, 64]
-    assert manifest.normalization["folded"] is True
-    assert manifest.validation["passed"] is True
-    assert (
-        manifest.validation["texture_psnr_db"] == "inf"
-        or manifest.validation["texture_psnr_db"] > 80
-    )
+    assert manifest.normalization.folded is True
+    assert manifest.validation.passed is True
+    assert manifest.validation.texture_psnr_db > 80
+    assert len(manifest.model_sha256) == 64 and manifest.reference is None
     assert set(manifest.layer_precision.values()) == {"fp32"}
     assert "dec.texture_decoder.upsample.0.conv1.deconv" in manifest.layer_precision
     assert len(manifest.source_checkpoint_sha256) == 64

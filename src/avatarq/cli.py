@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from avatarq import __version__
+from avatarq.core.documents import document_dict
 from avatarq.errors import AvatarqError
 
 app = typer.Typer(
@@ -271,6 +271,9 @@ def export(
     validate: Annotated[
         bool, typer.Option(help="Check the graph against PyTorch with ORT.")
     ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing avatarq bundle at the output path.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Trace a decoder to ONNX and write a validated bundle.
@@ -299,7 +302,7 @@ def export(
     with _progress() as progress:
         task = progress.add_task("export", total=None)
         result = export_bundle(
-            model, out, capture, options, lambda m: progress.update(task, description=m)
+            model, out, capture, options, lambda m: progress.update(task, description=m), force
         )
     if as_json:
         console.print_json(
@@ -315,11 +318,11 @@ def export(
     if result.validation is not None:
         reference = "fake-quant" if int8 else "PyTorch"
         console.print(f"validation  ORT vs {reference}: {result.validation.summary()}")
-    vs_fp32 = result.bundle.manifest.validation.get("vs_fp32")
-    if vs_fp32:
+    validation = result.bundle.manifest.validation
+    if validation is not None and validation.vs_fp32 is not None:
         console.print(
-            f"vs FP32     texture PSNR {vs_fp32['texture_psnr_db']:.1f} dB, "
-            f"max|err| {vs_fp32['texture_max_abs_error']:.3g}"
+            f"vs FP32     texture PSNR {validation.vs_fp32.texture_psnr_db:.1f} dB, "
+            f"max|err| {validation.vs_fp32.texture_max_abs_error:.3g}"
         )
 
 
@@ -377,32 +380,31 @@ def build(
             bundle, backend, options, lambda m: progress.update(task, description=m)
         )
     if as_json:
-        console.print_json(json.dumps({"bundle": str(bundle), "engine": asdict(record)}))
+        console.print_json(json.dumps({"bundle": str(bundle), "engine": document_dict(record)}))
         return
     _print_engine(bundle, record)
 
 
-def _print_engine(bundle: Path, record) -> None:  # noqa: ANN001
-    size_mb = record.settings.get("size_bytes", 0) / 1e6
+def _print_engine(bundle: Path, record) -> None:  # noqa: ANN001 - an engine record
     console.print(
         f"engine      {bundle / record.path}  ({record.backend} {record.library_version}, "
-        f"target {record.target}, {size_mb:.1f} MB, {record.build_seconds:.1f} s)"
+        f"target {record.target}, {record.size_bytes / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
     )
-    rewrite_info = record.settings.get("rewrite")
-    if rewrite_info:
-        modes = [layer["mode"] for layer in rewrite_info["layers"]]
+    rewrite = getattr(record, "rewrite", None)
+    if rewrite is not None:
+        modes = [layer.mode for layer in rewrite.layers]
         console.print(
             f"rewrite     {modes.count('int8')} int8 / {modes.count('float')} float / "
             f"{modes.count('kept')} kept ConvTranspose layers"
         )
-    check = record.settings.get("check")
-    if check:
+    check = getattr(record, "check", None)
+    if check is not None:
         console.print(
-            f"check       vs model.onnx: texture max|err| {check['texture_max_abs_error']:.3g}, "
-            f"PSNR {check['texture_psnr_db']} dB"
+            f"check       vs model.onnx: texture max|err| {check.texture_max_abs_error:.3g}, "
+            f"PSNR {check.texture_psnr_db:.1f} dB (worst input {check.texture_psnr_min_db:.1f} dB)"
         )
-    if record.settings.get("layers"):
-        console.print(f"layers      {bundle / record.settings['layers']}")
+    if getattr(record, "layers", None):
+        console.print(f"layers      {bundle / record.layers}")
 
 
 @app.command()

@@ -161,9 +161,7 @@ def open_reference(
                 f"reference bundle {ref.root} was exported from another checkpoint than "
                 f"{bundle.root} (source_checkpoint_sha256 differs)"
             )
-        if bool(r.normalization.get("folded")) != bool(m.normalization.get("folded")) or (
-            r.camera != m.camera
-        ):
+        if bool(r.normalization.folded) != bool(m.normalization.folded) or (r.camera != m.camera):
             raise AvatarqError(
                 f"reference bundle {ref.root} differs from {bundle.root} in de-normalization "
                 "or folded camera; export both with the same --capture and --camera"
@@ -229,7 +227,7 @@ class _Denorm:
 
 def _denorm_for(bundle: Any, capture_root: Path | None) -> _Denorm:
     m = bundle.manifest
-    if m.normalization.get("folded"):
+    if m.normalization.folded:
         return _Denorm()
     if capture_root is None:
         raise AvatarqError(

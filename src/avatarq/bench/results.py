@@ -441,7 +441,7 @@ def bundle_record(bundle: Any) -> dict[str, Any]:
         "z_dim": m.z_dim,
         "tex_size": m.tex_size,
         "n_vertices": m.n_vertices,
-        "normalization_folded": bool(m.normalization.get("folded")),
+        "normalization_folded": bool(m.normalization.folded),
         "camera": m.camera,
         "source_checkpoint_sha256": m.source_checkpoint_sha256,
         "calib_sha256": m.calib_sha256,

@@ -16,7 +16,7 @@ from avatarq.measure import Comparison, Tolerances, compare
 def bundle_peak(bundle) -> float | None:  # noqa: ANN001 - a Bundle
     """255 for a bundle with de-normalization folded in (0..255 texels), else None (the
     comparator's first-frame range)."""
-    return 255.0 if bundle.manifest.normalization.get("folded") else None
+    return 255.0 if bundle.manifest.normalization.folded else None
 
 
 def compare_bundle(

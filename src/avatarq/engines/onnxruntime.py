@@ -14,12 +14,13 @@ model.onnx.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
+from avatarq.core.files import atomic_path
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.ort import make_session, resolve_device
@@ -34,7 +35,12 @@ from avatarq.engines.base import (
 )
 from avatarq.engines.compare import bundle_peak
 from avatarq.errors import AvatarqError
-from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
+from avatarq.export.bundle import Bundle, TensorSpec
+from avatarq.export.manifest import (
+    LayerRewriteRecord,
+    OnnxRuntimeEngineRecord,
+    OrtRewriteRecord,
+)
 from avatarq.measure import Comparison, Tolerances, compare
 
 BACKEND = "onnxruntime"
@@ -172,7 +178,7 @@ class OnnxRuntimeBuilder(Builder):
 
         say = progress or (lambda _m: None)
         start = time.perf_counter()
-        model = onnx.load(str(bundle.model_path))
+        model = onnx.load(str(bundle.checked_model_path()))
         config = OrtRewriteConfig()
         # The rewrite needs no data (it adds no scale); these inputs only feed the check.
         latents = self.options.calibration_latents
@@ -182,17 +188,19 @@ class OnnxRuntimeBuilder(Builder):
         else:
             feeds = default_calibration_feeds(model, CHECK_SAMPLES, seed=0)
             inputs = f"{CHECK_SAMPLES} seeded N(0, 1) latents"
-        settings: dict[str, Any] = {**self.options.to_dict(), "rewrite": None}
+        rewrite = None
         if self.options.ort_rewrite:
             say("rewriting ConvTranspose layers into phase convolutions")
             result = rewrite_for_ort(model, config)
             model = result.model
-            settings["rewrite"] = {"config": config.to_json(), **result.to_dict()}
+            rewrite = OrtRewriteRecord(
+                config=config.to_json(),
+                layers=[LayerRewriteRecord(**asdict(layer)) for layer in result.layers],
+                folded_weight_dq=result.folded_weight_dq,
+            )
         path = self.engine_path(bundle, ".onnx")
-        partial = path.with_name(path.name + ".partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_onnx(model, partial)
-        try:
+        with atomic_path(path) as partial:
+            save_onnx(model, partial)
             say("checking the engine against model.onnx")
             from avatarq.export.validate import validation_record
 
@@ -203,21 +211,17 @@ class OnnxRuntimeBuilder(Builder):
                 len(next(iter(feeds.values()))),
                 bundle_peak(bundle),
             )
-            settings["check"] = validation_record(check, inputs)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.replace(path)
         seconds = time.perf_counter() - start
-        settings["sha256"] = file_sha256(path)
-        settings["size_bytes"] = path.stat().st_size
-        record = EngineRecord(
-            backend=BACKEND,
+        record = OnnxRuntimeEngineRecord(
             path=str(path.relative_to(bundle.root)),
             library_version=ort.__version__,
             target=self.target(),
-            settings=settings,
+            sha256=file_sha256(path),
+            size_bytes=path.stat().st_size,
             build_seconds=round(seconds, 3),
+            options=self.options,
+            check=validation_record(check, inputs),
+            rewrite=rewrite,
         )
         return BuildResult(record, [path])
 

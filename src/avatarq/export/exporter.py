@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,23 @@ from avatarq import __version__
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError
-from avatarq.export.bundle import Bundle, BundleWriter, Manifest, TensorSpec
+from avatarq.export.bundle import (
+    MODEL_FILE,
+    NORMALIZATION_FILE,
+    REFERENCE_FILE,
+    TOPOLOGY_FILE,
+    Bundle,
+    BundleWriter,
+)
+from avatarq.export.manifest import (
+    Manifest,
+    NormalizationRecord,
+    ReferenceRecord,
+    TensorSpec,
+    ValidationRecord,
+)
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
+from avatarq.export.options import ExportOptions
 from avatarq.export.validate import validate_against_torch, validation_record
 from avatarq.measure import Comparison, Tolerances
 from avatarq.models.checkpoint import load_checkpoint
@@ -25,36 +40,6 @@ from avatarq.models.deploy import DeployableDecoder
 FP32_MIN_PSNR_DB = 80.0
 FP32_MAX_ABS_ERROR_01 = 1e-4  # in [0, 1] texture units (x peak for the texture's own units)
 FP16_MIN_PSNR_DB = 50.0
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Options of `avatarq export` for float graphs.
-
-    Attributes:
-        fp16: float16 inside, float32 at the graph's inputs and outputs.
-        camera: fold this camera's colour correction into the texture (None: none applied).
-        max_batch: upper bound of the dynamic batch dimension.
-        validate: run the graph with ONNX Runtime and compare with PyTorch.
-        n_validation: number of (z, view) samples used by the validation.
-        seed: seed for validation inputs when no capture is given.
-        int8: write the calibrated INT8/mixed precision plan as Q/DQ nodes.
-        calib: a calibration artifact directory (`avatarq calibrate`); None with ``int8``
-            calibrates on the fly with POCA defaults on ``calib_data`` or the capture.
-        calib_data: capture root or latents .npz for on-the-fly calibration.
-        conv_transpose_axis: weight-scale axis of ConvTranspose Q/DQ (1, 0 or None).
-    """
-
-    fp16: bool = False
-    camera: int | None = None
-    max_batch: int = 64
-    validate: bool = True
-    n_validation: int = 8
-    seed: int = 0
-    int8: bool = False
-    calib: str | None = None
-    calib_data: str | None = None
-    conv_transpose_axis: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -117,14 +102,17 @@ def export_bundle(
     capture_root: str | Path | None = None,
     options: ExportOptions = ExportOptions(),
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Load ``checkpoint``, trace it to ONNX, validate, and write the bundle ``out``.
 
     With ``capture_root`` the de-normalization (texture in 0..255, vertices in capture
     units) is folded into the graph, the mesh topology goes into the bundle, and validation
-    uses real latent codes of the capture.
+    uses real latent codes of the capture. An existing ``out`` is replaced only when it is
+    an avatarq bundle and ``force`` is set.
     """
     say = progress or (lambda _msg: None)
+    BundleWriter(out, force).abort()  # refuse a bad output before minutes of work
     model = load_checkpoint(checkpoint)
     capture = normalization = None
     if capture_root is not None:
@@ -140,15 +128,16 @@ def export_bundle(
         normalization = capture_normalization(capture)
     decoder = DeployableDecoder(model, normalization, options.camera)
     say("tracing to ONNX")
-    if options.int8 and options.fp16:
-        raise AvatarqError(
-            "--int8 and --fp16 are exclusive: FP16 layers of an INT8 plan come from the calibration"
-        )
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
     precision = "fp16" if options.fp16 else "fp32"
     layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
     artifact = None
+    reference = None
+    if options.reference and options.fp16:
+        reference = export_onnx(decoder, ExportConfig(fp16=False, max_batch=options.max_batch))
+    elif options.reference and options.int8:
+        reference = proto
     if options.int8:
         artifact = _calibration(model, decoder, capture_root, options, say)
         from avatarq.export.qdq import QDQConfig, quantize_onnx
@@ -158,17 +147,25 @@ def export_bundle(
         onnx.checker.check_model(proto)
         layer_precision = dict(sorted(artifact.precision.items()))
         precision = "int8" if set(layer_precision.values()) == {"int8"} else "mixed"
-    with BundleWriter(out) as writer:
-        model_path = writer.path("model.onnx")
+    with BundleWriter(out, force) as writer:
+        model_path = writer.path(MODEL_FILE)
         save_onnx(proto, model_path)
+        reference_record = None
+        if reference is not None:
+            save_onnx(reference, writer.path(REFERENCE_FILE))
+            reference_record = ReferenceRecord(
+                REFERENCE_FILE, file_sha256(writer.path(REFERENCE_FILE))
+            )
         if capture is not None:
-            capture.topology.save(writer.path("topology.npz"))
+            capture.topology.save(writer.path(TOPOLOGY_FILE))
+        if normalization is not None:
+            _save_normalization(normalization, writer.path(NORMALIZATION_FILE))
         calib_sha = None
         if artifact is not None:
             artifact.save(writer.path("calib"))
             calib_sha = file_sha256(writer.path("calib") / "calib.json")
         result = None
-        validation: dict = {}
+        validation: ValidationRecord | None = None
         if options.validate:
             inputs, source = validation_inputs(
                 decoder, capture, model, options.n_validation, options.seed
@@ -180,11 +177,9 @@ def export_bundle(
             result, vs_fp32 = validate_qdq(
                 model_path, decoder, artifact, inputs, QDQConfig(options.conv_transpose_axis)
             )
-            validation = {
-                **validation_record(result, source),
-                "reference": "torch fake-quant (the calibrated numerics)",
-                "vs_fp32": validation_record(vs_fp32, source),
-            }
+            validation = validation_record(result, source)
+            validation.reference = "torch fake-quant (the calibrated numerics)"
+            validation.vs_fp32 = validation_record(vs_fp32, source)
             if not result:
                 raise AvatarqError(
                     f"Q/DQ graph does not match the calibration: {result.summary()}; vs FP32: "
@@ -219,14 +214,16 @@ def export_bundle(
             outputs=outputs,
             precision=precision,
             layer_precision=layer_precision,
-            normalization=_normalization_record(decoder, normalization),
+            normalization=_normalization_record(normalization),
+            model_sha256=file_sha256(model_path),
             source_checkpoint_sha256=file_sha256(checkpoint),
             versions=_versions(),
+            export_options=options,
+            reference=reference_record,
             camera=options.camera,
             validation=validation,
             calib_sha256=calib_sha,
         )
-        manifest.validation["export_options"] = asdict(options)
         bundle = writer.commit(manifest)
     return ExportResult(bundle, result)
 
@@ -249,18 +246,31 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
     return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
 
 
-def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:
+def _normalization_record(normalization) -> NormalizationRecord:
     if normalization is None:
-        return {
-            "folded": False,
-            "note": "outputs are Multiface-normalized; apply tex/vert mean and std",
-        }
-    return {
-        "folded": True,
-        "tex_std": float(normalization.tex_std),
-        "vert_std": float(normalization.vert_std),
-        "note": "texture = t * tex_std + tex_mean and vertices = v * vert_std + vert_mean are in the graph",
-    }
+        return NormalizationRecord(
+            folded=False,
+            note="outputs are Multiface-normalized; the checkpoint alone does not know the "
+            "capture's means and stds (export with --capture to include them)",
+        )
+    return NormalizationRecord(
+        folded=True,
+        note="texture = t * tex_std + tex_mean and vertices = v * vert_std + vert_mean are in "
+        "the graph",
+        tex_std=float(normalization.tex_std),
+        vert_std=float(normalization.vert_std),
+        arrays=NORMALIZATION_FILE,
+    )
+
+
+def _save_normalization(normalization, path: Path) -> None:
+    np.savez(
+        path,
+        tex_mean=np.asarray(normalization.tex_mean, np.float32),
+        tex_std=np.float32(normalization.tex_std),
+        vert_mean=np.asarray(normalization.vert_mean, np.float32),
+        vert_std=np.float32(normalization.vert_std),
+    )
 
 
 def _versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.ort import make_session
+from avatarq.export.manifest import ValidationRecord
 from avatarq.measure import Comparison, Tolerances, compare
 
 DAM_OUTPUTS = ("texture", "vertices")
@@ -75,22 +76,24 @@ def validate_against_torch(
     )
 
 
-def validation_record(comparison: Comparison, inputs_source: str) -> dict:
-    """The manifest's record of a validation (texture errors in the texture's own units;
+def validation_record(comparison: Comparison, inputs_source: str) -> ValidationRecord:
+    """The manifest's record of a comparison (texture errors in the texture's own units;
     ``texture_psnr_db`` is the PSNR over all inputs together)."""
-    from avatarq.core.documents import json_float
-
     image = comparison.image
-    return {
-        "reference": comparison.reference,
-        "inputs": inputs_source,
-        "n_samples": comparison.n_frames,
-        "peak": comparison.peak,
-        "texture_max_abs_error": json_float(comparison.texture_max_abs_error),
-        "texture_mean_abs_error": json_float(comparison.texture_mean_abs_error),
-        "texture_psnr_db": json_float(image.psnr_all),
-        "texture_psnr_min_db": json_float(image.psnr_min),
-        "vertices_max_abs_error": json_float(comparison.vertices_max_abs_error),
-        "tolerances": {k: v for k, v in comparison.tolerances.to_dict().items() if v is not None},
-        "passed": bool(comparison),
-    }
+    return ValidationRecord(
+        reference=comparison.reference,
+        inputs=inputs_source,
+        n_samples=comparison.n_frames,
+        peak=comparison.peak,
+        texture_max_abs_error=comparison.texture_max_abs_error,
+        texture_mean_abs_error=comparison.texture_mean_abs_error,
+        texture_psnr_db=image.psnr_all,
+        texture_psnr_min_db=image.psnr_min,
+        vertices_max_abs_error=comparison.vertices_max_abs_error,
+        tolerances={
+            k: float(v)
+            for k, v in comparison.tolerances.to_dict().items()
+            if v is not None and k != "version"
+        },
+        passed=bool(comparison),
+    )

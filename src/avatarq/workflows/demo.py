@@ -52,8 +52,6 @@ def _calibration(avatar, out: Path, say: Say, config) -> Path:
 
 def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
     """The manifest of ``bundle`` if it was exported from this checkpoint with these options."""
-    from dataclasses import asdict
-
     from avatarq.core.hashing import file_sha256
     from avatarq.export import open_bundle
 
@@ -62,23 +60,25 @@ def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
     except AvatarqError:
         return None
     same_source = manifest.source_checkpoint_sha256 == file_sha256(checkpoint)
-    same_options = manifest.validation.get("export_options") == asdict(options)
+    same_options = manifest.export_options == options
     if options.calib is not None:
         calib_json = Path(options.calib) / "calib.json"
         digest = file_sha256(calib_json) if calib_json.is_file() else None
         same_options = same_options and manifest.calib_sha256 == digest
-    return manifest if same_source and same_options and manifest.validation.get("passed") else None
+    passed = manifest.validation is not None and manifest.validation.passed
+    return manifest if same_source and same_options and passed else None
 
 
-def _validation_line(validation: dict) -> str:
-    if not validation:
+def _validation_line(validation) -> str:  # noqa: ANN001 - a ValidationRecord or None
+    if validation is None:
         return "not validated"
-    psnr = validation["texture_psnr_db"]
-    psnr = psnr if isinstance(psnr, str) else f"{psnr:.1f}"
-    return (
-        f"vs {validation['reference']}: texture max|err| {validation['texture_max_abs_error']:.3g}, "
-        f"PSNR {psnr} dB"
+    line = (
+        f"vs {validation.reference}: texture max|err| {validation.texture_max_abs_error:.3g}, "
+        f"PSNR {validation.texture_psnr_db:.1f} dB"
     )
+    if validation.vs_fp32 is not None:
+        line += f"; vs FP32 PSNR {validation.vs_fp32.texture_psnr_db:.1f} dB"
+    return line
 
 
 def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None) -> DemoResult:
@@ -112,11 +112,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
             exported = export_bundle(avatar.checkpoint, bundle, avatar.capture_root, options)
             manifest = exported.bundle.manifest
         result.bundles[name] = bundle
-        line = _validation_line(manifest.validation)
-        vs_fp32 = manifest.validation.get("vs_fp32")
-        if vs_fp32:
-            line += f"; vs FP32 PSNR {vs_fp32['texture_psnr_db']:.1f} dB"
-        result.validations[name] = line
+        result.validations[name] = _validation_line(manifest.validation)
     int8 = result.bundles["int8"]
     for backend in ("onnxruntime", "tensorrt-rtx"):
         if backend not in available_backends():
@@ -129,7 +125,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
             result.engines[backend] = f"not built: {exc}"
             continue
         result.engines[backend] = (
-            f"{record.path} ({record.settings.get('size_bytes', 0) / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
+            f"{record.path} ({record.size_bytes / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
         )
     say("bench: INT8 runners against the FP32 bundle")
     bench, paths = bench_bundle(
