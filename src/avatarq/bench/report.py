@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
+from avatarq.core.documents import read_json_object
 from avatarq.errors import AvatarqError
-from avatarq.jsonfile import read_json_object
 
 JSON_FILE = "report.json"
 HTML_FILE = "report.html"

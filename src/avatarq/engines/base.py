@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import ENGINES_DIR, Bundle, EngineRecord, TensorSpec
-from avatarq.models.checkpoint import file_sha256
 
 OPTIONS_VERSION = 1
 TIMINGS_KEPT = 4096
@@ -267,6 +267,12 @@ class Runner(abc.ABC):
         """
         out = self.infer({"z": z, "view": view})
         return out["texture"], out["vertices"]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """`infer` with the outputs as a tuple in the manifest's output order (the
+        `avatarq.measure.Decoder` protocol the comparator runs)."""
+        out = self.infer(feeds)
+        return tuple(out[spec.name] for spec in self.outputs)
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``feed`` ({input name: array}); returns {output name: array view}."""

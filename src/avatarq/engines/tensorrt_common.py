@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.hashing import file_sha256
 from avatarq.engines.base import (
     Builder,
     BuildResult,
@@ -43,7 +44,6 @@ from avatarq.engines.base import (
     RunOptions,
     checked_engine_file,
     engine_records,
-    file_sha256,
     write_atomic,
 )
 from avatarq.errors import AvatarqError

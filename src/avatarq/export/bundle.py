@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarq.core.documents import read_json_object
 from avatarq.errors import AvatarqError
-from avatarq.jsonfile import read_json_object
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -108,8 +108,8 @@ class Bundle:
     def topology_path(self) -> Path:
         return self.root / TOPOLOGY_FILE
 
-    def topology(self):  # -> avatarq.render.topology.Topology
-        from avatarq.render.topology import Topology
+    def topology(self):  # -> avatarq.core.topology.Topology
+        from avatarq.core.topology import Topology
 
         if not self.topology_path.is_file():
             raise AvatarqError(

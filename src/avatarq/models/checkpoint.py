@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -144,11 +143,3 @@ def save_checkpoint(model: DeepAppearanceModel, path: str | Path, ddp_prefix: bo
     tmp = path.with_name(path.name + ".partial")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
