@@ -392,14 +392,6 @@ class Builder(abc.ABC):
         return bundle.root / ENGINES_DIR / f"{self.backend}-{self.target()}{suffix}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def engine_records(bundle: Bundle, backend: str) -> list[EngineRecord]:
     return [e for e in bundle.manifest.engines if e.backend == backend]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from avatarq.core.files import atomic_path
 from avatarq.errors import AvatarqError
 from avatarq.models.config import DAMConfig
 from avatarq.models.dam import DeepAppearanceModel
@@ -139,7 +140,5 @@ def save_checkpoint(model: DeepAppearanceModel, path: str | Path, ddp_prefix: bo
     """Save ``model.state_dict()`` as Multiface does (keys prefixed ``module.`` by default)."""
     prefix = DDP_PREFIX if ddp_prefix else ""
     state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
