@@ -17,7 +17,6 @@ from avatarq.models.dam import DeepAppearanceModel
 
 DDP_PREFIX = "module."
 _BLOCK_KEY = re.compile(r"^dec\.texture_decoder\.upsample\.(\d+)\.")
-_WARP_BLOCK_KEY = re.compile(r"^warp\.upsample\.(\d+)\.")
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
