@@ -441,16 +441,19 @@ def test_ort_device_io_runs_the_graph_on_bound_buffers(tiny_bundle):
     assert 3 <= len(samples) <= 5
 
 
-def test_runner_rows_carry_the_fidelity_against_a_reference(tiny_bundle):
+def test_runner_rows_carry_the_fidelity_and_are_emitted_as_they_come(tiny_bundle):
     from avatarq.engines import RunOptions, open_runner
 
     z, view = measure.decoder_inputs(TINY, 1)
     with open_runner(tiny_bundle, "onnx", RunOptions(device="cpu")) as runner:
         reference = runner.decode(z, view)[0].copy()
         labels = {"runtime": "onnx", "precision": "fp32", "mode": "model.onnx"}
+        emitted = []
         rows = measure.runner_rows(
-            runner, TINY, (1, 2), torch.device("cpu"), FAST, measure.Deadline(60), labels, reference
-        )
+            runner, TINY, (1, 2), torch.device("cpu"), FAST, measure.Deadline(60), labels,
+            reference, emitted.append,
+        )  # fmt: skip
+    assert emitted == rows
     assert [r["batch"] for r in rows] == [1, 2]
     assert rows[0]["psnr_vs_reference_db"] == float("inf")
     assert "psnr_vs_reference_db" not in rows[1]
@@ -486,3 +489,40 @@ def test_junit_reports_become_counts_and_named_outcomes(tmp_path):
     assert outcomes["test_gpu"] == ("skipped", "needs CUDA")
     assert outcomes["test_bad"][0] == "failed"
     assert outcomes["test_bad"][1].startswith("AssertionError: one is not two")
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def make_check(tmp_path, *argv):
+    import check
+
+    args = check.parse_args(["--out", str(tmp_path / "out"), *argv])
+    args.out.mkdir(parents=True)
+    return check.Check(args, tmp_path / "work")
+
+
+def test_a_part_runs_in_its_own_process_and_returns_its_record(tmp_path):
+    runner = make_check(tmp_path)
+    record = runner.run_worker(spec("environment"), 120.0)
+    assert record["status"] == "ok", record
+    assert record["results"]["versions"]["torch"] == torch.__version__
+    assert (tmp_path / "work" / "logs" / "environment.log").is_file()
+
+
+def test_a_part_that_outlives_its_budget_is_killed_and_marked_timed_out(tmp_path):
+    runner = make_check(tmp_path)
+    start = time.monotonic()
+    record = runner.run_worker(spec("environment"), 0.3)
+    assert time.monotonic() - start < 10
+    assert record["status"] == "timed_out"
+    assert record["reason"] == "killed at its 0.3 s budget; results so far kept"
+
+
+def test_no_part_starts_once_the_global_deadline_is_near(tmp_path):
+    runner = make_check(tmp_path, "--budget", "30")
+    assert runner.part_timeout(spec("torch-decode")) == pytest.approx(30 - plan.RESERVE_S, abs=1)
+    runner.deadline = time.monotonic() + 15
+    assert runner.part_timeout(spec("torch-decode")) == (
+        "global deadline: 7 s left of the 30 s budget (--budget)"
+    )

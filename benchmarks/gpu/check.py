@@ -138,7 +138,7 @@ class Check:
         record["seconds"] = round(seconds, 1)
         if code is None:
             record["status"] = "timed_out"
-            record["reason"] = f"killed at its {timeout:.0f} s budget; results so far kept"
+            record["reason"] = f"killed at its {round(timeout, 1):g} s budget; results so far kept"
         elif record.get("status") in (None, "running"):
             record["status"] = "failed"
             record["reason"] = f"exit code {code}: {self._last_line(spec.name)}"
@@ -177,7 +177,7 @@ class Check:
             record["results"] = parse_junit(junit)
         summary = record["results"].get("summary")
         if code is None:
-            record.update(status="timed_out", reason=f"killed at its {timeout:.0f} s budget")
+            record.update(status="timed_out", reason=f"killed at its {round(timeout, 1):g} s budget")
         elif summary is None:
             record.update(status="failed", reason=f"pytest exit code {code}, no report")
         elif summary["failed"] or summary["errors"]:

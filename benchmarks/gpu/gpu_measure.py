@@ -123,6 +123,19 @@ def skipped_row(reason: str, batch: int, **labels: Any) -> dict[str, Any]:
     return {**labels, "batch": batch, "skipped": reason}
 
 
+class Rows(list):
+    """A list of table rows that hands each new row to ``emit`` too (to save it at once)."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__()
+        self.emit = emit
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        if self.emit is not None:
+            self.emit(row)
+
+
 def psnr_db(x: np.ndarray, reference: np.ndarray) -> float:
     """PSNR of ``x`` against ``reference`` with the reference's peak-to-peak range as peak."""
     x = np.asarray(x, np.float64)
@@ -176,6 +189,7 @@ def torch_decode_rows(
     timing: Timing,
     deadline: Deadline,
     graphs: bool = True,
+    emit: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Latency of the decoder in torch with inputs and outputs on ``device``.
 
@@ -183,7 +197,7 @@ def torch_decode_rows(
     ``graphs``) and batch; CUDA times are CUDA events on the current stream. FP16 rows also
     carry the texture PSNR against FP32 on the same inputs (a sanity check, not a metric).
     """
-    rows: list[dict[str, Any]] = []
+    rows = Rows(emit)
     config = decoder.config
     reference: dict[int, torch.Tensor] = {}
     clock = "events" if device.type == "cuda" else "wall"
@@ -223,7 +237,7 @@ def torch_decode_rows(
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return list(rows)
 
 
 def runner_rows(
@@ -235,6 +249,7 @@ def runner_rows(
     deadline: Deadline,
     labels: dict[str, Any],
     reference: np.ndarray | None = None,
+    emit: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """End-to-end latency of an active avatarq runner: numpy in, numpy out (host I/O).
 
@@ -242,7 +257,7 @@ def runner_rows(
     right. With ``reference`` (texture [1, 3, T, T] of `decoder_inputs(config, 1)`), the
     batch-1 row carries the texture PSNR against it.
     """
-    rows = []
+    rows = Rows(emit)
     for batch in batches:
         reason = deadline.spent(5.0)
         if reason:
@@ -255,7 +270,7 @@ def runner_rows(
             extra["psnr_vs_reference_db"] = round(psnr_db(texture, reference), 2)
         samples = measure(lambda z=z, view=view: runner.decode(z, view), device, timing, "wall")
         rows.append(latency_row(samples, batch, io="host", clock="wall", **labels, **extra))
-    return rows
+    return list(rows)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -379,13 +394,14 @@ def render_rows(
     tex_size: int,
     timing: Timing,
     deadline: Deadline,
+    emit: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Latency of `avatarq.render.Renderer` on the scene: rasterize alone, render (raster,
     UV interpolation, bilinear texture lookup, mask) and render with antialiasing
     (nvdiffrast only). Inputs live on ``device``; rows carry the covered pixel share."""
     from avatarq.render import RenderConfig, Renderer
 
-    rows: list[dict[str, Any]] = []
+    rows = Rows(emit)
     clock = "events" if device.type == "cuda" else "wall"
     modes = [("rasterize", False), ("render", False)]
     if backend == "nvdiffrast":
@@ -421,4 +437,4 @@ def render_rows(
                 coverage = float((renderer.rasterize(vertices, M)[..., 3] > 0).float().mean())
                 samples = measure(run, device, timing, clock)
             rows.append(latency_row(samples, batch, coverage=round(coverage, 4), **labels))
-    return rows
+    return list(rows)

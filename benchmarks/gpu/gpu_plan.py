@@ -71,7 +71,7 @@ PARTS: tuple[PartSpec, ...] = (
     PartSpec(
         "ort-cuda",
         "ONNX Runtime CUDA provider on the FP32 and INT8 bundles",
-        60,
+        90,
         "worker",
         ("cuda", "ort-cuda", "bundles"),
     ),
