@@ -51,6 +51,7 @@ def test_the_dry_run_exits_cleanly_and_quickly(dry_run):
     result, document, _, _, seconds = dry_run
     assert result.returncode == 0, result.stderr
     assert document["dry_run"] is True and document["dry_run_reason"] == "--dry-run"
+    assert document["command"] == "python benchmarks/gpu/check.py --dry-run --out OUT"
     assert seconds < 60
 
 

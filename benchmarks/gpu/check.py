@@ -177,7 +177,9 @@ class Check:
             record["results"] = parse_junit(junit)
         summary = record["results"].get("summary")
         if code is None:
-            record.update(status="timed_out", reason=f"killed at its {round(timeout, 1):g} s budget")
+            record.update(
+                status="timed_out", reason=f"killed at its {round(timeout, 1):g} s budget"
+            )
         elif summary is None:
             record.update(status="failed", reason=f"pytest exit code {code}, no report")
         elif summary["failed"] or summary["errors"]:
@@ -291,6 +293,28 @@ def run_check(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return assemble(args, check, dry, time.monotonic() - started)
 
 
+PATH_OPTIONS = ("--out", "--work", "--wheels", "--docs", "--fetch-wheels")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as run, with folder and file arguments written as placeholders (OUT,
+    WHEELS, ...) so the line can go into documentation as is."""
+
+    def placeholder(option: str) -> str:
+        return option.lstrip("-").upper().replace("-", "_")
+
+    words: list[str] = []
+    for i, word in enumerate(argv):
+        option = word.split("=", 1)[0]
+        if option in PATH_OPTIONS and "=" in word:
+            words.append(f"{option}={placeholder(option)}")
+        elif i > 0 and argv[i - 1] in PATH_OPTIONS:
+            words.append(placeholder(argv[i - 1]))
+        else:
+            words.append(word)
+    return "python benchmarks/gpu/check.py " + shlex.join(words)
+
+
 def assemble(
     args: argparse.Namespace, check: Check, dry: str | None, seconds: float
 ) -> dict[str, Any]:
@@ -308,7 +332,7 @@ def assemble(
     return {
         "schema": report.SCHEMA,
         "generator": "benchmarks/gpu/check.py",
-        "command": "python benchmarks/gpu/check.py " + shlex.join(args.argv),
+        "command": command_line(args.argv),
         "date": datetime.date.today().isoformat(),
         "seconds": round(seconds, 1),
         "budget_s": args.budget,

@@ -55,12 +55,21 @@ def _ms(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}" if key in row else "-"
 
 
+def _db(value: Any) -> str:
+    return "exact" if value in ("Infinity", float("inf")) else f"{value} dB"
+
+
 def _fidelity(row: dict[str, Any]) -> str:
+    """Texture PSNR of the row's output: FP16 against FP32, engines against ORT CPU."""
     if "psnr_vs_fp32_db" in row:
-        return f"{row['psnr_vs_fp32_db']} dB vs torch FP32"
+        return f"{_db(row['psnr_vs_fp32_db'])} vs torch FP32"
     if "psnr_vs_reference_db" in row:
-        return f"{row['psnr_vs_reference_db']} dB vs ORT CPU"
+        return f"{_db(row['psnr_vs_reference_db'])} vs ORT CPU"
     return "-"
+
+
+def _fps(row: dict[str, Any]) -> str:
+    return f"{row['fps']:.1f}" if isinstance(row.get("fps"), (int, float)) else "-"
 
 
 def machine_line(report: dict[str, Any]) -> str:
@@ -150,7 +159,7 @@ def _decode(report: dict[str, Any]) -> list[str]:
             _ms(r, "p50_ms"),
             _ms(r, "p90_ms"),
             _ms(r, "p99_ms"),
-            r.get("fps"),
+            _fps(r),
             r.get("clock"),
             r.get("skipped") or _fidelity(r),
         ]
@@ -195,8 +204,9 @@ def _render(report: dict[str, Any]) -> list[str]:
         lines += [
             f"Scene: a {scene['vertices']}-vertex head mesh ({scene['triangles']} triangles) "
             f"with a {scene['texture']}^2 texture at {scene['resolution'][0]}x"
-            f"{scene['resolution'][1]} (H x W), camera as in a Multiface capture; CUDA "
-            "events, milliseconds per batch.",
+            f"{scene['resolution'][1]} (H x W), camera as in a Multiface capture. "
+            '"render" = rasterize, UV interpolation, bilinear texture lookup and mask; '
+            'CUDA events, milliseconds per batch; "covered": share of pixels on the head.',
             "",
         ]
     table = [
@@ -206,7 +216,7 @@ def _render(report: dict[str, Any]) -> list[str]:
             _ms(r, "p50_ms"),
             _ms(r, "p90_ms"),
             _ms(r, "p99_ms"),
-            r.get("fps"),
+            _fps(r),
             r.get("coverage"),
             r.get("skipped", ""),
         ]

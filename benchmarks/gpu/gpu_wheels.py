@@ -108,7 +108,7 @@ def fetch(dest: Path, packages: list[str], python_version: str, say=print) -> in
     dest.mkdir(parents=True, exist_ok=True)
     failed = 0
     for command in fetch_commands(dest, packages, python_version):
-        say("$ " + " ".join(command[1:]))
+        say("$ python " + " ".join(command[1:]))
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             failed += 1
@@ -242,6 +242,7 @@ def install(
         if not ok:
             entry["error"] = error
             failures.append(wheel.name)
+    record["seconds"] = round(time.monotonic() - deadline + timeout, 1)
     if failures:
         return {**record, "status": "failed", "reason": f"could not install {', '.join(failures)}"}
     return {**record, "status": "ok", "reason": ""}
