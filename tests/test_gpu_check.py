@@ -309,16 +309,18 @@ def test_wheels_install_offline_into_the_private_folder(tmp_path):
     assert probe.stdout.strip() == "42"
 
 
-def test_wheels_for_another_platform_or_in_two_versions_are_left_out(tmp_path):
+def test_sdists_wheels_for_another_platform_and_double_versions_are_left_out(tmp_path):
     make_wheel(tmp_path, "alpha", "1.0")
     make_wheel(tmp_path, "beta", "1.0")
     make_wheel(tmp_path, "beta", "2.0")
     make_wheel(tmp_path, "gamma", "1.0", "cp27-cp27m-win32")
+    (tmp_path / "delta-1.0.tar.gz").write_bytes(b"")
     install, skipped = wheels.plan_install(tmp_path)
     assert [w.name for w in install] == ["alpha-1.0-py3-none-any.whl"]
     reasons = {s["file"]: s["reason"] for s in skipped}
     assert reasons["gamma-1.0-cp27-cp27m-win32.whl"] == "built for another Python or platform"
     assert reasons["beta-2.0-py3-none-any.whl"].startswith("2 versions of beta")
+    assert reasons["delta-1.0.tar.gz"].startswith("not a wheel")
 
 
 def test_a_dry_run_only_says_which_wheels_it_would_install(tmp_path):

@@ -143,11 +143,16 @@ def compatible(wheel: Path) -> bool:
 def plan_install(wheels: Path) -> tuple[list[Path], list[dict[str, Any]]]:
     """(wheels to install, skipped wheels with why) from the folder ``wheels``.
 
-    Skipped: wheels for another Python or platform, and every version of a distribution
-    that appears more than once (pip cannot install two; the folder must keep one).
+    Skipped: other files (an sdist), wheels for another Python or platform, and every
+    version of a distribution that appears more than once (pip cannot install two; the
+    folder must keep one).
     """
     files = sorted(wheels.glob("*.whl"))
-    skipped: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = [
+        {"file": f.name, "reason": "not a wheel (an sdist would need a build: use --fetch-wheels)"}
+        for f in sorted(wheels.iterdir())
+        if f.is_file() and f.suffix != ".whl"
+    ]
     usable = []
     for wheel in files:
         try:
