@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from avatarq.bench.peers import compare_calibrations, default_methods, replace_marked_block
 from avatarq.bench.results import environment
 from avatarq.data.synthetic import make_synthetic_avatar
 from avatarq.data.train import TrainConfig
+from avatarq.workflows.peers import compare_calibrations, default_methods, replace_marked_block
 
 AVATARS = {
     "demo": TrainConfig(),

@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
+from avatarq.core.ort import make_session
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.encode import capture_normalization, encode_frames
 from avatarq.errors import AvatarqError
 from avatarq.export import ExportOptions, export_bundle, layer_nodes, open_bundle
-from avatarq.export.validate import onnx_session
 from avatarq.models import DeployableDecoder, load_checkpoint
 
 
@@ -45,7 +45,7 @@ def test_graph_has_named_inputs_outputs_and_dynamic_batch(small_bundle):
 def test_fp32_graph_matches_pytorch_to_1e4_on_real_codes(small_avatar, small_bundle):
     model, capture, z, view = _real_codes(small_avatar)
     decoder = DeployableDecoder(model, capture_normalization(capture))
-    texture, vertices = onnx_session(small_bundle / "model.onnx").run(
+    texture, vertices = make_session(small_bundle / "model.onnx").run(
         None, {"z": z.numpy(), "view": view.numpy()}
     )
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_fp32_graph_matches_pytorch_to_1e4_on_real_codes(small_avatar, small_bun
 
 
 def test_batch_dimension_accepts_other_sizes(small_bundle):
-    session = onnx_session(small_bundle / "model.onnx")
+    session = make_session(small_bundle / "model.onnx")
     manifest = open_bundle(small_bundle).manifest
     for batch in (1, 5):
         z = np.zeros((batch, manifest.z_dim), np.float32)
@@ -88,7 +88,7 @@ def test_fp16_export_keeps_float32_io_and_reaches_50db(small_avatar, tmp_path):
         small_avatar.capture_root,
         ExportOptions(fp16=True),
     )
-    assert result.validation.texture_psnr_db > 50
+    assert result.validation.image.psnr_all > 50
     model = onnx.load(tmp_path / "fp16.avq" / "model.onnx")
     float32 = onnx.TensorProto.FLOAT
     assert all(

@@ -435,7 +435,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_ort_device_io_runs_the_graph_on_bound_buffers(tiny_bundle):
-    from avatarq.engines.onnxruntime import make_session
+    from avatarq.core.ort import make_session
 
     session = make_session(tiny_bundle / "model.onnx", "cpu")
     z, view = measure.decoder_inputs(TINY, 2)

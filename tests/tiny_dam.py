@@ -47,4 +47,4 @@ def tiny_calibration_samples(n: int):
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(n, 8, generator=gen)
     view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
-    return CalibrationSamples(z, view, tuple(("s", str(i), "c") for i in range(n)))
+    return CalibrationSamples.of(z, view, tuple(("s", str(i), "c") for i in range(n)))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avatarq.bench.latency import CudaEventTimer, LatencyStats, time_callable
+from avatarq.measure.latency import CudaEventTimer, LatencyStats, time_callable
 from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
 from avatarq.render import CAPTURE_RESOLUTION, Topology
 

@@ -360,8 +360,8 @@ def part_bundles(ctx: Context) -> None:
     from avatarq.calibration import CalibrationConfig
     from avatarq.calibration.pipeline import calibrate
     from avatarq.calibration.samples import samples_from_latents
-    from avatarq.data.latents import LatentSequence
-    from avatarq.engines.onnxruntime import make_session
+    from avatarq.core.inputs import DecoderInputs
+    from avatarq.core.ort import make_session
     from avatarq.export import ExportOptions, export_bundle
     from avatarq.models import DeployableDecoder, load_checkpoint
 
@@ -372,7 +372,9 @@ def part_bundles(ctx: Context) -> None:
         start = time.monotonic()
         z, _ = decoder_inputs(FULL_SIZE, 16, seed=1)
         view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (16, 1))
-        samples = samples_from_latents(LatentSequence(z, view), n_random=16, n_clips=0)
+        samples = samples_from_latents(
+            DecoderInputs({"z": z, "view": view}), n_random=16, n_clips=0
+        )
         decoder = DeployableDecoder(load_checkpoint(checkpoint))
         config = CalibrationConfig(method="max", sensitivity="none")
         calibrate(decoder, samples, config).save(calib)

@@ -443,9 +443,9 @@ def compare(
 
     Example: avatarq compare dam.avq --reference onnx --candidate onnxruntime
     """
-    from avatarq.bench.metrics import Tolerances
     from avatarq.engines import RunOptions
     from avatarq.engines.compare import compare_bundle
+    from avatarq.measure import Tolerances
 
     common = {
         "device": device,
@@ -623,7 +623,7 @@ def demo(
 
     Example: avatarq demo --workdir out/demo
     """
-    from avatarq.bench.demo import run_demo
+    from avatarq.workflows.demo import run_demo
 
     with _progress() as progress:
         task = progress.add_task("demo", total=None)

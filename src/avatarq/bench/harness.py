@@ -20,7 +20,7 @@ What is measured, per runner:
 - fidelity and temporal stability in **texture space** (the decoded texture in 0..255
   units / 255, every texel; an unfolded bundle is de-normalized with the capture first) and in **screen space** (both rendered through the sequence's camera; every
   mean restricted to the FP32 render's foreground mask of that frame): PSNR and SSIM per
-  frame, tDE, J, FE (`avatarq.bench.metrics`);
+  frame, tDE, J, FE (`avatarq.measure`);
 - **latency** per stage after warm-up: ``decode`` (runner call, inputs in host memory to
   outputs in host memory, so it includes the runner's own device copies), ``copy``
   (decoded texture, vertices and M to the render device), ``render``, and ``end_to_end``
@@ -29,7 +29,7 @@ What is measured, per runner:
   clock read, and ``copy`` and ``render`` are timed with CUDA events. Without rendering
   ``end_to_end`` equals ``decode``. Runners are timed one after the other, or round-robin
   (`BenchConfig.interleave`).
-- **gates** (`avatarq.bench.metrics.parse_gates`) on texture- or screen-space metrics
+- **gates** (`avatarq.measure.gates.parse_gates`) on texture- or screen-space metrics
   (`BenchConfig.gate_space`) and one latency stage (`BenchConfig.gate_stage`).
 
 The timed iterations decode batches taken cyclically from the sequence; the fidelity pass
@@ -49,8 +49,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
-from avatarq.bench.metrics import SequenceAccumulator, evaluate_gates, psnr
 from avatarq.bench.results import (
     LATENCY_METRICS,
     STAGES,
@@ -63,6 +61,8 @@ from avatarq.bench.results import (
 )
 from avatarq.bench.sequences import BenchSequence
 from avatarq.errors import AvatarqError
+from avatarq.measure import SequenceAccumulator, evaluate_gates, psnr
+from avatarq.measure.latency import LatencyStats
 
 TEXTURE_PEAK = 255.0
 _REF_KEY = "<reference>"  # cannot clash with a backend name

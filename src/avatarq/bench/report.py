@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
+from avatarq.core.documents import read_json_object
+from avatarq.core.files import atomic_write_text
 from avatarq.errors import AvatarqError
-from avatarq.jsonfile import read_json_object
 
 JSON_FILE = "report.json"
 HTML_FILE = "report.html"
@@ -522,8 +523,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(result)
     paths = {"json": out / JSON_FILE, "html": out / HTML_FILE}
-    _write_text(paths["json"], report_json(result))
-    _write_text(paths["html"], render_html(result, figs))
+    atomic_write_text(paths["json"], report_json(result))
+    atomic_write_text(paths["html"], render_html(result, figs))
     if save_figures:
         fig_dir = out / FIGURES_DIR
         fig_dir.mkdir(exist_ok=True)
@@ -534,7 +535,4 @@ def write_report(
     return paths
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
-from avatarq.bench.metrics import Gate, GateResult, SequenceComparison, parse_gates
 from avatarq.errors import AvatarqError
+from avatarq.measure import Gate, GateResult, SequenceComparison, parse_gates
+from avatarq.measure.latency import LatencyStats
 
 BENCH_CONFIG_VERSION = 1
 REPORT_SCHEMA_VERSION = 1
@@ -312,7 +312,7 @@ class BenchResult:
         return f"FAIL: {len(fails)} of {n_gates} gate checks failed ({'; '.join(fails)})."
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (non-finite numbers as strings, see `avatarq.bench.metrics`)."""
+        """Plain JSON types (non-finite numbers as strings, see `avatarq.core.documents.json_float`)."""
         return {
             "schema_version": REPORT_SCHEMA_VERSION,
             "created": self.created,

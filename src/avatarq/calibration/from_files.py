@@ -29,14 +29,14 @@ def load_samples(
 ) -> CalibrationSamples:
     """Calibration samples from a capture root or a latent-sequence .npz file."""
     from avatarq.data.capture import MultifaceCapture
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import load_inputs
 
     path = Path(data)
     if path.is_dir():
         capture = capture or MultifaceCapture(path)
         return samples_from_capture(model, capture, n_random, n_clips, clip_length, seed)
     if path.suffix == ".npz" or path.is_file():
-        sequence = LatentSequence.load(path)
+        sequence = load_inputs(path)
         if sequence.z_dim != model.config.z_dim:
             raise AvatarqError(
                 f"{path} holds latents of size {sequence.z_dim}, the model's is {model.config.z_dim}"

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avatarq.core.topology import Topology
 from avatarq.errors import AvatarqError
-from avatarq.render.topology import Topology
 
 TEXTURE_DIR = "unwrapped_uv_1024"
 AVERAGE = "average"

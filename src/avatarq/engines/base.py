@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import ENGINES_DIR, Bundle, EngineRecord, TensorSpec
-from avatarq.models.checkpoint import file_sha256
 
 OPTIONS_VERSION = 1
 TIMINGS_KEPT = 4096
@@ -268,6 +268,12 @@ class Runner(abc.ABC):
         out = self.infer({"z": z, "view": view})
         return out["texture"], out["vertices"]
 
+    def run(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """`infer` with the outputs as a tuple in the manifest's output order (the
+        `avatarq.measure.Decoder` protocol the comparator runs)."""
+        out = self.infer(feeds)
+        return tuple(out[spec.name] for spec in self.outputs)
+
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``feed`` ({input name: array}); returns {output name: array view}."""
         if not self.is_active:
@@ -384,14 +390,6 @@ class Builder(abc.ABC):
     def engine_path(self, bundle: Bundle, suffix: str = ".engine") -> Path:
         """``bundle/engines/<backend>-<target><suffix>``."""
         return bundle.root / ENGINES_DIR / f"{self.backend}-{self.target()}{suffix}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def engine_records(bundle: Bundle, backend: str) -> list[EngineRecord]:

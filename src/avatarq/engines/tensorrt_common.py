@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.files import atomic_write_bytes
+from avatarq.core.hashing import file_sha256
 from avatarq.engines.base import (
     Builder,
     BuildResult,
@@ -43,8 +45,6 @@ from avatarq.engines.base import (
     RunOptions,
     checked_engine_file,
     engine_records,
-    file_sha256,
-    write_atomic,
 )
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
@@ -237,13 +237,13 @@ class TensorRTBuilderBase(Builder):
         if serialized is None:
             raise AvatarqError(f"{self.display} could not build an engine: {logger.last_error()}")
         data = bytes(serialized)
-        write_atomic(engine_path, data)
+        atomic_write_bytes(engine_path, data)
         files = [engine_path]
         if cache is not None:
-            write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+            atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
             files.append(cache_path)
         layers_path = engine_path.with_name(engine_path.name + ".layers.json")
-        write_atomic(layers_path, json.dumps(network_layers(network), indent=1).encode())
+        atomic_write_bytes(layers_path, json.dumps(network_layers(network), indent=1).encode())
         files.append(layers_path)
         inspector_path = self._inspect(trt, data, engine_path)
         if inspector_path is not None:
@@ -282,7 +282,7 @@ class TensorRTBuilderBase(Builder):
         inspector = engine.create_engine_inspector()
         info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         path = engine_path.with_name(engine_path.name + ".inspector.json")
-        write_atomic(path, str(info).encode())
+        atomic_write_bytes(path, str(info).encode())
         return path
 
 

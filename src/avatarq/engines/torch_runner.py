@@ -66,7 +66,7 @@ class TorchRunner(Runner):
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> TorchRunner:
         """The checkpoint a bundle was exported from (``options.checkpoint``, verified)."""
-        from avatarq.models.checkpoint import file_sha256
+        from avatarq.core.hashing import file_sha256
 
         m = bundle.manifest
         if options.checkpoint is None:

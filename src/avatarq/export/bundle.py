@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarq.core.documents import read_json_object
+from avatarq.core.files import atomic_write_text
 from avatarq.errors import AvatarqError
-from avatarq.jsonfile import read_json_object
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -108,8 +109,8 @@ class Bundle:
     def topology_path(self) -> Path:
         return self.root / TOPOLOGY_FILE
 
-    def topology(self):  # -> avatarq.render.topology.Topology
-        from avatarq.render.topology import Topology
+    def topology(self):  # -> avatarq.core.topology.Topology
+        from avatarq.core.topology import Topology
 
         if not self.topology_path.is_file():
             raise AvatarqError(
@@ -119,7 +120,7 @@ class Bundle:
 
     def save_manifest(self) -> None:
         """Rewrite manifest.json atomically (used when engines are added)."""
-        _atomic_write_text(self.root / MANIFEST_FILE, self.manifest.to_json())
+        atomic_write_text(self.root / MANIFEST_FILE, self.manifest.to_json())
 
 
 def open_bundle(path: str | Path) -> Bundle:
@@ -138,12 +139,6 @@ def open_bundle(path: str | Path) -> Bundle:
     if not (root / MODEL_FILE).is_file():
         raise AvatarqError(f"bundle {root} has no {MODEL_FILE}")
     return Bundle(root, manifest)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class BundleWriter:
@@ -169,7 +164,7 @@ class BundleWriter:
         return target
 
     def commit(self, manifest: Manifest) -> Bundle:
-        _atomic_write_text(self.staging / MANIFEST_FILE, manifest.to_json())
+        atomic_write_text(self.staging / MANIFEST_FILE, manifest.to_json())
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.staging, self.out)

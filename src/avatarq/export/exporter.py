@@ -11,11 +11,14 @@ import onnx
 import torch
 
 from avatarq import __version__
+from avatarq.core.hashing import file_sha256
+from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, BundleWriter, Manifest, TensorSpec
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
-from avatarq.export.validate import ValidationResult, validate_against_torch
-from avatarq.models.checkpoint import file_sha256, load_checkpoint
+from avatarq.export.validate import validate_against_torch, validation_record
+from avatarq.measure import Comparison, Tolerances
+from avatarq.models.checkpoint import load_checkpoint
 from avatarq.models.deploy import DeployableDecoder
 
 # ORT CPU vs torch: float32 agrees to rounding; float16 loses ~11 bits per op.
@@ -57,33 +60,30 @@ class ExportOptions:
 @dataclass(frozen=True)
 class ExportResult:
     bundle: Bundle
-    validation: ValidationResult | None
+    validation: Comparison | None
 
 
 def validation_inputs(
     decoder: DeployableDecoder, capture, model, n: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(z [n, Z], view [n, 3], source) - real codes from the capture when possible."""
+) -> tuple[DecoderInputs, str]:
+    """(inputs with z [n, Z] and view [n, 3], source): real codes from the capture when
+    possible, else seeded N(0, 1) latents and views around the front."""
     if capture is not None and model.config.has_encoder:
         from avatarq.data.encode import encode_frames
 
         frames = capture.frames[: max(1, n)]
         names = list(capture.cameras)
         z = encode_frames(model, capture, frames)
-        view = torch.from_numpy(
-            np.stack(
-                [
-                    capture.view_direction(s, f, names[i % len(names)])
-                    for i, (s, f) in enumerate(frames)
-                ]
-            )
+        view = np.stack(
+            [capture.view_direction(s, f, names[i % len(names)]) for i, (s, f) in enumerate(frames)]
         )
-        return z, view, f"capture ({len(frames)} frames, encoder mean)"
+        inputs = DecoderInputs.from_z_view(z, view)
+        return inputs, f"capture ({len(frames)} frames, encoder mean)"
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, decoder.config.z_dim, generator=gen)
     view = torch.randn(n, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0])
     view = view / view.norm(dim=1, keepdim=True)
-    return z, view, f"seeded N(0, 1) latents (seed {seed})"
+    return DecoderInputs.from_z_view(z, view), f"seeded N(0, 1) latents (seed {seed})"
 
 
 def _tensor_specs(decoder: DeployableDecoder) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -169,40 +169,44 @@ def export_bundle(
             calib_sha = file_sha256(writer.path("calib") / "calib.json")
         result = None
         validation: dict = {}
+        if options.validate:
+            inputs, source = validation_inputs(
+                decoder, capture, model, options.n_validation, options.seed
+            )
         if options.validate and artifact is not None:
             from avatarq.export.qdq import QDQConfig, validate_qdq
 
             say("validating Q/DQ graph with ONNX Runtime")
-            z, view, source = validation_inputs(
-                decoder, capture, model, options.n_validation, options.seed
+            result, vs_fp32 = validate_qdq(
+                model_path, decoder, artifact, inputs, QDQConfig(options.conv_transpose_axis)
             )
-            qdq = validate_qdq(
-                model_path, decoder, artifact, z, view, QDQConfig(options.conv_transpose_axis)
-            )
-            result = qdq.vs_fakequant
             validation = {
+                **validation_record(result, source),
                 "reference": "torch fake-quant (the calibrated numerics)",
-                "inputs": source,
-                **qdq.vs_fakequant.to_dict(),
-                "vs_fp32": qdq.vs_fp32.to_dict(),
+                "vs_fp32": validation_record(vs_fp32, source),
             }
-            if not qdq:
-                raise AvatarqError(f"Q/DQ graph does not match the calibration: {qdq.summary()}")
+            if not result:
+                raise AvatarqError(
+                    f"Q/DQ graph does not match the calibration: {result.summary()}; vs FP32: "
+                    f"{vs_fp32.summary()}"
+                )
         elif options.validate:
             say("validating with ONNX Runtime")
-            z, view, source = validation_inputs(
-                decoder, capture, model, options.n_validation, options.seed
+            tolerances = Tolerances(
+                min_psnr_all=FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
+                max_abs_error=None
+                if options.fp16 or not decoder.denormalized
+                else FP32_MAX_ABS_ERROR_01,
             )
             result = validate_against_torch(
                 model_path,
                 decoder,
-                z,
-                view,
-                decoder.denormalized,
-                FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
-                None if options.fp16 or not decoder.denormalized else FP32_MAX_ABS_ERROR_01 * 255.0,
+                inputs,
+                tolerances,
+                255.0 if decoder.denormalized else None,
+                "torch fp32",
             )
-            validation = {"reference": "torch fp32", "inputs": source, **result.to_dict()}
+            validation = validation_record(result, source)
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
         inputs, outputs = _tensor_specs(decoder)

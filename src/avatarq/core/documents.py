@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,3 +20,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AvatarqError(f"{path} must hold a JSON object")
     return data
+
+
+def json_float(x: float) -> float | str:
+    """A float for strict JSON: finite numbers as they are, non-finite ones as the strings
+    "NaN", "Infinity", "-Infinity" (read back by Python's float() and JavaScript's Number())."""
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")

@@ -269,7 +269,7 @@ def _count_quantize_nodes(path: Path) -> int:
 
 
 def _measure(reference: np.ndarray, test: np.ndarray, seen: np.ndarray) -> tuple[Any, Any]:
-    from avatarq.bench.metrics import compare_sequences
+    from avatarq.measure import compare_sequences
 
     everywhere = compare_sequences(reference, test, compute_ssim=False)
     visible = compare_sequences(reference, test, mask=seen[:, None], compute_ssim=False)
@@ -308,11 +308,11 @@ def compare_calibrations(
     from avatarq.calibration.masks import visibility_masks
     from avatarq.calibration.pipeline import calibrate
     from avatarq.calibration.samples import CalibrationSamples
+    from avatarq.core.ort import make_session
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
     from avatarq.export.onnx_export import export_onnx, save_onnx
     from avatarq.export.qdq import quantize_onnx
-    from avatarq.export.validate import onnx_session
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
 
@@ -336,7 +336,7 @@ def compare_calibrations(
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
     segment = segment or next(capture.clips())[0]
     clip = sequence_from_capture(capture, segment, checkpoint, camera=camera, max_frames=max_frames)
-    clip_samples = CalibrationSamples(
+    clip_samples = CalibrationSamples.of(
         torch.from_numpy(clip.z),
         torch.from_numpy(clip.view),
         tuple(tuple(i.split("/")) for i in clip.ids),
@@ -353,7 +353,7 @@ def compare_calibrations(
 
     z = np.ascontiguousarray(clip.z, dtype=np.float32)
     view = np.ascontiguousarray(clip.view, dtype=np.float32)
-    reference = _decode(onnx_session(fp32_path, threads), z, view, batch=4)
+    reference = _decode(make_session(fp32_path, "cpu", threads), z, view, batch=4)
 
     rows = []
     for index, method in enumerate(methods):
@@ -370,7 +370,7 @@ def compare_calibrations(
         seconds = time.perf_counter() - start
         if method.calibration is not None and method.calibration.method == "poca":
             seconds += mask_seconds
-        test = _decode(onnx_session(path, threads), z, view, batch=4)
+        test = _decode(make_session(path, "cpu", threads), z, view, batch=4)
         everywhere, visible = _measure(reference, test, seen)
         rows.append(
             PeerRow(

@@ -33,7 +33,8 @@ class DemoResult:
 def _calibration(avatar, out: Path, say: Say, config) -> Path:
     """Calibrate once; reuse the artifact while the checkpoint and settings are unchanged."""
     from avatarq.calibration.from_files import calibrate_decoder
-    from avatarq.models.checkpoint import file_sha256, load_checkpoint
+    from avatarq.core.hashing import file_sha256
+    from avatarq.models.checkpoint import load_checkpoint
 
     stamp = {"checkpoint": file_sha256(avatar.checkpoint), "config": config.to_dict()}
     stamp_path = out / "demo_stamp.json"
@@ -53,8 +54,8 @@ def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
     """The manifest of ``bundle`` if it was exported from this checkpoint with these options."""
     from dataclasses import asdict
 
+    from avatarq.core.hashing import file_sha256
     from avatarq.export import open_bundle
-    from avatarq.models.checkpoint import file_sha256
 
     try:
         manifest = open_bundle(bundle).manifest
