@@ -533,6 +533,3 @@ def write_report(
             (fig_dir / f"{safe}.png").write_bytes(png)
         paths["figures"] = fig_dir
     return paths
-
-
-
