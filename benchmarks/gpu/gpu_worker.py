@@ -251,9 +251,7 @@ def full_size_checkpoint(work: Path) -> Path:
 
     path = work / "dam_full.pt"
     if not path.is_file():
-        tmp = path.with_name(path.name + ".partial")
-        save_checkpoint(decoder_model(), tmp)
-        tmp.replace(path)
+        save_checkpoint(decoder_model(), path)  # written atomically
     return path
 
 
