@@ -71,10 +71,18 @@ def make_session(
     options = options if options is not None else session_options(threads, spin_wait=spin_wait)
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=providers_for(device))
+        session = ort.InferenceSession(source, options, providers=providers_for(device))
     except AvatarqError:
         raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         label = "the graph" if isinstance(model, bytes) else str(model)
         raise AvatarqError(f"ONNX Runtime cannot load {label}: {first}") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        # ORT logs why the provider did not load and silently runs on the CPU instead.
+        raise AvatarqError(
+            f"ONNX Runtime {ort.__version__} could not load its CUDA provider (the CUDA and "
+            "cuDNN libraries it was built for are missing; its log above names them); "
+            "use --device cpu"
+        )
+    return session
