@@ -535,7 +535,7 @@ def part_tensorrt(ctx: Context, backend: str = "tensorrt") -> None:
             {
                 "precision": precision,
                 "seconds": round(time.monotonic() - start, 1),
-                "mib": round(record.settings["size_bytes"] / 2**20, 1),
+                "mib": round(record.size_bytes / 2**20, 1),
                 "target": record.target,
                 "library_version": record.library_version,
             }
