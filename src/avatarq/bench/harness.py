@@ -42,7 +42,7 @@ import contextlib
 import datetime
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,13 +60,13 @@ from avatarq.bench.results import (
     environment,
 )
 from avatarq.bench.sequences import BenchSequence
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 from avatarq.measure import SequenceAccumulator, evaluate_gates, psnr
 from avatarq.measure.latency import LatencyStats
 
 TEXTURE_PEAK = 255.0
 _REF_KEY = "<reference>"  # cannot clash with a backend name
-Progress = Callable[[str, int, int], None]
 
 
 class BenchRunner(Protocol):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from avatarq.core.progress import Progress
 from avatarq.data.capture import AVERAGE, MultifaceCapture
 from avatarq.data.encode import resize_texture
 from avatarq.errors import AvatarqError
@@ -100,7 +100,7 @@ class _CaptureTensors:
 def train_dam(
     capture: MultifaceCapture,
     config: TrainConfig,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[DeepAppearanceModel, TrainReport]:
     """Train a DAM on every (frame, camera) texture of ``capture``; returns it in eval mode.
 
@@ -145,6 +145,6 @@ def train_dam(
         report.texture_losses.append(tex_loss.item())
         report.mesh_losses.append(mesh_loss.item())
         if progress is not None:
-            progress(step + 1, config.iters, report.losses[-1])
+            progress(f"training (loss {report.losses[-1]:.4f})", step + 1, config.iters)
     report.seconds = time.perf_counter() - start
     return model.eval(), report

@@ -24,10 +24,10 @@ from avatarq.core.files import atomic_path
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.ort import make_session, resolve_device
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,

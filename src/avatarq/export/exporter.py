@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from avatarq import __version__
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import (
     MODEL_FILE,
@@ -101,7 +101,7 @@ def export_bundle(
     out: str | Path,
     capture_root: str | Path | None = None,
     options: ExportOptions = ExportOptions(),
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     force: bool = False,
 ) -> ExportResult:
     """Load ``checkpoint``, trace it to ONNX, validate, and write the bundle ``out``.
@@ -111,7 +111,7 @@ def export_bundle(
     uses real latent codes of the capture. An existing ``out`` is replaced only when it is
     an avatarq bundle and ``force`` is set.
     """
-    say = progress or (lambda _msg: None)
+    say = or_silent(progress)
     BundleWriter(out, force).abort()  # refuse a bad output before minutes of work
     model = load_checkpoint(checkpoint)
     capture = normalization = None
