@@ -55,7 +55,6 @@ PLATEAU_REL = 1e-3
 ADAROUND_LR_FACTOR = 10.0
 
 
-
 # ------------------------------------------------------------------ the cache
 @dataclass
 class LayerCache:

@@ -96,7 +96,9 @@ def make_synthetic_avatar(
             "training": _report_summary(report),
             "model": asdict(model.config),
         }
-        atomic_write_text(stage.path / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(
+            stage.path / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n"
+        )
         stage.commit()
     capture_root = out / record["capture_root"]
     return SyntheticAvatar(out, capture_root, out / CHECKPOINT_FILE, False, record)

@@ -46,6 +46,27 @@ class TrainConfig:
     threads: int = 0
     version: int = 1
 
+    def __post_init__(self) -> None:
+        if self.version != 1:
+            raise AvatarqError(f"training config version must be 1, got {self.version!r}")
+        for name, low, high in (
+            ("iters", 1, 10_000_000),
+            ("batch", 1, 4096),
+            ("seed", 0, 2**32 - 1),
+            ("threads", 0, 1024),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise AvatarqError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        for name, positive in (("lr", True), ("kl_weight", False), ("mesh_weight", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and math.isfinite(value)
+            if not ok or value < 0 or (positive and value == 0):
+                kind = "a positive" if positive else "a non-negative"
+                raise AvatarqError(f"{name} must be {kind} finite number, got {value!r}")
+        # the model itself: arch, latent and texture sizes (DAMConfig's own checks)
+        DAMConfig(arch=self.arch, z_dim=self.z_dim, tex_size=self.tex_size, n_vertices=1, n_cams=1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -155,7 +155,12 @@ class OnnxModelRunner(OnnxRuntimeRunner):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> OnnxRuntimeRunner:
-        return cls._for(bundle, bundle.model_path, options)
+        return cls._for(bundle, bundle.checked_model_path(), options)
+
+    @classmethod
+    def for_graph(cls, bundle: Bundle, path: Path, options: RunOptions = RunOptions()):
+        """Another graph with the bundle's I/O (its FP32 reference graph) under ONNX Runtime."""
+        return cls._for(bundle, path, options)
 
 
 class OnnxRuntimeBuilder(Builder):

@@ -44,8 +44,12 @@ FP16_MIN_PSNR_DB = 50.0
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The written bundle, the export's check (None with validation off), and where the
+    calibration samples came from (None unless calibrated now or from an artifact)."""
+
     bundle: Bundle
     validation: Comparison | None
+    calibration: str | None = None
 
 
 def validation_inputs(
@@ -225,7 +229,8 @@ def export_bundle(
             calib_sha256=calib_sha,
         )
         bundle = writer.commit(manifest)
-    return ExportResult(bundle, result)
+    source = None if artifact is None else str(artifact.samples.get("source", ""))
+    return ExportResult(bundle, result, source)
 
 
 def _calibration(model, decoder: DeployableDecoder, capture_root, options: ExportOptions, say):
@@ -236,14 +241,15 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
 
     if options.calib is not None:
         return CalibrationArtifact.load(options.calib, decoder)
-    data = options.calib_data or capture_root
-    if data is None:
-        raise AvatarqError(
-            "--int8 without --calib calibrates on the fly and needs --capture or --data"
-        )
-    say("calibrating (POCA)")
-    samples = load_samples(model, data, seed=options.seed)
-    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
+    data = options.calib_data
+    say("calibrating (POCA)" if data or capture_root else "calibrating (POCA, data-free)")
+    capture = None
+    if data is None and capture_root is not None:
+        from avatarq.data.capture import MultifaceCapture
+
+        capture = MultifaceCapture(capture_root)
+    samples = load_samples(model, data, capture, seed=options.seed)
+    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed), progress=say)
 
 
 def _normalization_record(normalization) -> NormalizationRecord:

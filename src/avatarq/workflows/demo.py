@@ -79,7 +79,9 @@ def _validation_line(validation) -> str:  # noqa: ANN001 - a ValidationRecord or
     return line
 
 
-def run_demo(workdir: str | Path, train_iters: int = 400, progress: Progress | None = None) -> DemoResult:
+def run_demo(
+    workdir: str | Path, train_iters: int = 400, progress: Progress | None = None
+) -> DemoResult:
     """Run the demo in ``workdir``; returns paths and one-line summaries of each step."""
     from avatarq.bench.harness import bench_bundle
     from avatarq.bench.results import BenchConfig
