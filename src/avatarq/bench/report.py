@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
-from avatarq.core.documents import read_json_object
+from avatarq.bench.report_document import ReportDocument
+from avatarq.bench.results import REPORT_SCHEMA_VERSION, BenchResult, FrameStrip, RunnerResult
+from avatarq.core.documents import document_dict, load_document, read_json_object
 from avatarq.core.files import StagedDirectory, atomic_write_text
 from avatarq.errors import AvatarqError
 
@@ -53,7 +54,13 @@ def load_report(path: str | Path) -> BenchResult:
         path = path / JSON_FILE
     if not path.is_file():
         raise AvatarqError(f"bench report not found: {path}")
-    return BenchResult.from_dict(read_json_object(path))
+    version = read_json_object(path).get("schema_version")
+    if version != REPORT_SCHEMA_VERSION:
+        raise AvatarqError(
+            f"bench report schema_version is {version!r}; this avatarq reads {REPORT_SCHEMA_VERSION}"
+        )
+    document = load_document(path, ReportDocument, f"bench report {path}")
+    return BenchResult.from_dict(document_dict(document))
 
 
 # --------------------------------------------------------------------------- figures

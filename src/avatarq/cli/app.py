@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - a Typer that uses the click package
 
 from avatarq import __version__
 from avatarq.core.files import exit_on_sigterm
+from avatarq.core.progress import silent
 from avatarq.errors import AvatarqError
 
 app = typer.Typer(
@@ -97,7 +98,13 @@ class _Count(ProgressColumn):
 
 @contextmanager
 def progress_bar(title: str) -> Iterator[Callable[..., None]]:
-    """A transient progress bar on stderr; yields a `avatarq.core.progress.Progress`."""
+    """A transient progress bar on stderr; yields a `avatarq.core.progress.Progress`.
+
+    Off when stderr is not a terminal (logs, pipes, tests): nothing is drawn there, and an
+    error then stays the only line on stderr."""
+    if not err_console.is_terminal:
+        yield silent
+        return
     bar = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
