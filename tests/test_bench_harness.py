@@ -6,7 +6,6 @@ test; wrapped runners add errors with known temporal statistics.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
