@@ -1,6 +1,6 @@
 """Every avatarq command README.md and docs/cli.md show runs as printed.
 
-The ```sh blocks of both files are played in order in one empty folder (README first);
+The ```sh blocks of each file are played in order, each file in its own empty folder;
 each `avatarq ...` line must exit 0. Other lines (make, comments) are not avatarq's.
 """
 
@@ -38,8 +38,10 @@ def test_the_documents_show_the_commands_people_type():
 
 @pytest.mark.slow
 def test_every_shown_command_runs_as_printed(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
     for doc in DOCUMENTS:
+        folder = tmp_path / Path(doc).stem
+        folder.mkdir()
+        monkeypatch.chdir(folder)
         for command in shown_commands((ROOT / doc).read_text()):
             code = main(shlex.split(command)[1:])
             out, err = capsys.readouterr()
