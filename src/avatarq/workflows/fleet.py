@@ -29,7 +29,12 @@ from pathlib import Path
 from avatarq.core.documents import DOCUMENT_CONFIG, dump_document, load_document
 from avatarq.core.files import atomic_write_text
 from avatarq.errors import AvatarqError
-from avatarq.workflows.fleet_executors import default_threads, run_in_pool, run_on_ray
+from avatarq.workflows.fleet_executors import (
+    default_threads,
+    import_ray,
+    run_in_pool,
+    run_on_ray,
+)
 from avatarq.workflows.fleet_identity import RECORD_FILE, IdentityResult
 from avatarq.workflows.fleet_manifest import (
     INDEX_HTML,
@@ -258,6 +263,7 @@ def run_fleet(
 
     start = time.perf_counter()
     if ray_address is not None:
+        import_ray()  # a missing Ray is a one-line error before anything is written
         executor = f"ray {ray_address}"
         tasks = plan.tasks(out, threads or 1)
         out.mkdir(parents=True, exist_ok=True)

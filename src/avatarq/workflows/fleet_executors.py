@@ -64,7 +64,8 @@ def run_in_pool(
     return results
 
 
-def _import_ray():  # noqa: ANN202 - the ray module
+def import_ray():  # noqa: ANN201 - the ray module
+    """The ray module, or a one-line AvatarqError saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -84,7 +85,7 @@ def run_on_ray(
     keeps its connection. Every node needs avatarq installed and the manifest's paths and the
     output folder at the same place (a shared file system).
     """
-    ray = _import_ray()
+    ray = import_ray()
     started = False
     if not ray.is_initialized():
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}

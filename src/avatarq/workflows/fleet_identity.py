@@ -29,8 +29,13 @@ from pathlib import Path
 from typing import Literal
 
 from avatarq import __version__
-from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat, document_dict, dump_document
-from avatarq.core.documents import load_document as _load_document
+from avatarq.core.documents import (
+    DOCUMENT_CONFIG,
+    JsonFloat,
+    document_dict,
+    dump_document,
+    load_document,
+)
 from avatarq.core.files import StagedDirectory, atomic_write_text
 from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
@@ -181,7 +186,7 @@ def read_record(out_dir: str | Path) -> IdentityResult | None:
                 "remove it or choose another output folder"
             )
         return None
-    return _load_document(record, IdentityResult, f"identity record {record}")
+    return load_document(record, IdentityResult, f"identity record {record}")
 
 
 def write_record(out_dir: str | Path, result: IdentityResult) -> None:
