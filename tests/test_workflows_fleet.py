@@ -25,8 +25,8 @@ from avatarq.core.inputs import smooth_clip
 from avatarq.data.latents import save_inputs
 from avatarq.export import open_bundle
 from avatarq.models import DeepAppearanceModel, save_checkpoint
-from avatarq.workflows.fleet import FleetSummary, load_fleet
-from avatarq.workflows.fleet_identity import IdentityResult
+from avatarq.workflows.fleet import FleetSummary, load_fleet, run_fleet
+from avatarq.workflows.fleet_identity import IdentityResult, tree_sha256
 from tiny_dam import TINY_CONFIG
 
 runner = CliRunner()
@@ -355,11 +355,11 @@ BAD_MANIFESTS = {
     ),
     "bad tau": (
         {"version": 1, "defaults": {"calibration": {"tau": 1.5}}, "identities": [_entry()]},
-        "identity 'alice' (#0): tau must lie in [0, 1), got 1.5",
+        "identity 'alice' (#0): calibration: tau must lie in [0, 1), got 1.5",
     ),
     "bad batch profile": (
         {"version": 1, "identities": [_entry(options={"build": {"min_batch": 4, "opt_batch": 2}})]},
-        "batch profile must satisfy min <= opt <= max",
+        "build: batch profile must satisfy min <= opt <= max",
     ),
     "unknown backend": (
         {"version": 1, "identities": [_entry(options={"build": {"backend": "tpu"}})]},
@@ -393,3 +393,50 @@ def test_the_fleet_library_imports_neither_ray_nor_torch_until_it_runs():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_capture_hash_covers_every_file_and_its_path(tmp_path):
+    first = tmp_path / "first"
+    (first / "frames").mkdir(parents=True)
+    (first / "frames" / "000.bin").write_bytes(b"\x00\x01")
+    (first / "mesh.obj").write_text("v 0 0 0\n")
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    assert tree_sha256(first) == tree_sha256(second)
+    (second / "frames" / "000.bin").write_bytes(b"\x00\x02")
+    assert tree_sha256(first) != tree_sha256(second)
+    shutil.rmtree(second)
+    shutil.copytree(first, second)
+    (second / "frames" / "000.bin").rename(second / "frames" / "001.bin")
+    assert tree_sha256(first) != tree_sha256(second)
+
+
+@pytest.mark.slow
+def test_an_identity_with_a_capture_is_calibrated_on_it_and_folds_its_normalization(
+    small_avatar, tmp_path
+):
+    manifest = tmp_path / "fleet.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "defaults": {"calibration": {"method": "max", "samples": 8}},
+                "identities": [
+                    {
+                        "name": "synth",
+                        "checkpoint": str(small_avatar.checkpoint),
+                        "capture": str(small_avatar.capture_root),
+                    }
+                ],
+            }
+        )
+    )
+    summary = run_fleet(manifest, tmp_path / "out")
+    (record,) = summary.identities
+    assert record.status == "built", record.error
+    assert record.inputs.capture == tree_sha256(small_avatar.capture_root)
+    assert record.inputs.latents is None
+    bundle = open_bundle(tmp_path / "out" / record.bundle)
+    assert bundle.manifest.normalization.folded
+    assert (bundle.root / "topology.npz").is_file()
+    assert record.validation_psnr_db > 30.0

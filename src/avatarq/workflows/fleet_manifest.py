@@ -313,9 +313,15 @@ def _check_identity(entry: IdentityEntry, root: Path) -> None:
     o = entry.options
     if o.precision == "int8" and entry.capture is None and entry.latents is None:
         raise AvatarqError("precision int8 needs calibration data: give capture or latents")
-    calibration_config(o)
-    export_options(o, calib=None)
-    build_options(o, latents=None)
+    for section, check in (
+        ("calibration", lambda: calibration_config(o)),
+        ("export", lambda: export_options(o, calib=None)),
+        ("build", lambda: build_options(o, latents=None)),
+    ):
+        try:
+            check()
+        except AvatarqError as exc:
+            raise AvatarqError(f"{section}: {exc}") from None
     backend = get_backend(o.build.backend)
     if backend.builder is None:
         raise AvatarqError(
@@ -330,7 +336,7 @@ def calibration_config(options: IdentityOptions):  # noqa: ANN201 - a Calibratio
 
     c = options.calibration
     if isinstance(c.samples, bool) or c.samples < 1:
-        raise AvatarqError(f"calibration.samples must be >= 1, got {c.samples!r}")
+        raise AvatarqError(f"samples must be >= 1, got {c.samples!r}")
     return CalibrationConfig(
         method=c.method,
         tau=c.tau,
