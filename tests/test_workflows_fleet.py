@@ -349,10 +349,6 @@ BAD_MANIFESTS = {
         {"version": 1, "identities": [_entry(capture="alice/dam.pt")]},
         "capture 'alice/dam.pt' is not a folder",
     ),
-    "int8 without data": (
-        {"version": 1, "identities": [_entry(latents=None)]},
-        "precision int8 needs calibration data",
-    ),
     "bad tau": (
         {"version": 1, "defaults": {"calibration": {"tau": 1.5}}, "identities": [_entry()]},
         "identity 'alice' (#0): calibration: tau must lie in [0, 1), got 1.5",

@@ -22,12 +22,12 @@ from __future__ import annotations
 import html
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from avatarq.core.documents import DOCUMENT_CONFIG, dump_document, load_document
 from avatarq.core.files import atomic_write_text
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 from avatarq.workflows.fleet_executors import (
     default_threads,
@@ -45,7 +45,6 @@ from avatarq.workflows.fleet_manifest import (
 )
 
 SUMMARY_VERSION = 1
-OnResult = Callable[[IdentityResult, int, int], None]
 COLUMNS = (
     "identity",
     "status",
@@ -228,7 +227,7 @@ def run_fleet(
     workers: int = 1,
     ray_address: str | None = None,
     threads: int = 0,
-    on_result: OnResult | None = None,
+    progress: Progress | None = None,
 ) -> FleetSummary:
     """Build every identity of the fleet ``manifest`` into ``out`` (default: `default_out`).
 
@@ -240,7 +239,7 @@ def run_fleet(
             ``local`` (see `run_on_ray`).
         threads: torch threads per identity (0: this machine's cores / workers locally,
             1 on Ray); on Ray each task also reserves that many CPUs.
-        on_result: called with (result, done, total) as each identity finishes.
+        progress: told ``("<name> <status>", done, total)`` as each identity finishes.
 
     Returns:
         The `FleetSummary` (also written to ``out``); ``exit_code`` is 1 when one failed.
@@ -255,11 +254,12 @@ def run_fleet(
         raise AvatarqError(f"--threads must be an integer >= 0, got {threads!r}")
     total = len(plan.identities)
     done: list[IdentityResult] = []
+    say = or_silent(progress)
+    say("fleet: checking inputs", 0, total)
 
     def collect(result: IdentityResult) -> None:
         done.append(result)
-        if on_result is not None:
-            on_result(result, len(done), total)
+        say(f"{result.name} {result.status}", len(done), total)
 
     start = time.perf_counter()
     if ray_address is not None:

@@ -36,7 +36,7 @@ from avatarq.core.documents import (
     dump_document,
     load_document,
 )
-from avatarq.core.files import StagedDirectory, atomic_write_text
+from avatarq.core.files import atomic_write_text
 from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
 from avatarq.workflows.fleet_manifest import (
@@ -240,18 +240,16 @@ def _run_phases(task: IdentityTask, result: IdentityResult) -> None:
     if options.precision == "int8":
         start = time.perf_counter()
         model = load_checkpoint(task.checkpoint)
-        data = task.latents if task.latents is not None else task.capture
+        data = task.latents if task.latents is not None else task.capture  # None: data-free
         _, artifact = calibrate_decoder(
             model,
-            str(data),
+            data,
             task.capture,
             calibration_config(options),
             options.calibration.samples,
             options.camera,
         )
-        with StagedDirectory(calib, replace=True) as stage:
-            artifact.save(stage.path)
-            stage.commit()
+        artifact.save(calib)  # staged: the folder appears whole
         seconds.calibrate = time.perf_counter() - start
     elif calib.exists():
         shutil.rmtree(calib)  # an earlier INT8 run's artifact, inside our own folder

@@ -147,6 +147,7 @@ class IdentityEntry:
         capture: its capture root (normalization, topology, cameras; calibration data when
             no latents are given).
         latents: a latent-sequence .npz: the calibration data and the engine check's inputs.
+            With neither, an INT8 identity is calibrated data-free (from the latent prior).
         options: merged over the manifest's ``defaults`` key by key.
     """
 
@@ -311,8 +312,6 @@ def _check_identity(entry: IdentityEntry, root: Path) -> None:
         if not want_dir and not full.is_file():
             raise AvatarqError(f"{kind} {path!r} is not a file")
     o = entry.options
-    if o.precision == "int8" and entry.capture is None and entry.latents is None:
-        raise AvatarqError("precision int8 needs calibration data: give capture or latents")
     for section, check in (
         ("calibration", lambda: calibration_config(o)),
         ("export", lambda: export_options(o, calib=None)),
