@@ -255,7 +255,7 @@ def run_fleet(
     total = len(plan.identities)
     done: list[IdentityResult] = []
     say = or_silent(progress)
-    say("fleet: checking inputs", 0, total)
+    say(f"fleet of {total} identities", 0, total)
 
     def collect(result: IdentityResult) -> None:
         done.append(result)
