@@ -6,7 +6,6 @@ test; wrapped runners add errors with known temporal statistics.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -333,14 +332,14 @@ def test_a_capture_segment_needs_the_checkpoint(small_avatar, bundle):
         load_sequence(f"{small_avatar.capture_root}:{SEGMENT}", bundle.manifest.z_dim)
 
 
-def test_a_quantized_bundle_without_checkpoint_has_no_reference(bundle, clip, tmp_path):
+def test_a_quantized_bundle_exported_without_its_reference_needs_one(bundle, clip, tmp_path):
     copy = tmp_path / "int8.avq"
     shutil.copytree(bundle.root, copy)
     manifest = (
         (copy / "manifest.json").read_text().replace('"precision": "fp32"', '"precision": "int8"')
     )
     (copy / "manifest.json").write_text(manifest)
-    with pytest.raises(AvatarqError, match="cannot be its own FP32 reference"):
+    with pytest.raises(AvatarqError, match="was exported without its FP32 reference graph"):
         run_bench(copy, clip, BenchConfig(runners=("onnx",), render="none"))
 
 
