@@ -19,12 +19,18 @@ def document_types() -> dict[str, Any]:
     from avatarq.bench.report_document import ReportDocument
     from avatarq.export.manifest import BuildOptions, Manifest
     from avatarq.export.options import ExportOptions
+    from avatarq.workflows.fleet import FleetSummary
+    from avatarq.workflows.fleet_identity import IdentityResult
+    from avatarq.workflows.fleet_manifest import FleetManifest
 
     return {
         "manifest": Manifest,
         "export-options": ExportOptions,
         "build-options": BuildOptions,
         "report": ReportDocument,
+        "fleet-manifest": FleetManifest,
+        "fleet-identity": IdentityResult,
+        "fleet-summary": FleetSummary,
     }
 
 
