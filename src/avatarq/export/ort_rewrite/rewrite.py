@@ -203,6 +203,9 @@ def rewrite_for_ort(
         if any(plan.mode.startswith("int8") for plan in plans):
             work.graph.opset_imports[MS_DOMAIN] = 1
         remove_dead(work)
+    else:
+        why = "integer kernels disabled" if not config.integer else ""
+        records = [LayerRewrite(q.name, q.op, "kept", q.problem or why, q.op) for q in layers]
     records += _rewrite_float_layers(work, b)
     remove_dead(work)
     out = to_proto(work)
