@@ -79,3 +79,21 @@ def qdq_graph(checkpoint: Path, model_onnx: Path, n_samples: int = 16) -> onnx.M
     samples = samples_from_latents(LatentSequence(z, view), n_random=n_samples, n_clips=0)
     artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
     return quantize_onnx(onnx.load(str(model_onnx)), artifact)
+
+
+def int8_bundle(root: Path, config: DAMConfig, name: str = "dam_int8.avq") -> Path:
+    """An INT8 bundle of a Multiface-initialized ``config`` (max calibration on a smooth
+    latent clip) at ``root / name``; the checkpoint is ``root / dam.pt``."""
+    from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
+    from avatarq.data.latents import LatentSequence
+    from avatarq.export import ExportOptions, export_bundle
+    from avatarq.models import DeployableDecoder, load_checkpoint
+
+    checkpoint = multiface_checkpoint(root / "dam.pt", config)
+    decoder = DeployableDecoder(load_checkpoint(checkpoint))
+    z, view = smooth_clip(config.z_dim, 64, seed=1)
+    samples = samples_from_latents(LatentSequence(z, view), n_random=16, n_clips=0)
+    calibrate(decoder, samples, CalibrationConfig(method="max")).save(root / "calib")
+    options = ExportOptions(int8=True, calib=str(root / "calib"), validate=False)
+    export_bundle(checkpoint, root / name, options=options)
+    return root / name
