@@ -10,9 +10,9 @@ Layer modes, recorded per layer in `RewriteResult.layers`:
 
 - ``int8``: MatMulIntegerToFloat on 8-bit channels-last data; the graph's own bias,
   texel bias, activation and next QuantizeLinear follow on the rescaled float values.
-  A layer whose output reaches a graph output through Add/Mul by constants only (the
-  texture layer) gets those constants folded in and Col2Im lays out the image; no
-  quantizer follows, so its ulp-level differences stay ulp-level.
+  A layer whose output reaches no QuantizeLinear (the texture layer) writes its image
+  with Col2Im, a following chain of Add/Mul by constants folded in: nothing requantizes
+  it, so its ulp-level differences stay ulp-level.
 - ``float``: the exact form on float kernels (integer-valued float32 sums, exact), for
   layers listed in `OrtRewriteConfig.float_layers` or without an integer kernel here
   (a ConvTranspose that is not k4 s2 p1).
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
 from avatarq.errors import AvatarqError
 from avatarq.export.ort_rewrite.engine import (
@@ -35,12 +36,7 @@ from avatarq.export.ort_rewrite.engine import (
     quantize_before_resize,
     unsigned_activations,
 )
-from avatarq.export.ort_rewrite.float_phase import (
-    float_weights,
-    follow_affine,
-    not_k4s2p1,
-    rewrite_float_layer,
-)
+from avatarq.export.ort_rewrite.float_phase import float_weights, not_k4s2p1, rewrite_float_layer
 from avatarq.export.ort_rewrite.graph import (
     MS_DOMAIN,
     Builder,
@@ -147,11 +143,26 @@ def plan_layer(layer: QuantLayer, config: OrtRewriteConfig) -> LayerPlan:
     why = not_k4s2p1(layer.node) or ("" if spatial(layer.node.inputs[0]) else "unknown size")
     if why:
         return LayerPlan(layer, "float", f"no integer kernel for this ConvTranspose ({why})")
-    tail = follow_affine(layer.node.outputs[0], layer.cout)
-    end = layer.node.outputs[0] if tail is None else tail.end
-    if end.is_graph_output():
+    if not reaches_quantizer(layer.node.outputs[0]):
         return LayerPlan(layer, "int8-image", "output layer: float tail folded in, Col2Im")
     return LayerPlan(layer, "int8")
+
+
+def reaches_quantizer(value: ir.Value) -> bool:
+    """Whether any QuantizeLinear depends on ``value``. A layer whose output reaches none
+    feeds only float computations, where an ulp of difference stays an ulp."""
+    seen: set[ir.Value] = set()
+    todo = [value]
+    while todo:
+        current = todo.pop()
+        for user, _ in current.uses():
+            if user.op_type == "QuantizeLinear":
+                return True
+            for out in user.outputs:
+                if out not in seen:
+                    seen.add(out)
+                    todo.append(out)
+    return False
 
 
 def _record(plan: LayerPlan) -> LayerRewrite:
