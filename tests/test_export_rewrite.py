@@ -327,7 +327,9 @@ def test_a_layer_listed_as_float_runs_its_exact_form_on_float_kernels(graphs):
     name = "dec.texture_decoder.upsample.0.conv2.deconv"
     result = rewrite_for_ort(qdq, OrtRewriteConfig(float_layers=(name,)))
     layer = next(layer for layer in result.layers if layer.node == name)
-    assert (layer.mode, layer.kernel, layer.reason) == ("float", "ConvTranspose", "listed in float_layers")
+    assert (layer.mode, layer.kernel, layer.reason) == ("float", "Conv", "listed in float_layers")
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert (ops["ConvTranspose"], ops["Col2Im"]) == (0, 2)  # its phase conv + the output layer
     z, view = smooth_clip(16, 4, seed=12)
     ref = _decode(exact_reference(qdq)[0], z, view, exact=True)[0]
     assert _worst_frame_psnr(ref, _decode(result.model, z, view)[0]) >= 130.0

@@ -24,11 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from avatarq.export.ort_rewrite import integer
-from avatarq.export.ort_rewrite.exact import exact_layer
-from avatarq.export.ort_rewrite.float_phase import follow_affine
+from avatarq.export.ort_rewrite.exact import channel_shape, exact_layer, integer_input
+from avatarq.export.ort_rewrite.float_phase import follow_affine, not_k4s2p1, phase_conv
 from avatarq.export.ort_rewrite.graph import Builder, array, attr, set_output
 from avatarq.export.ort_rewrite.layers import QuantLayer
 from avatarq.export.ort_rewrite.layout import NCHW, NHWC, PHASES, Layouts
+from avatarq.export.ort_rewrite.phases import broadcastable
 
 _UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Abs", "Neg", "Identity", "Elu", "Cast")
 _BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min")
@@ -111,6 +112,24 @@ def _attributes(node: ir.Node) -> dict:
     return {k: v.value for k, v in node.attributes.items()}
 
 
+def exact_phase_conv(b: Builder, layer: QuantLayer, q: ir.Value, hw: tuple[int, int]) -> ir.Value:
+    """The exact form of a ConvTranspose(k4, s2, p1) layer on float kernels: the merged
+    phase Conv + Col2Im on integer-valued floats (exact sums), then the rescale and bias.
+    The Mul follows Col2Im, so no ORT fusion folds it into the weights."""
+    x = integer_input(b, layer, q)
+    acc = phase_conv(b, x, layer.weight.astype(np.float32), hw, f"{layer.name}.exact")
+    rescale = b.const(
+        f"{layer.name}.rescale", layer.rescale.reshape(channel_shape(layer, layer.cout))
+    )
+    y = b.op("Mul", [acc, rescale], f"{layer.name}.exact")
+    if layer.bias is not None:
+        bias = b.const(
+            f"{layer.name}.exact_bias", layer.bias.reshape(channel_shape(layer, layer.cout))
+        )
+        y = b.op("Add", [y, bias], f"{layer.name}.exact")
+    return y
+
+
 # --------------------------------------------------------------------------- the walk
 
 
@@ -162,6 +181,10 @@ class _Int8Engine:
             lay.add(out, NHWC, y, shape=shape)
         elif plan.mode == "int8":
             lay.add(out, NCHW, integer.matmul(b, layer))
+        elif plan.mode == "float" and layer.op == "ConvTranspose" and not not_k4s2p1(layer.node):
+            lay.add(
+                out, NCHW, exact_phase_conv(b, layer, lay.get(layer.q, NCHW), self._hw(layer.q))
+            )
         elif plan.mode == "float":
             lay.add(out, NCHW, exact_layer(b, layer, lay.get(layer.q, NCHW)))
         else:
@@ -226,17 +249,20 @@ class _Int8Engine:
         lay.add(node.outputs[0], layout, new, grid=grid, shape=shape)
         return True
 
-    @staticmethod
-    def _identity(node: ir.Node, consts: list[int]) -> bool:
+    def _identity(self, node: ir.Node, consts: list[int]) -> bool:
         """x + 0, x - 0, 0 + x, x * 1, 1 * x: the same floats (up to the sign of zero, which
         quantizes and compares alike), so they are skipped."""
         if len(consts) != 1 or len(node.inputs) != 2:
             return False
         value = array(node.inputs[consts[0]])
+        data = node.inputs[1 - consts[0]]
+        shape = self.layouts.shape(data)
+        if value.dtype != np.float32 or shape is None or not broadcastable(value, shape):
+            return False  # the op could still broadcast its input to a larger shape
         if node.op_type == "Add" or (node.op_type == "Sub" and consts[0] == 1):
-            return value.dtype == np.float32 and not value.any()
+            return not value.any()
         if node.op_type == "Mul":
-            return value.dtype == np.float32 and bool(np.all(value == 1))
+            return bool(np.all(value == 1))
         return False
 
     def _constant(self, node: ir.Node, i: int, layout: str, like: ir.Value) -> ir.Value | None:

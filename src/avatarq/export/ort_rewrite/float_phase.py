@@ -87,6 +87,29 @@ def float_weights(node: ir.Node) -> np.ndarray | None:
     return weight
 
 
+def phase_conv(
+    b: Builder,
+    x: ir.Value,
+    weight: np.ndarray,
+    hw: tuple[int, int],
+    base: str,
+    bias: np.ndarray | None = None,
+) -> ir.Value:
+    """ConvTranspose(k4, s2, p1) of x [N, Cin, H, W] with ``weight`` [Cin, Cout, 4, 4]
+    (float32 values) as the merged phase Conv + Col2Im: [N, Cout, 2H, 2W]."""
+    (h, w), cout = hw, weight.shape[1]
+    merged = col2im_phase_weights(weight).astype(np.float32)
+    inputs = [x, b.const(f"{base}.phases.weight", merged)]
+    if bias is not None:
+        inputs.append(b.const(f"{base}.phases.bias", np.repeat(bias, 4).astype(np.float32)))
+    phases = b.op("Conv", inputs, f"{base}.phases", pads=[1, 1, 1, 1], kernel_shape=[2, 2])
+    shape = b.const(f"{base}.columns_shape", np.array([0, 4 * cout, (h + 1) * (w + 1)]))
+    columns = b.op("Reshape", [phases, shape], f"{base}.columns")
+    image = b.const(f"{base}.image_shape", np.array([2 * h, 2 * w]))
+    block = b.const(f"{base}.block_shape", np.array([2, 2]))
+    return b.op("Col2Im", [columns, image, block], base, pads=[1, 1, 1, 1], strides=[2, 2])
+
+
 def rewrite_float_layer(b: Builder, node: ir.Node, weight: np.ndarray) -> tuple[ir.Value, ir.Value]:
     """The merged phase Conv + Col2Im for ``node`` and the affine tail it absorbs.
 
@@ -94,24 +117,15 @@ def rewrite_float_layer(b: Builder, node: ir.Node, weight: np.ndarray) -> tuple[
         (the original value it replaces: the tail's end or the node's output, its new value).
     """
     base = node.name or str(node.outputs[0].name)
-    h, w = spatial(node.inputs[0])
     cout = weight.shape[1]
-    merged = col2im_phase_weights(weight).astype(np.float64)
     bias = array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-    bias = None if bias is None else np.repeat(bias.astype(np.float64), 4)
+    bias = None if bias is None else bias.astype(np.float64)
     tail = follow_affine(node.outputs[0], cout)
+    weight = weight.astype(np.float64)
     if tail is not None:
-        merged *= np.repeat(tail.gain, 4).reshape(-1, 1, 1, 1)
-        bias = None if bias is None else bias * np.repeat(tail.gain, 4)
-    inputs = [node.inputs[0], b.const(f"{base}.phases.weight", merged.astype(np.float32))]
-    if bias is not None:
-        inputs.append(b.const(f"{base}.phases.bias", bias.astype(np.float32)))
-    phases = b.op("Conv", inputs, f"{base}.phases", pads=[1, 1, 1, 1], kernel_shape=[2, 2])
-    shape = b.const(f"{base}.columns_shape", np.array([0, 4 * cout, (h + 1) * (w + 1)]))
-    columns = b.op("Reshape", [phases, shape], f"{base}.columns")
-    image = b.const(f"{base}.image_shape", np.array([2 * h, 2 * w]))
-    block = b.const(f"{base}.block_shape", np.array([2, 2]))
-    out = b.op("Col2Im", [columns, image, block], base, pads=[1, 1, 1, 1], strides=[2, 2])
+        weight = weight * tail.gain.reshape(1, -1, 1, 1)
+        bias = None if bias is None else bias * tail.gain
+    out = phase_conv(b, node.inputs[0], weight, spatial(node.inputs[0]), base, bias)
     if tail is not None and tail.offset.any():
         out = b.op("Add", [out, b.const(f"{base}.tail_offset", tail.offset)], f"{base}.offset")
     return (node.outputs[0] if tail is None else tail.end), out

@@ -168,21 +168,25 @@ def reaches_quantizer(value: ir.Value) -> bool:
 def _record(plan: LayerPlan) -> LayerRewrite:
     layer = plan.layer
     integer = plan.mode.startswith("int8")
-    mode = "int8" if integer else plan.mode
-    return LayerRewrite(layer.name, layer.op, mode, plan.reason, GEMM_OP if integer else layer.op)
+    kernel = GEMM_OP if integer else layer.op
+    if plan.mode == "float" and layer.op == "ConvTranspose" and not not_k4s2p1(layer.node):
+        kernel = "Conv"  # its phase convolution
+    return LayerRewrite(layer.name, layer.op, "int8" if integer else plan.mode, plan.reason, kernel)
 
 
-def _rewrite_float_layers(model, b: Builder) -> list[LayerRewrite]:
+def _float_layers(graph: ir.Graph) -> list[ir.Node]:
+    """The ConvTranspose nodes with float32 weight initializers (float layers)."""
+    return [n for n in graph if n.op_type == "ConvTranspose" and float_weights(n) is not None]
+
+
+def _rewrite_float_layers(model, b: Builder, nodes: list[ir.Node]) -> list[LayerRewrite]:
     records = []
-    for node in list(model.graph):
-        if node.op_type != "ConvTranspose":
-            continue
+    for node in nodes:
         weight = float_weights(node)
         why = not_k4s2p1(node) or ("" if spatial(node.inputs[0]) else "unknown input size")
         name = node.name or str(node.outputs[0].name)
-        if weight is None or why:
-            if weight is not None:
-                records.append(LayerRewrite(name, "ConvTranspose", "kept", why, "ConvTranspose"))
+        if why:
+            records.append(LayerRewrite(name, "ConvTranspose", "kept", why, "ConvTranspose"))
             continue
         old, new = rewrite_float_layer(b, node, weight)
         if old.is_graph_output():
@@ -204,6 +208,7 @@ def rewrite_for_ort(
     b = Builder(work.graph)
     records: list[LayerRewrite] = []
     layers = find_layers(work.graph)
+    float_nodes = _float_layers(work.graph)  # before the INT8 walk adds float forms of its own
     if config.integer and any(not layer.problem for layer in layers):
         unsigned_activations(work.graph, b)
         quantize_before_resize(work.graph, b)
@@ -217,7 +222,7 @@ def rewrite_for_ort(
     else:
         why = "integer kernels disabled" if not config.integer else ""
         records = [LayerRewrite(q.name, q.op, "kept", q.problem or why, q.op) for q in layers]
-    records += _rewrite_float_layers(work, b)
+    records += _rewrite_float_layers(work, b, float_nodes)
     remove_dead(work)
     out = to_proto(work)
     out.ir_version = model.ir_version
