@@ -416,7 +416,7 @@ def exactness_markdown(rows: list[dict], env: dict, command: str) -> str:
         "clip; the build check decodes its default clip (32 frames, smooth, spread like the "
         "calibrated codes) unless stated.",
         "",
-        "| model | INT8 engine vs exact evaluation, worst frame | ONNX Runtime float evaluation vs exact, worst frame | integer layers | check |",
+        "| model | INT8 engine vs exact evaluation of model.onnx, worst frame | INT8 engine vs ONNX Runtime's float evaluation of model.onnx, worst frame | integer layers | check |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
