@@ -23,6 +23,7 @@ of a 256 MiB float32 array (one thread; read + write bytes counted).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -37,10 +38,11 @@ import torch
 from torch import nn
 
 from avatarq.bench.results import environment
+from avatarq.core.inputs import DecoderInputs, smooth_clip
 from avatarq.engines import build_engine
-from avatarq.engines.compare import smooth_sequence
+from avatarq.engines.onnxruntime import check_clip
 from avatarq.engines.ort_profile import alternating_latency, profile_nodes, time_by_op
-from avatarq.export import ExportOptions, export_bundle
+from avatarq.export import ExportOptions, export_bundle, open_bundle
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 
 ARCHS = ("base", "res", "non", "bilinear", "warp")
@@ -92,17 +94,17 @@ def multiface_checkpoint(path: Path, config: DAMConfig, texel_bias_std: float) -
 
 def calibration_latents(z_dim: int, path: Path) -> Path:
     """A smooth 64-frame latent clip (N(0, 1) keyframes), saved for calibration."""
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import save_inputs
 
     if not path.exists():
-        LatentSequence(*smooth_sequence(z_dim, 64, seed=1)).save(path)
+        save_inputs(smooth_clip(z_dim, 64, seed=1), path)
     return path
 
 
 def bundles(root: Path, config: DAMConfig, texel_bias_std: float) -> tuple[Path, Path]:
     """(FP32 bundle, INT8 bundle) of a Multiface-initialized ``config`` under ``root``."""
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import load_inputs
     from avatarq.models import DeployableDecoder, load_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def bundles(root: Path, config: DAMConfig, texel_bias_std: float) -> tuple[Path,
     checkpoint = multiface_checkpoint(root / "dam.pt", config, texel_bias_std)
     say(f"export FP32 {config.arch} {config.tex_size}")
     export_bundle(checkpoint, fp32, options=ExportOptions(validate=False))
-    seq = LatentSequence.load(calibration_latents(config.z_dim, root / "calib_latents.npz"))
+    seq = load_inputs(calibration_latents(config.z_dim, root / "calib_latents.npz"))
     samples = samples_from_latents(seq, n_random=32, n_clips=0)
     say("calibrate (max) and export INT8")
     artifact = calibrate(
@@ -128,11 +130,11 @@ def quantize_static_peer(fp32_model: Path, out: Path, latents: Path) -> Path:
     """ONNX Runtime's quantize_static of the FP32 graph on the calibration latents."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import load_inputs
 
     if out.exists():
         return out
-    seq = LatentSequence.load(latents)
+    seq = load_inputs(latents)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -226,8 +228,7 @@ def latency_run(args: argparse.Namespace) -> dict:
         "INT8 engine": int8 / int8_record.path,
         "ORT quantize_static": peer,
     }
-    z, view = smooth_sequence(256, 2, seed=3)
-    feeds = {"z": z[:1], "view": view[:1]}
+    feeds = smooth_clip(256, 2, seed=3).batch(0, 1)
     say(f"latency: {len(graphs)} graphs interleaved, {args.iters} iterations each")
     stats = alternating_latency(graphs, feeds, threads=args.threads, iters=args.iters, warmup=5)
     say("memory bandwidth")
@@ -255,12 +256,25 @@ def latency_run(args: argparse.Namespace) -> dict:
         "size_bytes": {k: Path(p).stat().st_size for k, p in graphs.items()},
         "bandwidth_gb_s": bandwidth,
         "floor_bytes": floors,
-        "int8_check": int8_record.settings["check"],
-        "int8_layers": int8_record.settings["rewrite"]["layers"],
-        "int8_optimized_ops": int8_record.settings["optimized_ops"],
-        "fp32_optimized_ops": fp32_record.settings["optimized_ops"],
+        "int8_check": _check_dict(int8_record),
+        "int8_layers": [dataclasses.asdict(layer) for layer in int8_record.rewrite.layers],
+        "int8_optimized_ops": int8_record.optimized_ops,
+        "fp32_optimized_ops": fp32_record.optimized_ops,
         "profiles": profiles,
     }
+
+
+def _db(value: float | str) -> str:
+    value = float(value)
+    return "inf" if math.isinf(value) else f"{value:.1f} dB"
+
+
+def _check_dict(record) -> dict:  # noqa: ANN001 - an OnnxRuntimeEngineRecord
+    """The build check of an ONNX Runtime engine record as the plain dict this script
+    writes: the comparison with the exact evaluation, and with ORT's float evaluation."""
+    check = dataclasses.asdict(record.check)
+    check["vs_float_evaluation"] = dataclasses.asdict(record.float_evaluation)
+    return check
 
 
 def latency_markdown(r: dict, env: dict, command: str) -> tuple[str, str]:
@@ -297,9 +311,9 @@ def latency_markdown(r: dict, env: dict, command: str) -> tuple[str, str]:
         f"Copy bandwidth (numpy.copyto, 256 MiB float32, one thread, read + write): {bw:.1f} GB/s.",
         "", *floor_rows, "",
         f"INT8 engine vs the exact evaluation of its model.onnx (build check, "
-        f"{check['inputs']}): worst frame {check['texture_psnr_min_db']} dB; vs ONNX "
+        f"{check['inputs']}): worst frame {_db(check['texture_psnr_min_db'])}; vs ONNX "
         f"Runtime's float evaluation of the same model.onnx: worst frame "
-        f"{check['vs_float_evaluation']['texture_psnr_min_db']} dB.",
+        f"{_db(check['vs_float_evaluation']['texture_psnr_min_db'])}.",
     ])  # fmt: skip
     prof = [head, ""]
     for label, p in r["profiles"].items():
@@ -360,17 +374,16 @@ def exactness_run(args: argparse.Namespace) -> list[dict]:
                 continue
             rows.append(_exact_row(f"{arch} {tex} (Multiface init)", record))
             if arch == "base":
-                z, view = smooth_sequence(256, 32, seed=0)
-                sigma = float(rows[-1]["inputs"].split("sigma ")[1].split(" ")[0])
-                rows[-1]["flips"] = flip_counts(int8 / "model.onnx", z * sigma, view)
+                clip = check_clip(open_bundle(int8), onnx.load(str(int8 / "model.onnx")), None)
+                rows[-1]["flips"] = flip_counts(int8 / "model.onnx", clip.z, clip.view)
             say(f"{arch} {tex}: {rows[-1]}")
     rows.append(_demo_row(args))
     return rows
 
 
 def _exact_row(label: str, record) -> dict:
-    check = record.settings["check"]
-    modes = [layer["mode"] for layer in record.settings["rewrite"]["layers"]]
+    check = _check_dict(record)
+    modes = [layer.mode for layer in record.rewrite.layers]
     return {
         "model": label,
         "inputs": check["inputs"],
@@ -386,7 +399,7 @@ def _demo_row(args: argparse.Namespace) -> dict:
     the engine checked on the encoder's codes of one capture segment, in order."""
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import encode_frames
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import save_inputs
     from avatarq.data.synthetic import make_synthetic_avatar
     from avatarq.engines import BuildOptions
     from avatarq.models import load_checkpoint
@@ -401,7 +414,7 @@ def _demo_row(args: argparse.Namespace) -> dict:
     model = load_checkpoint(avatar.checkpoint)
     z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
     view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(z), 1))
-    latents = LatentSequence(z, view).save(args.workdir / "demo_codes.npz")
+    latents = save_inputs(DecoderInputs.from_z_view(z, view), args.workdir / "demo_codes.npz")
     record = build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=str(latents)))
     row = _exact_row("demo avatar (trained, texture 256, z 64)", record)
     row["inputs"] = f"encoder codes of capture segment {segment}, {len(z)} frames in order"
@@ -424,7 +437,7 @@ def exactness_markdown(rows: list[dict], env: dict, command: str) -> str:
             lines.append(f"| {r['model']} | - | - | - | export failed: {r['error'][:80]} |")
             continue
         lines.append(
-            f"| {r['model']} | {r['vs_exact_min_db']} dB | {r['vs_float_min_db']} dB | "
+            f"| {r['model']} | {_db(r['vs_exact_min_db'])} | {_db(r['vs_float_min_db'])} | "
             f"{r['int8_layers']} | {'passed' if r['passed'] else 'FAILED'} |"
         )
     for r in rows:

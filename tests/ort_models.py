@@ -59,24 +59,26 @@ def multiface_checkpoint(path: Path, config: DAMConfig, seed: int = 0) -> Path:
 
 
 def smooth_clip(z_dim: int, n: int, seed: int, sigma: float = 1.0):
-    """A smooth (z [n, Z], view [n, 3]) clip, z keyframes N(0, sigma^2)."""
-    from avatarq.engines.compare import smooth_sequence
+    """A smooth (z [n, Z], view [n, 3]) clip (`avatarq.core.inputs.smooth_clip`), z scaled
+    by ``sigma``."""
+    from avatarq.core.inputs import smooth_clip as clip
 
-    z, view = smooth_sequence(z_dim, n, seed=seed)
-    return (z * sigma).astype(np.float32), view
+    inputs = clip(z_dim, n, seed=seed)
+    return (inputs.z * sigma).astype(np.float32), inputs.view
 
 
 def qdq_graph(checkpoint: Path, model_onnx: Path, n_samples: int = 16) -> onnx.ModelProto:
     """avatarq's own INT8 Q/DQ graph of the bundle graph ``model_onnx``: max calibration
     on a smooth latent clip, then `quantize_onnx`."""
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
-    from avatarq.data.latents import LatentSequence
+    from avatarq.core.inputs import DecoderInputs
     from avatarq.export.qdq import quantize_onnx
     from avatarq.models import DeployableDecoder, load_checkpoint
 
     decoder = DeployableDecoder(load_checkpoint(checkpoint))
     z, view = smooth_clip(decoder.config.z_dim, 4 * n_samples, seed=1)
-    samples = samples_from_latents(LatentSequence(z, view), n_random=n_samples, n_clips=0)
+    latents = DecoderInputs.from_z_view(z, view)
+    samples = samples_from_latents(latents, n_random=n_samples, n_clips=0)
     artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
     return quantize_onnx(onnx.load(str(model_onnx)), artifact)
 
@@ -85,14 +87,15 @@ def int8_bundle(root: Path, config: DAMConfig, name: str = "dam_int8.avq") -> Pa
     """An INT8 bundle of a Multiface-initialized ``config`` (max calibration on a smooth
     latent clip) at ``root / name``; the checkpoint is ``root / dam.pt``."""
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
-    from avatarq.data.latents import LatentSequence
+    from avatarq.core.inputs import DecoderInputs
     from avatarq.export import ExportOptions, export_bundle
     from avatarq.models import DeployableDecoder, load_checkpoint
 
     checkpoint = multiface_checkpoint(root / "dam.pt", config)
     decoder = DeployableDecoder(load_checkpoint(checkpoint))
     z, view = smooth_clip(config.z_dim, 64, seed=1)
-    samples = samples_from_latents(LatentSequence(z, view), n_random=16, n_clips=0)
+    latents = DecoderInputs.from_z_view(z, view)
+    samples = samples_from_latents(latents, n_random=16, n_clips=0)
     calibrate(decoder, samples, CalibrationConfig(method="max")).save(root / "calib")
     options = ExportOptions(int8=True, calib=str(root / "calib"), validate=False)
     export_bundle(checkpoint, root / name, options=options)

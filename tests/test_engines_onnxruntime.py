@@ -12,7 +12,6 @@ from avatarq.export import ExportOptions, export_bundle, open_bundle
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 from tiny_dam import export_tiny_dam
 
-
 Z_DIM = 16
 
 
@@ -43,22 +42,22 @@ def test_build_records_the_engine_in_the_manifest(bundle):
     assert [(e.backend, e.path, e.target) for e in manifest.engines] == [
         ("onnxruntime", "engines/onnxruntime-cpu.onnx", "cpu")
     ]
-    assert (bundle / record.path).stat().st_size == record.settings["size_bytes"]
+    assert (bundle / record.path).stat().st_size == record.size_bytes
     assert record.library_version == __import__("onnxruntime").__version__
     assert record.build_seconds > 0
 
 
 def test_build_checks_the_float_rewrite_against_model_onnx(bundle):
-    check = build_engine(bundle, "onnxruntime").settings["check"]
-    assert check["texture_max_abs_error"] <= 1e-6 * check["peak"]
-    assert check["texture_psnr_db"] == "inf" or check["texture_psnr_db"] > 120
+    check = build_engine(bundle, "onnxruntime").check
+    assert check.texture_max_abs_error <= 1e-6 * check.peak
+    assert check.texture_psnr_db > 120
 
 
 def test_rebuilding_replaces_the_record_of_the_same_target(bundle):
     build_engine(bundle, "onnxruntime")
     build_engine(bundle, "onnxruntime", BuildOptions(ort_rewrite=False))
     engines = open_bundle(bundle).manifest.engines
-    assert len(engines) == 1 and engines[0].settings["rewrite"] is None
+    assert len(engines) == 1 and engines[0].rewrite is None
 
 
 def test_engine_runner_matches_model_onnx(bundle):
@@ -141,7 +140,7 @@ def test_torch_runner_refuses_another_checkpoint(tiny, tmp_path):
 def test_manifest_stays_valid_json_after_a_build(bundle):
     build_engine(bundle, "onnxruntime")
     data = json.loads((bundle / "manifest.json").read_text())
-    assert data["engines"][0]["settings"]["rewrite"]["layers"][0]["mode"] == "float"
+    assert data["engines"][0]["rewrite"]["layers"][0]["mode"] == "float"
 
 
 @pytest.mark.gpu
@@ -159,22 +158,22 @@ def test_cuda_provider_matches_cpu_when_onnxruntime_gpu_is_installed(tiny):
 
 
 def test_build_check_decodes_the_given_latents_and_records_them(bundle, tmp_path):
-    from avatarq.data.latents import LatentSequence
-    from avatarq.engines.compare import smooth_sequence
+    from avatarq.core.inputs import smooth_clip
+    from avatarq.data.latents import save_inputs
 
-    good = LatentSequence(*smooth_sequence(Z_DIM, 40)).save(tmp_path / "good.npz")
+    good = save_inputs(smooth_clip(Z_DIM, 40), tmp_path / "good.npz")
     record = build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=good))
-    assert record.settings["calibration_latents"] == str(good)
-    assert record.settings["check"]["inputs"] == f"the first 32 steps of {good}"
-    assert record.settings["check"]["frames"] == 32
-    bad = LatentSequence(*smooth_sequence(8, 40)).save(tmp_path / "bad.npz")
+    assert record.options.calibration_latents == str(good)
+    assert record.check.inputs == f"the first 32 steps of {good}"
+    assert record.check.n_samples == 32
+    bad = save_inputs(smooth_clip(8, 40), tmp_path / "bad.npz")
     with pytest.raises(AvatarqError, match="has z of size 8; the bundle's decoder takes 16"):
         build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=bad))
 
 
 def test_build_check_of_a_float_bundle_defaults_to_a_smooth_unit_variance_clip(bundle):
-    check = build_engine(bundle, "onnxruntime").settings["check"]
-    assert (check["inputs"], check["frames"]) == ("32-frame smooth N(0, 1) latent clip (seed 0)", 32)
+    check = build_engine(bundle, "onnxruntime").check
+    assert (check.inputs, check.n_samples) == ("32-frame smooth N(0, 1) latent clip (seed 0)", 32)
 
 
 def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tmp_path):
@@ -182,9 +181,9 @@ def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tm
     # its own Q/DQ graph on real codes (scales of its own, calibrated on N(0, 1) latents);
     # now the engine equals the exact evaluation of model.onnx (the `onnx` backend).
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_capture
+    from avatarq.core.inputs import DecoderInputs
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization, encode_frames
-    from avatarq.data.latents import LatentSequence
     from avatarq.engines.compare import compare_bundle
     from avatarq.models import DeployableDecoder, load_checkpoint
 
@@ -200,7 +199,7 @@ def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tm
     z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
     view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(z), 1))
     build_engine(bundle, "onnxruntime")
-    latents = LatentSequence(z, view)
+    latents = DecoderInputs.from_z_view(z, view)
     result = compare_bundle(bundle, "onnx", "onnxruntime", latents=latents, compute_ssim=False)
     assert result.texture.psnr_min >= 100.0  # worst frame
 
@@ -227,12 +226,13 @@ def int8_built(int8_tiny, tmp_path_factory):
 
 
 def test_int8_build_checks_the_engine_against_the_exact_evaluation(int8_built):
-    check = int8_built[1].settings["check"]
-    assert check["reference"].startswith("model.onnx evaluated exactly")
-    assert check["passed"] is True and check["min_psnr_db"] == 100.0
-    assert check["texture_psnr_min_db"] == "inf" or check["texture_psnr_min_db"] >= 130.0
-    assert check["vertices_max_abs_error"] == 0.0
-    assert "vs_float_evaluation" in check
+    record = int8_built[1]
+    check = record.check
+    assert check.reference.startswith("model.onnx evaluated exactly")
+    assert check.passed is True and check.tolerances == {"min_psnr_frame": 100.0}
+    assert check.texture_psnr_min_db >= 130.0
+    assert check.vertices_max_abs_error == 0.0
+    assert record.float_evaluation.reference == "model.onnx under ONNX Runtime's float kernels"
 
 
 def test_int8_build_check_clip_spreads_like_the_calibrated_codes(int8_built):
@@ -241,24 +241,22 @@ def test_int8_build_check_clip_spreads_like_the_calibrated_codes(int8_built):
     from avatarq.engines.onnxruntime import input_range
 
     bundle, record = int8_built
-    check = record.settings["check"]
+    check = record.check
     sigma = input_range(onnx.load(str(bundle / "model.onnx"))) / 3
-    assert check["inputs"] == (
+    assert check.inputs == (
         f"32-frame smooth latent clip (seed 0), sigma {sigma:.3g} = 1/3 of the z quantizer's range"
     )
 
 
 def test_int8_engine_runs_integer_kernels_after_onnxruntime_optimization(int8_built):
-    ops = int8_built[1].settings["optimized_ops"]
+    ops = int8_built[1].optimized_ops
     assert ops["com.microsoft.MatMulIntegerToFloat"] == 8  # 4 ConvTranspose + 4 Gemm
     assert not {"Conv", "ConvTranspose", "Gemm", "MatMul", "DequantizeLinear"} & set(ops)
 
 
 def test_int8_engine_records_each_layer_on_integer_kernels(int8_built):
-    layers = int8_built[1].settings["rewrite"]["layers"]
-    assert {(layer["mode"], layer["kernel"]) for layer in layers} == {
-        ("int8", "MatMulIntegerToFloat")
-    }
+    layers = int8_built[1].rewrite.layers
+    assert {(layer.mode, layer.kernel) for layer in layers} == {("int8", "MatMulIntegerToFloat")}
 
 
 def test_onnx_backend_evaluates_a_qdq_graph_exactly(int8_copy):
@@ -280,8 +278,9 @@ def test_onnx_backend_evaluates_a_qdq_graph_exactly(int8_copy):
 
 def _broken_rewrite(monkeypatch):
     """Make the build's rewrite produce a wrong engine: the z quantizer's scale 1% off."""
-    import avatarq.export.ort_rewrite as package
     from onnx import numpy_helper
+
+    import avatarq.export.ort_rewrite as package
 
     real = package.rewrite_for_ort
 
@@ -290,7 +289,9 @@ def _broken_rewrite(monkeypatch):
         q = next(n for n in result.model.graph.node
                  if n.op_type == "QuantizeLinear" and n.input[0] == "z")  # fmt: skip
         init = next(i for i in result.model.graph.initializer if i.name == q.input[1])
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.01), init.name))
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.01), init.name)
+        )
         return result
 
     monkeypatch.setattr(package, "rewrite_for_ort", rewrite)
@@ -299,7 +300,9 @@ def _broken_rewrite(monkeypatch):
 def test_build_refuses_an_engine_that_fails_its_check_and_leaves_nothing(int8_copy, monkeypatch):
     _broken_rewrite(monkeypatch)
     manifest = (int8_copy / "manifest.json").read_text()
-    with pytest.raises(AvatarqError, match="fails its check: worst-frame texture PSNR .* < 100.0 dB"):
+    with pytest.raises(
+        AvatarqError, match=r"fails its check .*: worst-frame texture PSNR .* \(needs >= 100\)"
+    ):
         build_engine(int8_copy, "onnxruntime")
     assert not (int8_copy / "engines").exists()
     assert (int8_copy / "manifest.json").read_text() == manifest

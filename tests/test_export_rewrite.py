@@ -439,9 +439,7 @@ def test_a_layer_whose_sum_can_leave_float32_integers_is_kept_in_both_forms():
     exact, layers = exact_reference(model)
     assert layers[0].problem == f"its accumulator can reach {4 * 300 * 127 * 128} >= 2^24"
     result = rewrite_for_ort(model)
-    assert [(layer.mode, layer.reason) for layer in result.layers] == [
-        ("kept", layers[0].problem)
-    ]
+    assert [(layer.mode, layer.reason) for layer in result.layers] == [("kept", layers[0].problem)]
     x = rng.standard_normal((1, 300, 2, 2)).astype(np.float32)
     (ref,), (out,) = (_session(m).run(["out"], {"x": x}) for m in (exact, result.model))
     assert np.array_equal(out, ref)

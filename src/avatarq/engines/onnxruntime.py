@@ -17,118 +17,46 @@ decoders the float evaluation ends up 50-80 dB from the exact one, worst frame).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
+from avatarq.core.files import atomic_path
+from avatarq.core.hashing import file_sha256
+from avatarq.core.inputs import DecoderInputs, smooth_clip
+from avatarq.core.ort import make_session, resolve_device, session_options
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,
     engine_records,
-    file_sha256,
 )
+from avatarq.engines.compare import bundle_peak
 from avatarq.errors import AvatarqError
-from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
+from avatarq.export.bundle import Bundle, TensorSpec
+from avatarq.export.manifest import (
+    LayerRewriteRecord,
+    OnnxRuntimeEngineRecord,
+    OrtRewriteRecord,
+)
+from avatarq.measure import Comparison, Tolerances, compare
 
 BACKEND = "onnxruntime"
 DEFAULT_MAX_BATCH = 8
 CHECK_FRAMES = 32  # frames of the smooth clip the build check decodes
 # Worst-frame texture PSNR the engine must reach against the exact evaluation of model.onnx.
-# The INT8 engine is bit-identical to it by construction (its output layer differs at the
-# ulp level: ~140 dB); one quantized value one step off anywhere reads as 90-110 dB.
+# The INT8 engine is bit-identical to it by construction (its texture layer differs at the
+# ulp level: ~140 dB or more); one quantized value one step off anywhere reads as 90-110 dB.
 CHECK_MIN_PSNR_DB = 100.0
 # Largest vertex error allowed, relative to the largest |vertex coordinate|.
 CHECK_MAX_VERTEX_ERROR = 1e-5
-
-
-def session_options(
-    threads: int = 0,
-    profile_prefix: str | None = None,
-    spin_wait: bool = False,
-    optimized_path: str | Path | None = None,
-):
-    """ORT SessionOptions: all graph optimizations, ``threads`` intra-op threads (0: ORT's
-    default), sequential execution, warnings silenced; profiling when a prefix is given.
-
-    ``spin_wait=False`` stops idle intra-op threads from spinning between operators. Spinning
-    saves a little latency on a dedicated CPU but is ruinous on a shared one: measured on a
-    loaded 2-vCPU machine, the full-size DAM decoder took 184 ms with spinning, 86 ms without.
-    ``optimized_path``: write the graph as ONNX Runtime optimized it there.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = threads
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return options
-
-
-def providers_for(device: str) -> list[str]:
-    """ORT providers for ``cpu`` or ``cuda`` (CUDA first, CPU as fallback for CPU-only ops)."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise AvatarqError(
-            "device cuda needs onnxruntime-gpu (this onnxruntime has only "
-            f"{', '.join(ort.get_available_providers())}); use --device cpu"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def _device(device: str) -> str:
-    """``auto`` -> ``cuda`` when this onnxruntime has the CUDA provider, else ``cpu``."""
-    if device != "auto":
-        return device
-    import onnxruntime as ort
-
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-def make_session(
-    model: str | Path | bytes,
-    device: str = "cpu",
-    threads: int = 0,
-    options=None,
-    spin_wait: bool = False,
-    disabled_optimizers: tuple[str, ...] = (),
-):
-    """An InferenceSession; a graph ORT cannot load is an AvatarqError with ORT's first line.
-
-    ``disabled_optimizers``: ONNX Runtime graph transformers not to run (by name).
-    """
-    import onnxruntime as ort
-
-    options = options if options is not None else session_options(threads, spin_wait=spin_wait)
-    source = model if isinstance(model, bytes) else str(model)
-    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
-    try:
-        return ort.InferenceSession(source, options, providers=providers_for(device), **extra)
-    except AvatarqError:
-        raise
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        label = "the graph" if isinstance(model, bytes) else str(model)
-        raise AvatarqError(f"ONNX Runtime cannot load {label}: {first}") from None
 
 
 class OnnxRuntimeRunner(Runner):
@@ -140,7 +68,7 @@ class OnnxRuntimeRunner(Runner):
         max_batch: largest batch (output buffers hold this many).
         device: ``cpu`` or ``cuda`` (CUDA provider; outputs still land in host buffers).
         threads: intra-op threads (0: ORT's default).
-        spin_wait: let idle intra-op threads spin (see `session_options`).
+        spin_wait: let idle intra-op threads spin (see `avatarq.core.ort.session_options`).
     """
 
     backend = BACKEND
@@ -183,7 +111,7 @@ class OnnxRuntimeRunner(Runner):
             bundle.manifest.inputs,
             bundle.manifest.outputs,
             options.max_batch or DEFAULT_MAX_BATCH,
-            _device(options.device),
+            resolve_device(options.device),
             options.threads,
             options.spin_wait,
         )
@@ -247,7 +175,12 @@ class OnnxModelRunner(OnnxRuntimeRunner):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> OnnxRuntimeRunner:
-        return cls._for(bundle, bundle.model_path, options)
+        return cls._for(bundle, bundle.checked_model_path(), options)
+
+    @classmethod
+    def for_graph(cls, bundle: Bundle, path: Path, options: RunOptions = RunOptions()):
+        """Another graph with the bundle's I/O (its FP32 reference graph) under ONNX Runtime."""
+        return cls._for(bundle, path, options)
 
     def _source(self) -> tuple[str | Path | bytes, tuple[str, ...]]:
         return exact_source(self.model_path)
@@ -301,53 +234,59 @@ class OnnxRuntimeBuilder(Builder):
 
         from avatarq.export.onnx_export import save_onnx
         from avatarq.export.ort_rewrite import OrtRewriteConfig, rewrite_for_ort
+        from avatarq.export.validate import validation_record
 
         say = progress or (lambda _m: None)
         start = time.perf_counter()
-        model = _load(bundle.model_path)
-        z, view, inputs = check_clip(bundle, model, self.options.calibration_latents)
-        settings: dict[str, Any] = {**self.options.to_dict(), "rewrite": None}
+        model = _load(bundle.checked_model_path())
+        inputs = check_clip(bundle, model, self.options.calibration_latents)
+        rewrite = None
         if self.options.ort_rewrite:
             say("rewriting the graph for ONNX Runtime")
             config = OrtRewriteConfig()
             result = rewrite_for_ort(model, config)
             model = result.model
-            settings["rewrite"] = {"config": config.to_json(), **result.to_dict()}
+            rewrite = OrtRewriteRecord(
+                config=config.to_json(),
+                layers=[LayerRewriteRecord(**asdict(layer)) for layer in result.layers],
+            )
         path = self.engine_path(bundle, ".onnx")
-        partial = path.with_name(path.name + ".partial")
         created = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            save_onnx(model, partial)
-            say("checking the engine against the exact evaluation of model.onnx")
-            check = check_engine(bundle, partial, z, view)
-            check["inputs"] = inputs
-            settings["check"] = check
-            if not check["passed"]:
-                raise AvatarqError(
-                    f"the ONNX Runtime engine of {bundle.root} fails its check: worst-frame "
-                    f"texture PSNR {check['texture_psnr_min_db']} dB < {CHECK_MIN_PSNR_DB} dB or "
-                    f"vertex error {check['vertices_max_abs_error']:.3g} > "
-                    f"{check['vertices_max_allowed']:.3g} against the exact evaluation of "
-                    "model.onnx; nothing was written"
-                )
-            settings["optimized_ops"] = optimized_op_counts(partial)
+            with atomic_path(path) as partial:
+                save_onnx(model, partial)
+                say("checking the engine against the exact evaluation of model.onnx")
+                exact, plain = check_engine(bundle, partial, inputs)
+                check = validation_record(exact, inputs.source)
+                vertex_limit = _vertex_limit(bundle, inputs)
+                passed = check.passed and exact.vertices_max_abs_error <= vertex_limit
+                check = dataclasses.replace(check, passed=passed)
+                if not passed:
+                    raise AvatarqError(
+                        f"the ONNX Runtime engine of {bundle.root} fails its check against the "
+                        f"exact evaluation of model.onnx: worst-frame texture PSNR "
+                        f"{exact.texture.psnr_min:.1f} dB (needs >= {CHECK_MIN_PSNR_DB:g}), "
+                        f"vertex error {exact.vertices_max_abs_error:.3g} (allowed "
+                        f"{vertex_limit:.3g}); nothing was written"
+                    )
+                ops = optimized_op_counts(partial)
         except BaseException:
-            partial.unlink(missing_ok=True)
-            if created and not any(path.parent.iterdir()):
+            if created and path.parent.is_dir() and not any(path.parent.iterdir()):
                 path.parent.rmdir()
             raise
-        partial.replace(path)
         seconds = time.perf_counter() - start
-        settings["sha256"] = file_sha256(path)
-        settings["size_bytes"] = path.stat().st_size
-        record = EngineRecord(
-            backend=BACKEND,
+        record = OnnxRuntimeEngineRecord(
             path=str(path.relative_to(bundle.root)),
             library_version=ort.__version__,
             target=self.target(),
-            settings=settings,
+            sha256=file_sha256(path),
+            size_bytes=path.stat().st_size,
             build_seconds=round(seconds, 3),
+            options=self.options,
+            check=check,
+            rewrite=rewrite,
+            float_evaluation=validation_record(plain, inputs.source),
+            optimized_ops=ops,
         )
         return BuildResult(record, [path])
 
@@ -365,94 +304,83 @@ def input_range(model: onnx.ModelProto, name: str = "z") -> float | None:
         zp_name = node.input[2] if len(node.input) > 2 else ""
         zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else np.zeros((), np.uint8)
         lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
-        return scale * max(int(zp.reshape(-1)[0]) - lo, hi - int(zp.reshape(-1)[0]))
+        zero = int(zp.reshape(-1)[0])
+        return scale * max(zero - lo, hi - zero)
     return None
 
 
 def check_clip(
     bundle: Bundle, model: onnx.ModelProto, latents: str | Path | None, n: int = CHECK_FRAMES
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """The smooth clip the build check decodes: (z [T, Z], view [T, 3], description).
+) -> DecoderInputs:
+    """The smooth clip the build check decodes (its ``source`` says which).
 
-    With a latent-sequence file: its first ``n`` steps (real codes, in order). Without one:
-    a seeded smooth clip (`smooth_sequence`) whose latents spread like the codes the graph
-    was calibrated on: N(0, sigma^2) keyframes with sigma = 1/3 of the range of the z
-    quantizer, so the clip reaches and passes the calibrated range the way real codes do
-    (N(0, 1) for float graphs).
+    With a latent file: its first ``n`` steps (e.g. encoder codes of a capture segment, in
+    order). Without one: the seeded smooth clip (`smooth_clip`) with every latent dimension
+    scaled to sigma = 1/3 of the range of the graph's z quantizer, so it spreads like the
+    codes the bundle was calibrated on and reaches past that range now and then, as real
+    codes do; N(0, 1) for a float graph.
     """
-    from avatarq.engines.compare import smooth_sequence
-
     if latents is not None:
-        from avatarq.data.latents import LatentSequence
+        from avatarq.data.latents import load_inputs
 
-        seq = LatentSequence.load(latents)
+        seq = load_inputs(latents)
         if seq.z_dim != bundle.manifest.z_dim:
             raise AvatarqError(
                 f"latent sequence {latents} has z of size {seq.z_dim}; the bundle's decoder "
                 f"takes {bundle.manifest.z_dim}"
             )
         steps = min(n, len(seq))
-        return seq.z[:steps], seq.view[:steps], f"the first {steps} steps of {latents}"
-    z, view = smooth_sequence(bundle.manifest.z_dim, n, seed=0)
+        if steps < 2:
+            raise AvatarqError(f"latent sequence {latents} has {len(seq)} step; the check needs 2")
+        return DecoderInputs.from_z_view(
+            seq.z[:steps], seq.view[:steps], source=f"the first {steps} steps of {latents}"
+        )
+    z_dim = bundle.manifest.z_dim
     amax = input_range(model, "z")
     if amax is None:
-        return z, view, f"{n}-frame smooth N(0, 1) latent clip (seed 0)"
+        clip = smooth_clip(z_dim, n, seed=0)
+        return DecoderInputs.from_z_view(
+            clip.z, clip.view, source=f"{n}-frame smooth N(0, 1) latent clip (seed 0)"
+        )
     sigma = amax / 3
-    return (
-        (z * sigma).astype(np.float32),
-        view,
-        f"{n}-frame smooth latent clip (seed 0), sigma {sigma:.3g} = 1/3 of the z quantizer's range",
+    clip = smooth_clip(z_dim, n, seed=0, z_std=np.full(z_dim, sigma))
+    return DecoderInputs.from_z_view(
+        clip.z,
+        clip.view,
+        source=f"{n}-frame smooth latent clip (seed 0), sigma {sigma:.3g} = 1/3 of the z "
+        "quantizer's range",
     )
 
 
-def _peak(bundle: Bundle) -> float | None:
-    """255 for a bundle with de-normalization folded in (0..255 texels), else None."""
-    return 255.0 if bundle.manifest.normalization.get("folded") else None
+class _ExactDecoder:
+    """model.onnx evaluated exactly (`OnnxModelRunner`'s graph) as a `measure` decoder."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.name = "model.onnx evaluated exactly (integer sums, one rounding per rescale)"
+        source, disabled = exact_source(model_path)
+        self.session = make_session(source, "cpu", disabled_optimizers=disabled)
+
+    def run(self, feeds):  # noqa: ANN001, ANN201 - the measure.Decoder protocol
+        return self.session.run(None, dict(feeds))
 
 
-def check_engine(bundle: Bundle, engine: Path, z: np.ndarray, view: np.ndarray) -> dict[str, Any]:
+def check_engine(
+    bundle: Bundle, engine: Path, inputs: DecoderInputs
+) -> tuple[Comparison, Comparison]:
     """The engine at ``engine`` against the exact evaluation of the bundle's model.onnx
-    (`OnnxModelRunner`) on the ordered clip (z [T, Z], view [T, 3]); also against ONNX
-    Runtime's plain float evaluation of model.onnx (reported, not judged).
+    (judged: worst-frame texture PSNR >= `CHECK_MIN_PSNR_DB`) and against ONNX Runtime's
+    plain float evaluation of it (reported), frame by frame over ``inputs``."""
+    from avatarq.export.validate import DAM_OUTPUTS, SessionDecoder
 
-    Returns:
-        JSON-ready: texture PSNR worst frame / mean (dB, peak 255 for folded bundles, else
-        the reference's first-frame range), max errors, the thresholds and ``passed``.
-    """
-    from avatarq.engines.compare import compare_runners
-
-    def runner(cls, path: Path) -> OnnxRuntimeRunner:
-        return cls(path, bundle.manifest.inputs, bundle.manifest.outputs, 1, "cpu", 0)
-
-    engine_runner = runner(OnnxRuntimeRunner, engine)
-    exact = runner(OnnxModelRunner, bundle.model_path)
-    plain = runner(OnnxRuntimeRunner, bundle.model_path)
-    with engine_runner, exact, plain:
-        vert_scale = float(np.abs(exact.decode(z[:1], view[:1])[1]).max())
-        vs_exact = compare_runners(exact, engine_runner, z, view, _peak(bundle), compute_ssim=False)
-        vs_plain = compare_runners(plain, engine_runner, z, view, _peak(bundle), compute_ssim=False)
-    allowed = CHECK_MAX_VERTEX_ERROR * max(vert_scale, 1e-12)
-    worst = vs_exact.texture.psnr_min
-    passed = worst >= CHECK_MIN_PSNR_DB and vs_exact.vertices_max_abs_error <= allowed
-    return {
-        "reference": "model.onnx evaluated exactly (integer sums, one rounding per rescale)",
-        "frames": int(z.shape[0]),
-        "peak": vs_exact.peak,
-        "texture_psnr_min_db": _db(worst),
-        "texture_psnr_db": _db(vs_exact.texture.psnr_mean),
-        "texture_max_abs_error": vs_exact.texture_max_abs_error,
-        "vertices_max_abs_error": vs_exact.vertices_max_abs_error,
-        "min_psnr_db": CHECK_MIN_PSNR_DB,
-        "vertices_max_allowed": allowed,
-        "passed": bool(passed),
-        "vs_float_evaluation": {
-            "reference": "model.onnx under ONNX Runtime's float kernels",
-            "texture_psnr_min_db": _db(vs_plain.texture.psnr_min),
-            "texture_psnr_db": _db(vs_plain.texture.psnr_mean),
-            "texture_max_abs_error": vs_plain.texture_max_abs_error,
-        },
-    }
+    candidate = SessionDecoder("engine", engine)
+    plain = SessionDecoder("model.onnx under ONNX Runtime's float kernels", bundle.model_path)
+    kwargs = dict(output_names=DAM_OUTPUTS, peak=bundle_peak(bundle), compute_ssim=False)
+    tolerances = Tolerances(min_psnr_frame=CHECK_MIN_PSNR_DB)
+    exact = compare(_ExactDecoder(bundle.model_path), candidate, inputs, tolerances, **kwargs)
+    return exact, compare(plain, candidate, inputs, **kwargs)
 
 
-def _db(value: float) -> float | str:
-    return "inf" if math.isinf(value) else round(float(value), 2)
+def _vertex_limit(bundle: Bundle, inputs: DecoderInputs) -> float:
+    """`CHECK_MAX_VERTEX_ERROR` times the largest |vertex coordinate| of the first frame."""
+    vertices = _ExactDecoder(bundle.model_path).run(inputs.batch(0, 1))[1]
+    return CHECK_MAX_VERTEX_ERROR * max(float(np.abs(vertices).max()), 1e-12)
