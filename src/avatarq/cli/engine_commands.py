@@ -90,7 +90,7 @@ def build(
         modes = [layer.mode for layer in rewrite_record.layers]
         console.print(
             f"rewrite     {modes.count('int8')} int8 / {modes.count('float')} float / "
-            f"{modes.count('kept')} kept ConvTranspose layers"
+            f"{modes.count('kept')} kept layers"
         )
     check = getattr(record, "check", None)
     if check is not None:

@@ -179,19 +179,25 @@ class BuildOptions:
 
 @dataclass
 class LayerRewriteRecord:
-    """What the ONNX Runtime build did to one layer of the graph."""
+    """What the ONNX Runtime build did to one layer of the graph
+    (`avatarq.export.ort_rewrite.LayerRewrite`): ``mode`` int8 (integer kernel), float or
+    kept, the reason, the operator ``op`` of the graph and the ``kernel`` that now does its
+    multiply-adds. ``output_scale`` is no longer written (kept so older records load)."""
 
     __pydantic_config__ = DOCUMENT_CONFIG
 
     node: str
     mode: str
     reason: str = ""
+    op: str = ""
+    kernel: str = ""
     output_scale: float | None = None
 
 
 @dataclass
 class OrtRewriteRecord:
-    """The ONNX Runtime graph rewrite: its options (JSON) and what became of each layer."""
+    """The ONNX Runtime graph rewrite: its options (JSON) and what became of each layer.
+    ``folded_weight_dq`` is no longer written (kept so older records load)."""
 
     __pydantic_config__ = DOCUMENT_CONFIG
 
@@ -219,10 +225,18 @@ class _EngineFile:
 @dataclass
 class OnnxRuntimeEngineRecord(_EngineFile):
     """An ONNX Runtime engine: the graph ONNX Runtime runs (``engines/onnxruntime-cpu.onnx``),
-    its check against model.onnx, and what the rewrite did to each layer."""
+    its check, and what the rewrite did to each layer.
+
+    ``check`` compares it with the exact evaluation of model.onnx (the build's gate);
+    ``float_evaluation`` with ONNX Runtime's plain float evaluation of model.onnx (reported,
+    not judged); ``optimized_ops`` counts the operators of the graph ONNX Runtime runs
+    after its optimizations (contrib operators as ``com.microsoft.<op>``).
+    """
 
     check: ValidationRecord = None  # type: ignore[assignment]  # always set by the builder
     rewrite: OrtRewriteRecord | None = None
+    float_evaluation: ValidationRecord | None = None
+    optimized_ops: dict[str, int] = field(default_factory=dict)
     backend: Literal["onnxruntime"] = "onnxruntime"
 
     def __post_init__(self) -> None:
