@@ -47,3 +47,15 @@ def small_bundle(small_avatar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "dam_fp32.avq"
     export_bundle(small_avatar.checkpoint, out, small_avatar.capture_root)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many inputs the fuzz suite (tests/test_fuzz_*.py) tried, by kind."""
+    import sys
+
+    oracle = sys.modules.get("fuzz_oracle")
+    if oracle is None or not oracle.COUNTS:
+        return
+    counts = oracle.COUNTS
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    terminalreporter.write_line(f"fuzz suite: {sum(counts.values())} inputs ({kinds})")

@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except click_errors.ClickException as exc:
         print_error(" ".join(exc.format_message().split()))
         code = exc.exit_code
-    except (click_errors.Exit, typer.Exit) as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except (click_errors.Abort, typer.Abort):
+    except typer.Abort:
         print_error("interrupted")
         code = 130
     except AvatarqError as exc:  # raised outside a command body (e.g. in a callback)
