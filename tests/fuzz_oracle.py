@@ -101,9 +101,7 @@ def assert_untouched(
     after = snapshot(root)
     assert leftovers(root) == [], f"left behind: {leftovers(root)}"
     touched = [
-        rel
-        for rel, entry in before.items()
-        if after.get(rel) != entry and not changed_allowed(rel)
+        rel for rel, entry in before.items() if after.get(rel) != entry and not changed_allowed(rel)
     ]
     assert touched == [], f"touched files that existed before: {touched}"
     new = [rel for rel in after if rel not in before and not new_allowed(rel)]
@@ -208,7 +206,9 @@ def run_checked(
     before = snapshot(root)
     outcome = run_cli(kind, argv, root)
     if expect is not None:
-        assert outcome.code == expect, f"exit {outcome.code} for {argv}: {outcome.err or outcome.out}"
+        assert outcome.code == expect, (
+            f"exit {outcome.code} for {argv}: {outcome.err or outcome.out}"
+        )
     if outcome.code == 2:
         assert_untouched(before, root)
     else:

@@ -49,7 +49,13 @@ class DAMConfig:
         if self.arch not in ARCHS:
             raise AvatarqError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
         t = self.tex_size
-        if isinstance(t, bool) or not isinstance(t, int) or t < 16 or t > MAX_TEX_SIZE or t & (t - 1):
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int)
+            or t < 16
+            or t > MAX_TEX_SIZE
+            or t & (t - 1)
+        ):
             raise AvatarqError(f"tex_size must be a power of two in 16..{MAX_TEX_SIZE}, got {t!r}")
         for name, high in MAX_SIZES.items():
             value = getattr(self, name)
