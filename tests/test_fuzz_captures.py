@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fuzz_oracle import assert_untouched, call, fuzz_settings, run_checked, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from avatarq.data.encode import capture_normalization
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
 from avatarq.errors import AvatarqError
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
+from fuzz_oracle import assert_untouched, call, fuzz_settings, run_checked, snapshot
 
 CAPTURE = SyntheticCaptureConfig(
     texture_size=16,

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzz_oracle import call, fuzz_settings, run_checked, snapshot, assert_untouched
 from hypothesis import given
 from hypothesis import strategies as st
 
 from avatarq.errors import AvatarqError
 from avatarq.models import DAMConfig, DeepAppearanceModel
 from avatarq.models.checkpoint import load_checkpoint
+from fuzz_oracle import assert_untouched, call, fuzz_settings, run_checked, snapshot
 
 TINY = DAMConfig(z_dim=4, tex_size=16, n_vertices=6, n_cams=2, has_encoder=False)
 
