@@ -56,7 +56,9 @@ HUGE = {"descr": "<f4", "fortran_order": False, "shape": (10**12, 4)}
 CURATED: dict[str, bytes | None] = {
     "empty file": b"",
     "binary junk": bytes(range(256)) * 4,
-    "a single .npy": npy_member({"descr": "<f4", "fortran_order": False, "shape": (2, 4)}, bytes(32)),
+    "a single .npy": npy_member(
+        {"descr": "<f4", "fortran_order": False, "shape": (2, 4)}, bytes(32)
+    ),
     "a zip of text": zip_of(**{"z.txt": b"1 2 3"}),
     "a zip header only": b"PK\x03\x04" + bytes(26),
     "a header claiming 4 TB": zip_of(**{"z.npy": npy_member(HUGE, bytes(64)), "view.npy": b""}),

@@ -41,7 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     SystemExit included) the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = _temporary_sibling(path)
     try:
         yield tmp
@@ -49,6 +49,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_parent(path: Path) -> None:
+    """Create the folders above ``path``; a file (or a link to nothing) on the way is an
+    AvatarqError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(
+            (p for p in [path.parent, *path.parent.parents] if p.exists() or p.is_symlink()),
+            path.parent,
+        )
+        raise AvatarqError(f"cannot write {path}: {blocker} is not a folder") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -100,12 +113,7 @@ class StagedDirectory:
             raise AvatarqError(f"{self.target} exists and is not a folder; choose another output")
         if self.target.exists() and not replace:
             raise AvatarqError(f"{self.target} exists; pass --force to replace it")
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise AvatarqError(
-                f"cannot create {self.target}: {self.target.parent} is not a folder"
-            ) from None
+        make_parent(self.target)
         self.path = _make_staging(self.target)
         self.committed = False
 

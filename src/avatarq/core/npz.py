@@ -59,7 +59,9 @@ def _member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.n
     with archive.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version not in _HEADER_READERS:
-            raise AvatarqError(f"{path}: array {name!r} has .npy version {version}; expected 1.0/2.0")
+            raise AvatarqError(
+                f"{path}: array {name!r} has .npy version {version}; expected 1.0/2.0"
+            )
         shape, _, dtype = _HEADER_READERS[version](f)
     if dtype.hasobject or dtype.kind not in "biufcSU":
         raise AvatarqError(
