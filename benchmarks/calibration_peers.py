@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {message}{counted}", flush=True)
 
     train = AVATARS[args.avatar]
-    avatar = make_synthetic_avatar(args.cache / f"synth_{args.avatar}", train_config=train, progress=say)
+    avatar = make_synthetic_avatar(
+        args.cache / f"synth_{args.avatar}", train_config=train, progress=say
+    )
     workdir = args.workdir or args.cache / f"peers_{args.avatar}"
     methods = default_methods(
         taus=[float(t) for t in args.taus.split(",") if t],

@@ -27,7 +27,7 @@ import numpy as np
 
 from avatarq.bench.report_document import ReportDocument
 from avatarq.bench.results import REPORT_SCHEMA_VERSION, BenchResult, FrameStrip, RunnerResult
-from avatarq.core.documents import document_dict, load_document, read_json_object
+from avatarq.core.documents import document_dict, load_versioned_document
 from avatarq.core.files import StagedDirectory, atomic_write_text
 from avatarq.errors import AvatarqError
 
@@ -54,12 +54,9 @@ def load_report(path: str | Path) -> BenchResult:
         path = path / JSON_FILE
     if not path.is_file():
         raise AvatarqError(f"bench report not found: {path}")
-    version = read_json_object(path).get("schema_version")
-    if version != REPORT_SCHEMA_VERSION:
-        raise AvatarqError(
-            f"bench report schema_version is {version!r}; this avatarq reads {REPORT_SCHEMA_VERSION}"
-        )
-    document = load_document(path, ReportDocument, f"bench report {path}")
+    document = load_versioned_document(
+        path, ReportDocument, REPORT_SCHEMA_VERSION, f"bench report {path}", "rerun the bench"
+    )
     return BenchResult.from_dict(document_dict(document))
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from avatarq.bench.results import BenchConfig
 from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
+from avatarq.measure.tolerances import Tolerances
 
 
 @dataclass
@@ -29,21 +31,6 @@ class LatencyRecord:
     max_ms: JsonFloat
     frames_per_second: JsonFloat
     samples_ms: list[float] | None = None
-
-
-@dataclass
-class TolerancesRecord:
-    __pydantic_config__ = DOCUMENT_CONFIG
-
-    min_psnr: float | None = None
-    min_psnr_frame: float | None = None
-    min_ssim: float | None = None
-    max_jitter_ratio: float | None = None
-    max_tde: float | None = None
-    max_flicker_excess: float | None = None
-    max_abs_error: float | None = None
-    min_psnr_all: float | None = None
-    version: int = 1
 
 
 @dataclass
@@ -69,7 +56,7 @@ class ComparisonRecord:
     max_abs_error: JsonFloat
     mean_abs_error: JsonFloat
     masked: bool
-    tolerances: TolerancesRecord
+    tolerances: Tolerances
     psnr_all: JsonFloat
     passed: bool
     failures: list[str]
@@ -102,26 +89,6 @@ class RunnerRecord:
 
 
 @dataclass
-class BenchConfigRecord:
-    __pydantic_config__ = DOCUMENT_CONFIG
-
-    runners: list[str]
-    render: str
-    resolution: list[int] | None
-    warmup: int
-    iters: int
-    batch: int
-    gates: list[str]
-    compute_ssim: bool
-    gate_space: str
-    gate_stage: str
-    interleave: bool
-    device: str
-    threads: int
-    version: int
-
-
-@dataclass
 class ReportDocument:
     """report.json: settings, what ran, every measurement, gate verdicts, environment.
 
@@ -137,7 +104,7 @@ class ReportDocument:
     passed: bool
     exit_code: int
     verdict: str
-    config: BenchConfigRecord
+    config: BenchConfig
     bundle: dict[str, Any]
     sequence: dict[str, Any]
     render: dict[str, Any]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from avatarq.core.documents import DOCUMENT_CONFIG
 from avatarq.errors import AvatarqError
 from avatarq.measure import Gate, GateResult, SequenceComparison, parse_gates
 from avatarq.measure.latency import LatencyStats
@@ -68,6 +69,8 @@ class BenchConfig:
         threads: ONNX Runtime intra-op threads (0: its default).
         version: schema version.
     """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
 
     runners: tuple[str, ...] = ()
     render: str = "auto"

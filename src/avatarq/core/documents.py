@@ -112,6 +112,19 @@ def document_schema(kind: Any) -> dict[str, Any]:
     return _adapter(kind).json_schema()
 
 
+def load_versioned_document(
+    path: str | Path, kind: type[T], version: int, what: str, fix: str
+) -> T:
+    """`load_document` after checking the document's ``schema_version`` (so an older or
+    newer file gets a message saying so, not a list of missing fields); ``fix`` ends it."""
+    found = read_json_object(Path(path)).get("schema_version")
+    if found != version:
+        raise AvatarqError(
+            f"{what} schema_version is {found!r}; this avatarq reads {version} ({fix})"
+        )
+    return load_document(path, kind, what)
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object stored at ``path`` (for documents without a schema of their own);
     malformed JSON or another top-level type is an AvatarqError naming the file."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarq.core.documents import dump_document, load_document, read_json_object
+from avatarq.core.documents import dump_document, load_versioned_document
 from avatarq.core.files import StagedDirectory, atomic_write_text, inside
 from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
@@ -197,13 +197,13 @@ def open_bundle(path: str | Path) -> Bundle:
     if not manifest_path.is_file():
         raise AvatarqError(f"{root} is not a bundle: {MANIFEST_FILE} is missing")
     inside(root, MANIFEST_FILE, "manifest")
-    version = read_json_object(manifest_path).get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise AvatarqError(
-            f"bundle manifest schema_version is {version!r}; this avatarq reads {SCHEMA_VERSION} "
-            "(re-export the bundle with this avatarq)"
-        )
-    manifest = load_document(manifest_path, Manifest, f"bundle manifest {manifest_path}")
+    manifest = load_versioned_document(
+        manifest_path,
+        Manifest,
+        SCHEMA_VERSION,
+        f"bundle manifest {manifest_path}",
+        "re-export the bundle with this avatarq",
+    )
     if not (root / MODEL_FILE).is_file():
         raise AvatarqError(f"bundle {root} has no {MODEL_FILE}")
     inside(root, MODEL_FILE, "model graph")

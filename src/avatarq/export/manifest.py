@@ -201,8 +201,9 @@ class OrtRewriteRecord:
 
 
 @dataclass
-class OnnxRuntimeEngineRecord:
-    """An ONNX Runtime engine: the graph ONNX Runtime runs (``engines/onnxruntime-cpu.onnx``)."""
+class _EngineFile:
+    """What every engine record holds: the file (bundle path, sha256, size), the library
+    and target it was built with and for, the build time and options."""
 
     __pydantic_config__ = DOCUMENT_CONFIG
 
@@ -213,13 +214,24 @@ class OnnxRuntimeEngineRecord:
     size_bytes: int
     build_seconds: float
     options: BuildOptions
-    check: ValidationRecord
-    rewrite: OrtRewriteRecord | None = None
-    backend: Literal["onnxruntime"] = "onnxruntime"
 
 
 @dataclass
-class TensorRTEngineRecord:
+class OnnxRuntimeEngineRecord(_EngineFile):
+    """An ONNX Runtime engine: the graph ONNX Runtime runs (``engines/onnxruntime-cpu.onnx``),
+    its check against model.onnx, and what the rewrite did to each layer."""
+
+    check: ValidationRecord = None  # type: ignore[assignment]  # always set by the builder
+    rewrite: OrtRewriteRecord | None = None
+    backend: Literal["onnxruntime"] = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        if self.check is None:
+            raise AvatarqError("an onnxruntime engine record needs its check")
+
+
+@dataclass
+class TensorRTEngineRecord(_EngineFile):
     """A serialized TensorRT or TensorRT-RTX engine and the files built beside it.
 
     Attributes:
@@ -230,17 +242,8 @@ class TensorRTEngineRecord:
             inspector's JSON (only when built on a GPU), or None.
     """
 
-    __pydantic_config__ = DOCUMENT_CONFIG
-
-    backend: Literal["tensorrt", "tensorrt-rtx"]
-    path: str
-    library_version: str
-    target: str
-    sha256: str
-    size_bytes: int
-    build_seconds: float
-    options: BuildOptions
-    io: dict[str, dict[str, str | list[int]]]
+    backend: Literal["tensorrt", "tensorrt-rtx"] = "tensorrt"
+    io: dict[str, dict[str, str | list[int]]] = field(default_factory=dict)
     strongly_typed: bool = True
     timing_cache: str | None = None
     layers: str | None = None

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from avatarq.core.documents import DOCUMENT_CONFIG
 from avatarq.errors import AvatarqError
 
 TOLERANCES_VERSION = 1
@@ -35,6 +36,8 @@ class Tolerances:
         max_flicker_excess: highest allowed flicker excess FE.
         max_abs_error: highest allowed |Q - F| anywhere (on the mask).
     """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
 
     min_psnr: float | None = None
     min_psnr_frame: float | None = None

@@ -48,6 +48,9 @@ class PeerMethod:
         ort_symmetric: symmetric activations (ORT's ``ActivationSymmetric``; TensorRT's form).
         ort_layer_ops_only: quantize only `LAYER_OPS` inputs (avatarq's placement) instead of
             ORT's default op set.
+        data_free: calibrate avatarq's way on samples drawn from the latent prior
+            (`avatarq.calibration.samples.samples_from_prior`: no capture, no visibility)
+            instead of the capture's samples.
     """
 
     name: str
@@ -55,6 +58,7 @@ class PeerMethod:
     ort_method: str = "MinMax"
     ort_symmetric: bool = False
     ort_layer_ops_only: bool = False
+    data_free: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration is None and self.ort_method not in ORT_METHODS:
@@ -69,7 +73,7 @@ class PeerMethod:
 
     def settings(self) -> dict[str, Any]:
         if self.calibration is not None:
-            return self.calibration.to_dict()
+            return {**self.calibration.to_dict(), "data_free": self.data_free}
         return {
             "method": self.ort_method,
             "quant_format": "QDQ",
@@ -306,7 +310,7 @@ def compare_calibrations(
     from avatarq.calibration.from_files import load_samples
     from avatarq.calibration.masks import visibility_masks
     from avatarq.calibration.pipeline import calibrate
-    from avatarq.calibration.samples import CalibrationSamples
+    from avatarq.calibration.samples import CalibrationSamples, samples_from_prior
     from avatarq.core.ort import make_session
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
@@ -335,14 +339,7 @@ def compare_calibrations(
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
     segment = segment or next(capture.clips())[0]
     clip = sequence_from_capture(capture, segment, checkpoint, camera=camera, max_frames=max_frames)
-    clip_samples = CalibrationSamples.of(
-        torch.from_numpy(clip.z),
-        torch.from_numpy(clip.view),
-        tuple(tuple(i.split("/")) for i in clip.ids),
-        M=torch.from_numpy(clip.M),
-        topology=capture.topology,
-        resolution=capture.image_size,
-    )
+    clip_samples = CalibrationSamples(clip.inputs, capture.topology)
     say("rasterizing visibility masks (calibration samples and clip)")
     start = time.perf_counter()
     with torch.no_grad():
@@ -363,11 +360,16 @@ def compare_calibrations(
             if not ort_input.is_file():
                 ort_pre_process(fp32_path, ort_input)
             ort_quantize_static(ort_input, path, samples.z.numpy(), samples.view.numpy(), method)
+        elif method.data_free:
+            prior = samples_from_prior(decoder.config.z_dim, n_random, seed=seed)
+            artifact = calibrate(decoder, prior, method.calibration)
+            save_onnx(quantize_onnx(fp32_model, artifact), path)
         else:
             artifact = calibrate(decoder, samples, method.calibration, visibility=visibility)
             save_onnx(quantize_onnx(fp32_model, artifact), path)
         seconds = time.perf_counter() - start
-        if method.calibration is not None and method.calibration.method == "poca":
+        poca = method.calibration is not None and method.calibration.method == "poca"
+        if poca and not method.data_free:
             seconds += mask_seconds
         test = _decode(make_session(path, "cpu", threads), z, view, batch=4)
         everywhere, visible = _measure(reference, test, seen)
