@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from avatarq.errors import AvatarqError
 
@@ -58,6 +59,51 @@ def fuzz_settings(examples: int) -> settings:
             HealthCheck.filter_too_much,
         ],
     )
+
+
+# --------------------------------------------------------------------------- JSON documents
+
+#: Any JSON value, with path-like strings that would escape a folder.
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["../x", "/etc/passwd", "", ".", "engines/../../x", "model.onnx", "batch"]),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def locations(doc: Any, at: tuple = ()) -> list[tuple]:
+    """Every place in a JSON document (the root excluded), as key/index paths."""
+    out = []
+    items = (
+        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    )
+    for key, value in items:
+        out.append((*at, key))
+        out += locations(value, (*at, key))
+    return out
+
+
+def mutate(doc: Any, where: tuple, how: str, value: Any) -> Any:
+    parent = doc
+    for key in where[:-1]:
+        parent = parent[key]
+    last = where[-1]
+    if how == "replace":
+        parent[last] = value
+    elif how == "delete":
+        del parent[last]
+    elif how == "add" and isinstance(parent, dict):
+        parent[f"{last}_extra"] = value
+    elif how == "nest":
+        parent[last] = [[[[parent[last]]]]]
+    return doc
 
 
 # --------------------------------------------------------------------------- snapshots

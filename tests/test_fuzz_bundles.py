@@ -19,7 +19,16 @@ from avatarq.core.hashing import file_sha256
 from avatarq.engines.base import checked_engine_file
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import is_bundle, open_bundle
-from fuzz_oracle import assert_untouched, call, fuzz_settings, run_checked, snapshot
+from fuzz_oracle import (
+    JSON,
+    assert_untouched,
+    call,
+    fuzz_settings,
+    locations,
+    mutate,
+    run_checked,
+    snapshot,
+)
 
 TRT_ENGINE = "engines/tensorrt-sm89.engine"
 
@@ -263,47 +272,6 @@ def test_commands_refuse_a_malformed_bundle_in_one_line(command, name, built, tm
 
 
 # --------------------------------------------------------------------------- properties
-
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.sampled_from(["../x", "/etc/passwd", "", ".", "engines/../../x", "model.onnx", "batch"]),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
-    max_leaves=6,
-)
-
-
-def locations(doc: Any, at: tuple = ()) -> list[tuple]:
-    """Every place in a JSON document (the root excluded), as key/index paths."""
-    out = []
-    items = (
-        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
-    )
-    for key, value in items:
-        out.append((*at, key))
-        out += locations(value, (*at, key))
-    return out
-
-
-def mutate(doc: Any, where: tuple, how: str, value: Any) -> Any:
-    parent = doc
-    for key in where[:-1]:
-        parent = parent[key]
-    last = where[-1]
-    if how == "replace":
-        parent[last] = value
-    elif how == "delete":
-        del parent[last]
-    elif how == "add" and isinstance(parent, dict):
-        parent[f"{last}_extra"] = value
-    elif how == "nest":
-        parent[last] = [[[[parent[last]]]]]
-    return doc
 
 
 @pytest.fixture(scope="module")
