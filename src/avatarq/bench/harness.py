@@ -438,6 +438,10 @@ def bench_bundle(
     from avatarq.export.bundle import open_bundle
 
     opened = open_bundle(bundle)
+    if out is not None:
+        from avatarq.bench.report import check_report_dir
+
+        check_report_dir(Path(out))  # refuse a bad report folder before any decoding
     if config.render in ("torch", "nvdiffrast"):
         opened.topology()  # fail before any decoding when rendering cannot happen
     seq = load_sequence(

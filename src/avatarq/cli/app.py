@@ -55,9 +55,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Replace an existing output that avatarq wrote.")
 ]
-SeedOption = Annotated[int, typer.Option(min=0, help="Seed of every random draw.")]
+SeedOption = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of every random draw.")]
 DeviceOption = Annotated[str, typer.Option(help="Where runners run: auto, cpu or cuda.")]
-ThreadsOption = Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: its default).")]
+ThreadsOption = Annotated[
+    int, typer.Option(min=0, max=1024, help="ONNX Runtime threads (0: its default).")
+]
 BatchOption = Annotated[int, typer.Option(min=1, max=4096, help="Frames per decode call.")]
 CameraOption = Annotated[
     int | None, typer.Option(min=0, help="Fold this camera's colour correction in.")

@@ -51,6 +51,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_parent(path: str | Path) -> None:
+    """AvatarqError when ``path`` could not be created because a file (or a link to
+    nothing) sits where one of its parent folders belongs; nothing is created."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise AvatarqError(f"cannot write {path}: {parent} is not a folder")
+
+
 def make_parent(path: Path) -> None:
     """Create the folders above ``path``; a file (or a link to nothing) on the way is an
     AvatarqError naming it."""
