@@ -175,7 +175,7 @@ def no_leaked_warnings():
         warnings.simplefilter("always")
         yield
     leaks = _leaks(caught)
-    assert leaks == [], f"warnings leaked: {leaks}"
+    assert leaks == [], f"{len(leaks)} warnings leaked, first: {leaks[:3]}"
 
 
 # --------------------------------------------------------------------------- library boundary
