@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -128,6 +129,24 @@ def snapshot(root: str | Path) -> dict[str, Entry]:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 out[rel] = ("file", st.st_size, st.st_mtime_ns, digest)
     return out
+
+
+@contextlib.contextmanager
+def restored(*paths: Path):
+    """Put each file of ``paths`` back as it was after the block (its bytes, or absent),
+    whatever the block replaced it with: a folder, a link, nothing. Lets many inputs reuse
+    one copy of a capture, bundle or artifact (creating thousands of files is slow)."""
+    saved = {p: p.read_bytes() if p.is_file() and not p.is_symlink() else None for p in paths}
+    try:
+        yield
+    finally:
+        for path, data in saved.items():
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+            if data is not None:
+                path.write_bytes(data)
 
 
 def leftovers(root: str | Path) -> list[str]:

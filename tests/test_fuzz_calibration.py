@@ -26,6 +26,7 @@ from fuzz_oracle import (
     fuzz_settings,
     locations,
     mutate,
+    restored,
     run_checked,
     snapshot,
 )
@@ -209,11 +210,16 @@ def test_export_refuses_a_malformed_artifact_before_any_work(name, artifact, fuz
 # --------------------------------------------------------------------------- properties
 
 
+@pytest.fixture(scope="module")
+def calib_work(artifact, tmp_path_factory) -> Path:
+    """One working copy of the artifact whose calib.json each input replaces (and restores)."""
+    return copy_artifact(artifact, tmp_path_factory.mktemp("calibjson"))
+
+
 @fuzz_settings(100)
 @given(data=st.data())
-def test_any_calib_json_loads_or_fails_with_one_line(data, artifact, decoder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calibjson")
-    root = copy_artifact(artifact, folder)
+def test_any_calib_json_loads_or_fails_with_one_line(data, calib_work, decoder):
+    root = calib_work
     doc = json.loads((root / "calib.json").read_text())
     places = locations(doc)
     for _ in range(data.draw(st.integers(1, 3))):
@@ -226,7 +232,8 @@ def test_any_calib_json_loads_or_fails_with_one_line(data, artifact, decoder, tm
             )
         except (KeyError, IndexError, TypeError):
             continue
-    (root / "calib.json").write_text(json.dumps(doc))
-    before = snapshot(folder)
-    call("calibration artifact", CalibrationArtifact.load, root, decoder)
-    assert_untouched(before, folder)
+    with restored(root / "calib.json"):
+        (root / "calib.json").write_text(json.dumps(doc))
+        before = snapshot(root.parent)
+        call("calibration artifact", CalibrationArtifact.load, root, decoder)
+        assert_untouched(before, root.parent)

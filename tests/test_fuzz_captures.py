@@ -22,13 +22,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avatarq.calibration.samples import samples_from_capture
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.encode import capture_normalization
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
 from avatarq.errors import AvatarqError
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
-from fuzz_oracle import assert_untouched, call, fuzz_settings, run_checked, snapshot
+from fuzz_oracle import assert_untouched, call, fuzz_settings, restored, run_checked, snapshot
 
 CAPTURE = SyntheticCaptureConfig(
     texture_size=16,
@@ -82,17 +81,38 @@ def model(pristine):
 
 
 def read_capture(root: Path, model) -> None:
-    """Everything calibrate, export and bench read from a capture."""
+    """Every file calibrate, export and bench read from a capture, read as they read it
+    (the encoder itself runs in the `avatarq calibrate` cases below)."""
     capture = MultifaceCapture(root)
     capture_normalization(capture)
     capture.topology  # noqa: B018 - reads the OBJ
-    list(capture.clips())
-    samples_from_capture(model, capture, n_random=2, n_clips=1, clip_length=3, seed=0)
+    for segment, frames in capture.clips():
+        for frame in frames:
+            capture.normalized_texture(segment, frame)
+            capture.normalized_vertices(segment, frame)
+            for camera in capture.cameras:
+                capture.view_direction(segment, frame, camera)
+                capture.projection(segment, frame, camera)
+                if capture.has_texture(segment, frame, camera):
+                    capture.texture(segment, frame, camera)
 
 
 def copy_capture(pristine_root: Path, where: Path) -> Path:
     shutil.copytree(pristine_root.parent, where / "capture", symlinks=True)
     return where / "capture" / pristine_root.name
+
+
+@pytest.fixture(scope="module")
+def work(pristine, tmp_path_factory) -> Path:
+    """One working copy of the capture (and dam.pt) that each input mutates and restores."""
+    folder = tmp_path_factory.mktemp("work")
+    copy_capture(pristine[0], folder)
+    shutil.copy(pristine[1], folder / "dam.pt")
+    return folder
+
+
+def root_of(work: Path) -> Path:
+    return next((work / "capture").iterdir())
 
 
 # --------------------------------------------------------------------------- mutations
@@ -231,14 +251,13 @@ CASES = [(f, m) for f in FILES for m in GENERIC] + [
 
 
 @pytest.mark.parametrize("target, mutation", CASES)
-def test_a_malformed_capture_reads_or_fails_with_one_line(
-    target, mutation, pristine, model, tmp_path
-):
-    root = copy_capture(pristine[0], tmp_path)
-    apply(SPECIFIC.get(target, {}).get(mutation) or GENERIC[mutation], root / FILES[target])
-    before = snapshot(tmp_path)
-    call("capture", read_capture, root, model)
-    assert_untouched(before, tmp_path)
+def test_a_malformed_capture_reads_or_fails_with_one_line(target, mutation, work, model):
+    root = root_of(work)
+    with restored(root / FILES[target]):
+        apply(SPECIFIC.get(target, {}).get(mutation) or GENERIC[mutation], root / FILES[target])
+        before = snapshot(work)
+        call("capture", read_capture, root, model)
+        assert_untouched(before, work)
 
 
 #: One malformed file of each kind, through `avatarq calibrate --data CAPTURE` end to end.
@@ -259,19 +278,18 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("target, mutation", CLI_CASES)
-def test_calibrate_on_a_malformed_capture_is_one_line(target, mutation, pristine, tmp_path):
-    root = copy_capture(pristine[0], tmp_path)
-    apply(SPECIFIC.get(target, {}).get(mutation) or GENERIC[mutation], root / FILES[target])
-    shutil.copy(pristine[1], tmp_path / "dam.pt")
+def test_calibrate_on_a_malformed_capture_is_one_line(target, mutation, work):
+    root = root_of(work)
     argv = ["calibrate", "--model", "dam.pt", "--data", root, "-o", "calib"]
     argv += ["--iters", "0", "--samples", "2", "--method", "max"]
-    outcome = run_checked("capture", argv, tmp_path)
+    with restored(root / FILES[target]):
+        apply(SPECIFIC.get(target, {}).get(mutation) or GENERIC[mutation], root / FILES[target])
+        outcome = run_checked("capture", argv, work)
     assert FILES[target].split("/")[-1] in outcome.error or root.name in outcome.error
 
 
-def test_the_pristine_capture_reads(pristine, model, tmp_path):
-    root = copy_capture(pristine[0], tmp_path)
-    assert not isinstance(call("capture", read_capture, root, model), AvatarqError)
+def test_the_pristine_capture_reads(work, model):
+    assert not isinstance(call("capture", read_capture, root_of(work), model), AvatarqError)
 
 
 # --------------------------------------------------------------------------- properties
@@ -300,15 +318,14 @@ TEXTS = {
 
 
 @pytest.mark.parametrize("target", list(TEXTS))
-def test_any_text_in_a_capture_file_reads_or_fails_with_one_line(
-    target, pristine, model, tmp_path_factory
-):
+def test_any_text_in_a_capture_file_reads_or_fails_with_one_line(target, work, model):
+    root = root_of(work)
+
     @fuzz_settings(40)
     @given(text=TEXTS[target])
     def check(text):
-        folder = tmp_path_factory.mktemp("text")
-        root = copy_capture(pristine[0], folder)
-        (root / FILES[target]).write_text(text + "\n")
-        call("capture", read_capture, root, model)
+        with restored(root / FILES[target]):
+            (root / FILES[target]).write_text(text + "\n")
+            call("capture", read_capture, root, model)
 
     check()

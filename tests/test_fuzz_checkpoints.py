@@ -158,13 +158,20 @@ def test_the_valid_tiny_checkpoint_loads(tmp_path):
 
 # --------------------------------------------------------------------------- properties
 
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """One folder each generated input is written into (the file is overwritten each time)."""
+    return tmp_path_factory.mktemp("scratch")
+
+
 PREFIXES = st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x02\x8a\x0a"])
 
 
 @fuzz_settings(60)
 @given(prefix=PREFIXES, body=st.binary(max_size=512))
-def test_any_bytes_load_or_fail_with_one_line(prefix, body, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bytes")
+def test_any_bytes_load_or_fail_with_one_line(prefix, body, scratch):
+    folder = scratch
     ckpt = write(folder / "dam.pt", prefix + body)
     before = snapshot(folder)
     result = call("checkpoint", load_checkpoint, ckpt)
@@ -178,12 +185,12 @@ def test_any_bytes_load_or_fail_with_one_line(prefix, body, tmp_path_factory):
         st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4
     )
 )
-def test_a_corrupted_checkpoint_loads_or_fails_with_one_line(edits, tmp_path_factory):
+def test_a_corrupted_checkpoint_loads_or_fails_with_one_line(edits, scratch):
     data = bytearray(saved({"module." + k: v for k, v in tiny_state().items()}))
     for offset, patch in edits:
         at = offset % len(data)
         data[at : at + len(patch)] = patch
-    folder = tmp_path_factory.mktemp("corrupt")
+    folder = scratch
     result = call("checkpoint", load_checkpoint, write(folder / "dam.pt", bytes(data)))
     if not isinstance(result, AvatarqError):
         for p in result.parameters():
@@ -244,14 +251,12 @@ KEYS = sorted(tiny_state())
     ),
     prefix=st.sampled_from(["", "module."]),
 )
-def test_any_state_dict_loads_or_fails_with_one_line(
-    replace, drop, extra, prefix, tmp_path_factory
-):
+def test_any_state_dict_loads_or_fails_with_one_line(replace, drop, extra, prefix, scratch):
     state = {**tiny_state(), **replace}
     for key in drop:
         state.pop(key, None)
     state = {(prefix + k if isinstance(k, str) else k): v for k, v in {**state, **extra}.items()}
-    folder = tmp_path_factory.mktemp("state")
+    folder = scratch
     result = call("checkpoint", load_checkpoint, write(folder / "dam.pt", saved(state)))
     if not isinstance(result, AvatarqError):
         for p in result.parameters():

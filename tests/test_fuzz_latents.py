@@ -148,6 +148,13 @@ def test_every_command_refuses_a_malformed_latent_file(command, name, fuzz_bundl
 
 # --------------------------------------------------------------------------- properties
 
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """One folder each generated input is written into (the file is overwritten each time)."""
+    return tmp_path_factory.mktemp("scratch")
+
+
 NAMES = st.sampled_from(["z", "view", "segment", "frame", "camera", "expression", "z_2"])
 DTYPES = st.one_of(
     hnp.floating_dtypes(),
@@ -166,8 +173,8 @@ ARRAYS = DTYPES.flatmap(
 
 @fuzz_settings(150)
 @given(arrays=st.dictionaries(NAMES, ARRAYS, max_size=5), base=st.booleans())
-def test_any_arrays_load_or_fail_with_one_line(arrays, base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("latents")
+def test_any_arrays_load_or_fail_with_one_line(arrays, base, scratch):
+    folder = scratch
     content = {**(clip() if base else {}), **arrays}
     path = write(folder / "latents.npz", npz(**content))
     result = call("latent file", read_latents, path)
@@ -181,10 +188,10 @@ def test_any_arrays_load_or_fail_with_one_line(arrays, base, tmp_path_factory):
         st.tuples(st.integers(0, 10**5), st.binary(min_size=1, max_size=6)), min_size=1, max_size=3
     )
 )
-def test_a_corrupted_latent_file_loads_or_fails_with_one_line(edits, tmp_path_factory):
+def test_a_corrupted_latent_file_loads_or_fails_with_one_line(edits, scratch):
     data = bytearray(npz(**clip(), segment=np.array(["s"] * 8)))
     for offset, patch in edits:
         at = offset % len(data)
         data[at : at + len(patch)] = patch
-    folder = tmp_path_factory.mktemp("corrupt")
+    folder = scratch
     call("latent file", read_latents, write(folder / "latents.npz", bytes(data)))

@@ -85,21 +85,40 @@ def run_until(argv: list[str], cwd: Path, phase: str, signum: int) -> tuple[int,
     return code, seen.decode(errors="replace"), staged
 
 
-@pytest.mark.parametrize("signame", list(SIGNALS))
-@pytest.mark.parametrize("command", list(CASES))
-def test_a_signal_during_work_leaves_nothing_behind(command, signame, fuzz_bundle, tmp_path):
-    if signame == "SIGINT" and command != "export":
-        pytest.skip("Ctrl-C takes the same path as SIGTERM; export covers it")
-    argv, phase, output = CASES[command]
-    shutil.copy(fuzz_bundle[0], tmp_path / "dam.pt")
-    (tmp_path / "notes.txt").write_text("mine\n")
-    before = snapshot(tmp_path)
-    signum, expected = SIGNALS[signame]
-    COUNTS["signal"] += 1
-    code, printed, staged = run_until(argv, tmp_path, phase, signum)
+#: (command, signal) pairs run; Ctrl-C takes the same path as SIGTERM, export covers it.
+RUNS = [(command, "SIGTERM") for command in CASES] + [("export", "SIGINT")]
+
+
+@pytest.fixture(scope="module")
+def signalled(fuzz_bundle, tmp_path_factory) -> dict:
+    """Every run of RUNS, started together (they spend most of their time importing):
+    {(command, signal): (folder, its snapshot before, exit code, output, staged)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folders = {}
+    for command, signame in RUNS:
+        folder = tmp_path_factory.mktemp(f"{command}-{signame}")
+        shutil.copy(fuzz_bundle[0], folder / "dam.pt")
+        (folder / "notes.txt").write_text("mine\n")
+        folders[command, signame] = (folder, snapshot(folder))
+
+    def run(key):
+        command, signame = key
+        argv, phase, _ = CASES[command]
+        COUNTS["signal"] += 1
+        return run_until(argv, folders[key][0], phase, SIGNALS[signame][0])
+
+    with ThreadPoolExecutor(len(RUNS)) as pool:
+        results = dict(zip(RUNS, pool.map(run, RUNS), strict=True))
+    return {key: (*folders[key], *results[key]) for key in RUNS}
+
+
+@pytest.mark.parametrize("command, signame", RUNS)
+def test_a_signal_during_work_leaves_nothing_behind(command, signame, signalled):
+    folder, before, code, printed, staged = signalled[command, signame]
     assert "Traceback" not in printed, printed[-2000:]
-    assert code == expected, printed[-2000:]
-    assert not (tmp_path / output).exists()
-    assert_untouched(before, tmp_path)
+    assert code == SIGNALS[signame][1], printed[-2000:]
+    assert not (folder / CASES[command][2]).exists()
+    assert_untouched(before, folder)
     if command in ("export", "synth"):
         assert staged, "the signal was sent before the staging folder existed"
