@@ -47,3 +47,31 @@ def small_bundle(small_avatar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "dam_fp32.avq"
     export_bundle(small_avatar.checkpoint, out, small_avatar.capture_root)
     return out
+
+
+@pytest.fixture(scope="session")
+def fuzz_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(dam.pt, dam_fp32.avq): a seeded random base DAM (z 4, texture 16, 6 vertices, no
+    encoder) and its unvalidated FP32 bundle, the smallest inputs the fuzz suite perturbs.
+    Tests copy them before changing anything."""
+    from avatarq.export import ExportOptions, export_bundle
+    from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    torch.manual_seed(0)
+    config = DAMConfig(z_dim=4, tex_size=16, n_vertices=6, n_cams=2, has_encoder=False)
+    save_checkpoint(DeepAppearanceModel(config).eval(), folder / "dam.pt")
+    export_bundle(folder / "dam.pt", folder / "dam_fp32.avq", options=ExportOptions(validate=False))
+    return folder / "dam.pt", folder / "dam_fp32.avq"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many inputs the fuzz suite (tests/test_fuzz_*.py) tried, by kind."""
+    import sys
+
+    oracle = sys.modules.get("fuzz_oracle")
+    if oracle is None or not oracle.COUNTS:
+        return
+    counts = oracle.COUNTS
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    terminalreporter.write_line(f"fuzz suite: {sum(counts.values())} inputs ({kinds})")

@@ -69,7 +69,7 @@ from avatarq.bench.sequences import BenchSequence
 from avatarq.bench.timing import BenchRunner, time_runners
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
-from avatarq.measure import SequenceAccumulator, evaluate_gates, psnr
+from avatarq.measure import SequenceAccumulator, check_finite, evaluate_gates, psnr
 
 _REF_KEY = "<reference>"  # cannot clash with a backend name
 
@@ -302,6 +302,7 @@ def run_bench(
         worst = {n: (Worst("texture"), Worst("screen")) for n in names}
         if denorm.peak is None:
             first, _ = ref.decode(sequence.z[:1], sequence.view[:1])
+            check_finite(first, getattr(ref, "name", "reference"), "texture")
             span = float(first.max() - first.min())
             denorm.peak = span if span > 0 and math.isfinite(span) else 1.0
         _fidelity_pass(
@@ -372,6 +373,9 @@ def _fidelity_pass(
         stop = min(start + b, t_len)
         z, view = sequence.z[start:stop], sequence.view[start:stop]
         f_tex, f_vert = ref.decode(z, view)
+        who = getattr(ref, "name", "reference")
+        check_finite(f_tex, who, "texture", start)
+        check_finite(f_vert, who, "vertices", start)
         # texture metrics read float64 [0, 1] values (no extra float32 rounding in the
         # measurement); the renderer gets float32 as a deployed pipeline would
         f_tex, f_vert = denorm.texture(f_tex, np.float64), denorm.vertices(f_vert)
@@ -388,6 +392,8 @@ def _fidelity_pass(
                     )
         for name, runner in runners.items():
             q_tex, q_vert = runner.decode(z, view)
+            check_finite(q_tex, name, "texture", start)
+            check_finite(q_vert, name, "vertices", start)
             q_tex, q_vert = denorm.texture(q_tex, np.float64), denorm.vertices(q_vert)
             q_img = None
             if setup is not None:
@@ -438,6 +444,10 @@ def bench_bundle(
     from avatarq.export.bundle import open_bundle
 
     opened = open_bundle(bundle)
+    if out is not None:
+        from avatarq.bench.report import check_report_dir
+
+        check_report_dir(Path(out))  # refuse a bad report folder before any decoding
     if config.render in ("torch", "nvdiffrast"):
         opened.topology()  # fail before any decoding when rendering cannot happen
     seq = load_sequence(

@@ -28,7 +28,7 @@ import numpy as np
 from avatarq.bench.report_document import ReportDocument
 from avatarq.bench.results import REPORT_SCHEMA_VERSION, BenchResult, FrameStrip, RunnerResult
 from avatarq.core.documents import document_dict, load_versioned_document
-from avatarq.core.files import StagedDirectory, atomic_write_text
+from avatarq.core.files import StagedDirectory, atomic_write_text, check_parent
 from avatarq.errors import AvatarqError
 
 JSON_FILE = "report.json"
@@ -508,6 +508,21 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
     return "".join(parts)
 
 
+def check_report_dir(out: Path) -> None:
+    """AvatarqError unless ``out`` may become a report folder: absent, empty, or a report
+    avatarq wrote (it holds report.json and nothing that is not a report's)."""
+    if out.exists() and not out.is_dir():
+        raise AvatarqError(f"report directory {out} exists and is not a directory")
+    check_parent(out)
+    if out.is_dir() and any(out.iterdir()):
+        names = {p.name for p in out.iterdir()}
+        if JSON_FILE not in names or not names <= {JSON_FILE, HTML_FILE, FIGURES_DIR}:
+            raise AvatarqError(
+                f"report directory {out} holds files that are not an avatarq report; refusing "
+                "to replace it (choose a new or empty folder)"
+            )
+
+
 def write_report(
     result: BenchResult, out_dir: str | Path, save_figures: bool = False
 ) -> dict[str, Path]:
@@ -523,13 +538,7 @@ def write_report(
         {"json": path, "html": path} (plus "figures": directory when saved).
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AvatarqError(f"report directory {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / JSON_FILE).is_file():
-        raise AvatarqError(
-            f"report directory {out} holds files but no {JSON_FILE}; refusing to replace it "
-            "(choose a new or empty folder)"
-        )
+    check_report_dir(out)
     figs = figures(result)
     with StagedDirectory(out, replace=True) as stage:
         atomic_write_text(stage.path / JSON_FILE, report_json(result))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,12 @@ from avatarq.calibration.layers import PRECISIONS, QuantizedLayer, discover_laye
 from avatarq.calibration.quantizers import (
     MIN_SCALE,
     activation_range,
+    check_bits,
     quantize_weight,
     weight_range,
 )
-from avatarq.core.files import StagedDirectory
+from avatarq.core.files import StagedDirectory, inside
+from avatarq.core.npz import load_npz
 from avatarq.errors import AvatarqError
 
 FORMAT = "avatarq-calibration"
@@ -312,7 +315,7 @@ class CalibrationArtifact:
             )
         try:
             doc = json.loads(doc_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             reason = getattr(exc, "msg", type(exc).__name__)
             raise AvatarqError(f"{doc_path} is not valid JSON ({reason}); recalibrate") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -322,7 +325,8 @@ class CalibrationArtifact:
                 f"{doc_path} has calibration version {doc.get('version')!r}; this avatarq "
                 f"reads version {ARTIFACT_VERSION}; recalibrate"
             )
-        tensors = _read_npz(doc_path.parent / doc.get("tensors", TENSORS_NAME))
+        _check_types(doc, doc_path)
+        tensors = _read_npz(inside(doc_path.parent, doc.get("tensors", TENSORS_NAME), "tensors"))
         try:
             layers = [_layer_from_json(entry, tensors) for entry in doc["layers"]]
             artifact = cls(
@@ -333,19 +337,75 @@ class CalibrationArtifact:
                 layers,
                 doc["version"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except AvatarqError as exc:
+            raise AvatarqError(f"{doc_path} is malformed: {exc}; recalibrate") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise AvatarqError(
-                f"{doc_path} is malformed ({type(exc).__name__}: {exc}); recalibrate"
+                f"{doc_path} is malformed ({type(exc).__name__}: {str(exc)[:100]}); recalibrate"
             ) from None
         if decoder is not None:
             artifact.validate(decoder)
         return artifact
 
 
+def _check_types(doc: dict, doc_path: Path) -> None:
+    """The JSON types of calib.json's fields (a wrong one is an AvatarqError naming it)."""
+    model = doc.get("model")
+    expected = {
+        "model": (model, dict),
+        "model.hash": (model.get("hash") if isinstance(model, dict) else None, str),
+        "model.config": (model.get("config") if isinstance(model, dict) else None, dict),
+        "samples": (doc.get("samples"), dict),
+        "config": (doc.get("config"), dict),
+        "layers": (doc.get("layers"), list),
+    }
+    for where, (value, kind) in expected.items():
+        if not isinstance(value, kind):
+            raise AvatarqError(
+                f"{doc_path} is malformed: {where} must be a JSON "
+                f"{'object' if kind is dict else 'array' if kind is list else 'string'}, got "
+                f"{type(value).__name__}; recalibrate"
+            )
+    for k, entry in enumerate(doc["layers"]):
+        if not isinstance(entry, dict):
+            raise AvatarqError(f"{doc_path} is malformed: layers[{k}] is not an object")
+        for key, kind in _LAYER_TYPES.items():
+            value = entry.get(key, {} if key == "loss" else None)
+            if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:
+                raise AvatarqError(
+                    f"{doc_path} is malformed: layers[{k}].{key} is {value!r}; recalibrate"
+                )
+
+
+_NUMBER = (int, float)
+_LAYER_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "kind": (str,),
+    "weight_shape": (list,),
+    "weight_axis": (int,),
+    "precision": (str,),
+    "bits": (int,),
+    "symmetric": (bool,),
+    "input_scale": (*_NUMBER, type(None)),
+    "input_zero_point": (int, type(None)),
+    "rounding": (str, type(None)),
+    "loss": (dict,),
+    "sensitivity": (*_NUMBER, type(None)),
+}
+
+
 def _layer_from_json(entry: dict, tensors: dict[str, np.ndarray]) -> LayerCalibration:
     name = entry["name"]
     if entry["precision"] not in PRECISIONS:
         raise ValueError(f"layer {name!r} has unknown precision {entry['precision']!r}")
+    shape = entry["weight_shape"]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in shape):
+        raise ValueError(f"layer {name!r} has weight_shape {shape!r}")
+    if not 0 <= entry["weight_axis"] < len(shape):
+        raise ValueError(
+            f"layer {name!r} has weight_axis {entry['weight_axis']} for {len(shape)}-d weights"
+        )
+    check_bits(entry["bits"])
     layer = LayerCalibration(
         name=name,
         kind=entry["kind"],
@@ -364,18 +424,27 @@ def _layer_from_json(entry: dict, tensors: dict[str, np.ndarray]) -> LayerCalibr
         key = f"{name}/weight_scale"
         if key not in tensors:
             raise KeyError(f"tensors.npz lacks {key!r}")
-        layer.weight_scale = tensors[key].astype(np.float32)
+        if tensors[key].dtype.kind != "f":
+            raise ValueError(f"{key} has dtype {tensors[key].dtype}, expected float32")
+        with np.errstate(over="ignore"):
+            layer.weight_scale = tensors[key].astype(np.float32)
         if layer.weight_scale.shape != (layer.weight_shape[layer.weight_axis],):
             raise ValueError(f"{key} has shape {list(layer.weight_scale.shape)}")
         if not (np.isfinite(layer.weight_scale).all() and (layer.weight_scale > 0).all()):
             raise ValueError(f"{key} holds non-positive or non-finite scales")
-        if not (layer.input_scale and layer.input_scale > 0):
+        scale = layer.input_scale
+        if scale is None or not (math.isfinite(scale) and 0 < scale < 3e38):
             raise ValueError(f"layer {name!r} has input_scale {layer.input_scale!r}")
+        zero_point = layer.input_zero_point
+        if zero_point is not None and not -128 <= zero_point <= 255:
+            raise ValueError(f"layer {name!r} has input_zero_point {zero_point!r}")
         if layer.rounding == "adaround":
             wkey = f"{name}/weight_int"
             if wkey not in tensors:
                 raise KeyError(f"tensors.npz lacks {wkey!r}")
-            layer.weight_int = tensors[wkey].astype(np.int8)
+            if tensors[wkey].dtype != np.int8:
+                raise ValueError(f"{wkey} has dtype {tensors[wkey].dtype}, expected int8")
+            layer.weight_int = tensors[wkey]
             if layer.weight_int.shape != layer.weight_shape:
                 raise ValueError(f"{wkey} has shape {list(layer.weight_int.shape)}")
         elif layer.rounding != "nearest":
@@ -399,10 +468,4 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise AvatarqError(f"calibration tensors not found: {path}; recalibrate")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise AvatarqError(
-            f"{path} is not a readable .npz ({type(exc).__name__}); recalibrate"
-        ) from None
+    return load_npz(path, "calibration tensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from avatarq.calibration.layers import PRECISIONS
@@ -93,6 +94,14 @@ class CalibrationConfig:
             raise AvatarqError(
                 f"unknown range_init {self.range_init!r}; expected one of {RANGE_INITS}"
             )
+        for name in ("tau", "lr", "temporal_weight", "adaround_lambda"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise AvatarqError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= float(self.tau) < 1.0:
             raise AvatarqError(f"tau must lie in [0, 1), got {self.tau}")
         check_bits(self.bits)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from avatarq.calibration.artifact import CalibrationArtifact
-from avatarq.calibration.config import CalibrationConfig
+from avatarq.calibration.config import CalibrationConfig, check_layer_names
+from avatarq.calibration.layers import discover_layers
 from avatarq.calibration.pipeline import calibrate
 from avatarq.calibration.samples import (
     CalibrationSamples,
@@ -76,5 +77,12 @@ def calibrate_decoder(
         capture = MultifaceCapture(data)
     normalization = capture_normalization(capture) if capture is not None else None
     decoder = DeployableDecoder(model, normalization, camera)
+    names = [info.name for info in discover_layers(decoder)]
+    check_layer_names(config.precision, names)  # the plan's names, before any work
+    if config.fp16_budget > len(names):
+        raise AvatarqError(
+            f"--fp16-budget {config.fp16_budget} exceeds the decoder's {len(names)} "
+            "quantizable layers"
+        )
     samples = load_samples(model, data, capture, n_random=n_random, seed=config.seed)
     return decoder, calibrate(decoder, samples, config, progress)

@@ -55,9 +55,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Replace an existing output that avatarq wrote.")
 ]
-SeedOption = Annotated[int, typer.Option(min=0, help="Seed of every random draw.")]
+SeedOption = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of every random draw.")]
 DeviceOption = Annotated[str, typer.Option(help="Where runners run: auto, cpu or cuda.")]
-ThreadsOption = Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: its default).")]
+ThreadsOption = Annotated[
+    int, typer.Option(min=0, max=1024, help="ONNX Runtime threads (0: its default).")
+]
 BatchOption = Annotated[int, typer.Option(min=1, max=4096, help="Frames per decode call.")]
 CameraOption = Annotated[
     int | None, typer.Option(min=0, help="Fold this camera's colour correction in.")
@@ -163,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except click_errors.ClickException as exc:
         print_error(" ".join(exc.format_message().split()))
         code = exc.exit_code
-    except (click_errors.Exit, typer.Exit) as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except (click_errors.Abort, typer.Abort):
+    except typer.Abort:
         print_error("interrupted")
         code = 130
     except AvatarqError as exc:  # raised outside a command body (e.g. in a callback)

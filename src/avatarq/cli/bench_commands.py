@@ -20,6 +20,9 @@ from avatarq.cli.app import (
 )
 from avatarq.errors import AvatarqError
 
+#: Largest render side accepted by --resolution (pixels).
+MAX_RESOLUTION = 16384
+
 
 def default_report_path(bundle: Path) -> Path:
     """``dam_int8.avq`` -> ``dam_int8_report`` beside it."""
@@ -33,9 +36,12 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(x) for x in text.lower().split("x"))
     except ValueError:
+        h = w = 0
+    if not (1 <= h <= MAX_RESOLUTION and 1 <= w <= MAX_RESOLUTION):
         raise AvatarqError(
-            f"--resolution must be HxW in pixels, e.g. 1024x667; got {text!r}"
-        ) from None
+            f"--resolution must be HxW in pixels (1..{MAX_RESOLUTION} each), e.g. 1024x667; "
+            f"got {text!r}"
+        )
     return h, w
 
 
@@ -91,8 +97,12 @@ def bench(
     resolution: Annotated[
         str | None, typer.Option(help="Render size HxW (default: the camera's image size).")
     ] = None,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed iterations per runner.")] = 3,
-    iters: Annotated[int, typer.Option(min=1, help="Timed iterations per runner.")] = 20,
+    warmup: Annotated[
+        int, typer.Option(min=0, max=1_000_000, help="Untimed iterations per runner.")
+    ] = 3,
+    iters: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Timed iterations per runner.")
+    ] = 20,
     batch: BatchOption = 1,
     gate_space: Annotated[
         str, typer.Option(help="Fidelity gates read texture or screen metrics.")
@@ -167,7 +177,9 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path(
         "out/demo"
     ),
-    iters: Annotated[int, typer.Option(min=1, help="Training steps for the synthetic DAM.")] = 400,
+    iters: Annotated[
+        int, typer.Option(min=1, max=10_000_000, help="Training steps for the synthetic DAM.")
+    ] = 400,
 ) -> None:
     """The whole path on the embedded synthetic avatar: synth, calibrate, export, build, bench.
 

@@ -34,9 +34,9 @@ def build(
     max_batch: Annotated[
         int, typer.Option(min=1, max=4096, help="Largest batch (TensorRT profile max).")
     ] = 8,
-    opt_batch: Annotated[int, typer.Option(min=1, help="Batch TensorRT tunes for.")] = 1,
+    opt_batch: Annotated[int, typer.Option(min=1, max=4096, help="Batch TensorRT tunes for.")] = 1,
     min_batch: Annotated[
-        int, typer.Option(min=1, help="Smallest batch of the TensorRT profile.")
+        int, typer.Option(min=1, max=4096, help="Smallest batch of the TensorRT profile.")
     ] = 1,
     opt_level: Annotated[
         int, typer.Option("--opt-level", min=0, max=5, help="TensorRT builder optimization level.")
@@ -115,7 +115,9 @@ def compare(
     latents: Annotated[
         Path | None, typer.Option(help="Latent .npz (z, view); default: the smooth clip.")
     ] = None,
-    frames: Annotated[int, typer.Option(min=2, help="Frames of the smooth clip.")] = 32,
+    frames: Annotated[
+        int, typer.Option(min=2, max=100_000, help="Frames of the smooth clip.")
+    ] = 32,
     seed: SeedOption = 0,
     batch: BatchOption = 1,
     checkpoint: Annotated[

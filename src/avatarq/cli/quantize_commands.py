@@ -20,6 +20,7 @@ from avatarq.cli.app import (
     user_errors,
 )
 from avatarq.core.documents import document_dict
+from avatarq.core.files import check_parent
 from avatarq.errors import AvatarqError
 
 #: Measured on the demo avatar (docs/benchmarks.md, "Data-free calibration").
@@ -57,16 +58,18 @@ def calibrate(
     ] = 0.0,
     bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
     iters: Annotated[
-        int, typer.Option(min=0, help="Adam iterations per layer (upper bound).")
+        int, typer.Option(min=0, max=1_000_000, help="Adam iterations per layer (upper bound).")
     ] = 100,
-    samples: Annotated[int, typer.Option(min=1, help="Random (frame, camera) samples.")] = 64,
+    samples: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Random (frame, camera) samples.")
+    ] = 64,
     temporal_weight: Annotated[float, typer.Option(help="Weight of the temporal term.")] = 0.0,
     adaround: Annotated[bool, typer.Option(help="Learn weight rounding (AdaRound).")] = False,
     asymmetric: Annotated[
         bool, typer.Option(help="Asymmetric activations (ONNX Runtime targets only).")
     ] = False,
     fp16_budget: Annotated[
-        int, typer.Option(min=0, help="Most sensitive layers kept in FP16.")
+        int, typer.Option(min=0, max=100_000, help="Most sensitive layers kept in FP16.")
     ] = 0,
     precision: Annotated[
         str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=int8'.")
@@ -126,6 +129,7 @@ def _check_output(out: Path, marker: str, force: bool) -> None:
     """Refuse an output folder avatarq did not write, or one it wrote without --force."""
     if out.exists() and not out.is_dir():
         raise AvatarqError(f"{out} exists and is not a folder; choose another output")
+    check_parent(out)
     if out.is_dir() and any(out.iterdir()):
         if not (out / marker).is_file():
             raise AvatarqError(

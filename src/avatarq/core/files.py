@@ -41,14 +41,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     SystemExit included) the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parent(path)
     tmp = _temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        remove_empty(created)
         raise
+
+
+def check_parent(path: str | Path) -> None:
+    """AvatarqError when ``path`` could not be created because a file (or a link to
+    nothing) sits where one of its parent folders belongs; nothing is created."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise AvatarqError(f"cannot write {path}: {parent} is not a folder")
+
+
+def make_parent(path: Path) -> list[Path]:
+    """Create the folders above ``path``; returns those it created, deepest first (for
+    `remove_empty`). A file (or a link to nothing) on the way is an AvatarqError naming it."""
+    check_parent(path)
+    created = [p for p in path.parents if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        check_parent(path)
+        raise AvatarqError(f"cannot write {path}: {path.parent} is not a folder") from None
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are still empty: what a failed write created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -100,12 +134,7 @@ class StagedDirectory:
             raise AvatarqError(f"{self.target} exists and is not a folder; choose another output")
         if self.target.exists() and not replace:
             raise AvatarqError(f"{self.target} exists; pass --force to replace it")
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise AvatarqError(
-                f"cannot create {self.target}: {self.target.parent} is not a folder"
-            ) from None
+        self._created = make_parent(self.target)
         self.path = _make_staging(self.target)
         self.committed = False
 
@@ -131,6 +160,7 @@ class StagedDirectory:
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        remove_empty(self._created)
 
     def __enter__(self) -> StagedDirectory:
         return self

@@ -46,9 +46,13 @@ def _float_array(name: str, value: Any, n: int | None) -> np.ndarray:
         raise AvatarqError(f"input {name} must hold real numbers, got dtype {a.dtype}")
     if n is not None and a.shape[0] != n:
         raise AvatarqError(f"input {name} has {a.shape[0]} steps, the others have {n}")
-    if not np.isfinite(a).all():
-        raise AvatarqError(f"input {name} holds NaN or infinite values")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f32 = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(f32).all():
+        raise AvatarqError(
+            f"input {name} holds NaN or infinite values (or values beyond float32's range)"
+        )
+    return f32
 
 
 def frame_label(frame_id: FrameId) -> str:

@@ -15,13 +15,13 @@ The steps form one ordered clip. Labels become the inputs' (segment, frame, came
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from avatarq.core.files import atomic_path
 from avatarq.core.inputs import DecoderInputs
+from avatarq.core.npz import load_npz
 from avatarq.errors import AvatarqError
 
 LABELS = ("segment", "frame", "camera")
@@ -57,16 +57,12 @@ def load_inputs(path: str | Path, source: str | None = None) -> DecoderInputs:
         raise AvatarqError(f"latent file not found: {path}")
     if not path.is_file():
         raise AvatarqError(f"{path} is not a file (expected a latent .npz)")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.ndarray):
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
             raise AvatarqError(f"{path} is a single .npy array, not a latent .npz")
-        with data:
-            arrays = {k: data[k] for k in data.files if k not in LABELS}
-            labels = {k: data[k] for k in LABELS if k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AvatarqError(f"{path} is not a readable latent .npz ({first})") from None
+    data = load_npz(path, "latent file")
+    arrays = {k: v for k, v in data.items() if k not in LABELS}
+    labels = {k: v for k, v in data.items() if k in LABELS}
     if "z" in arrays and "view" not in arrays or "view" in arrays and "z" not in arrays:
         missing = "view" if "z" in arrays else "z"
         raise AvatarqError(

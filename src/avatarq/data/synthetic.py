@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from avatarq.core.files import StagedDirectory, atomic_write_text
+from avatarq.core.files import StagedDirectory, atomic_write_text, check_parent
 from avatarq.core.progress import Progress, or_silent
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
@@ -65,8 +65,17 @@ def make_synthetic_avatar(
     out = Path(out)
     settings = _settings(capture_config, train_config)
     record_path = out / RECORD_FILE
+    size = capture_config.texture_size
+    if size & (size - 1):
+        raise AvatarqError(f"texture size must be a power of two (Multiface layout), got {size}")
+    if train_config.tex_size > size:
+        raise AvatarqError(
+            f"the model's texture size {train_config.tex_size} exceeds the capture's {size}; "
+            "a model cannot learn detail its capture lacks"
+        )
     if out.exists() and not out.is_dir():
         raise AvatarqError(f"{out} exists and is not a directory")
+    check_parent(out)
     if record_path.is_file() and not force:
         try:
             record = json.loads(record_path.read_text())

@@ -120,12 +120,27 @@ class SyntheticCaptureConfig:
             "mesh_bands": 8,
             "mesh_sectors": 8,
         }
+        highs = {
+            "texture_size": 4096,
+            "n_cameras": 1000,
+            "image_height": 16384,
+            "image_width": 16384,
+            "mesh_bands": 2048,
+            "mesh_sectors": 2048,
+        }
         for name, low in lows.items():
-            if int(getattr(self, name)) < low:
-                raise AvatarqError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if not self.segment_frames or min(self.segment_frames) < 1:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AvatarqError(f"{name} must be >= {low}, got {value!r}")
+            if value > highs[name]:
+                raise AvatarqError(f"{name} must be <= {highs[name]}, got {value}")
+        if (
+            not self.segment_frames
+            or min(self.segment_frames) < 1
+            or max(self.segment_frames) > 100_000
+        ):
             raise AvatarqError(
-                f"segment_frames must list at least one segment of >= 1 frames, "
+                f"segment_frames must list at least one segment of 1..100000 frames, "
                 f"got {list(self.segment_frames)}"
             )
         if self.camera_textures_per_frame < 0:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.files import inside
 from avatarq.core.hashing import file_sha256
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
@@ -319,8 +320,10 @@ class Builder(abc.ABC):
         """Write the engine into the bundle and return its record (the manifest is not saved)."""
 
     def engine_path(self, bundle: Bundle, suffix: str = ".engine") -> Path:
-        """``bundle/engines/<backend>-<target><suffix>``."""
-        return bundle.root / ENGINES_DIR / f"{self.backend}-{self.target()}{suffix}"
+        """``bundle/engines/<backend>-<target><suffix>``, refused when ``engines`` (or the
+        file) is a link that would make the build write outside the bundle."""
+        name = f"{ENGINES_DIR}/{self.backend}-{self.target()}{suffix}"
+        return inside(bundle.root, name, "engine")
 
 
 def engine_records(bundle: Bundle, backend: str) -> list[EngineRecord]:

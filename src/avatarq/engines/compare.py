@@ -55,6 +55,11 @@ def compare_bundle(
         inputs = smooth_clip(z_dim, n_frames, seed)
     else:
         inputs = latents if isinstance(latents, DecoderInputs) else load_inputs(latents)
+        if len(inputs) < 2:
+            raise AvatarqError(
+                f"latent sequence {inputs.source} has {len(inputs)} step; a comparison needs "
+                "at least 2 ordered steps"
+            )
         if inputs.z_dim != z_dim:
             raise AvatarqError(
                 f"latent sequence has z of size {inputs.z_dim}, the bundle's decoder takes {z_dim}"

@@ -192,6 +192,15 @@ def build_engine(
     """
     opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     builder = get_backend(backend).builder_class()(options)
+    if options.calibration_latents is not None:  # read and check them before any work
+        from avatarq.data.latents import load_inputs
+
+        latents = load_inputs(options.calibration_latents)
+        if latents.z_dim != opened.manifest.z_dim:
+            raise AvatarqError(
+                f"latent sequence {options.calibration_latents} has z of size {latents.z_dim}; "
+                f"the bundle's decoder takes {opened.manifest.z_dim}"
+            )
     result = builder.build(opened, progress)
     record = result.record
     manifest = opened.manifest

@@ -83,13 +83,15 @@ class Bundle:
         return self.manifest.precision in ("int8", "mixed")
 
     def checked_model_path(self) -> Path:
-        """model.onnx, after checking its sha256 against the manifest (once per Bundle)."""
+        """model.onnx, after checking its sha256 and its inputs and outputs against the
+        manifest (once per Bundle)."""
         if not self._model_checked:
             if file_sha256(self.model_path) != self.manifest.model_sha256:
                 raise AvatarqError(
                     f"{self.model_path} is not the graph this bundle's manifest describes (its "
                     "sha256 differs); re-export the bundle"
                 )
+            check_graph_io(self.model_path, self.manifest)
             self._model_checked = True
         return self.model_path
 
@@ -106,6 +108,7 @@ class Bundle:
             raise AvatarqError(f"bundle {self.root} lists {ref.path} but the file is missing")
         if file_sha256(path) != ref.sha256:
             raise AvatarqError(f"{path} is not the reference graph the manifest pins (sha256)")
+        check_graph_io(path, self.manifest)
         return path
 
     def topology(self):  # -> avatarq.core.topology.Topology
@@ -138,6 +141,35 @@ class Bundle:
         atomic_write_text(self.root / MANIFEST_FILE, dump_document(self.manifest))
 
 
+_ONNX_TYPES = {"float32": 1, "float16": 10}  # onnx.TensorProto.FLOAT, FLOAT16
+
+
+def check_graph_io(path: Path, manifest: Manifest) -> None:
+    """AvatarqError unless the ONNX graph at ``path`` has the inputs and outputs the manifest
+    describes: same names, element types and shapes (``batch`` = any dynamic dimension)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file
+        raise AvatarqError(f"{path} is not a readable ONNX graph ({type(exc).__name__})") from None
+    declared = {v.name: v.type.tensor_type for v in [*graph.input, *graph.output]}
+    for spec in [*manifest.inputs, *manifest.outputs]:
+        tensor = declared.get(spec.name)
+        if tensor is None:
+            raise AvatarqError(
+                f"{path} has no tensor {spec.name!r} that the manifest describes; it has "
+                f"{', '.join(declared) or 'none'}"
+            )
+        shape = [d.dim_value if d.HasField("dim_value") else "batch" for d in tensor.shape.dim]
+        expected = [d if isinstance(d, int) else "batch" for d in spec.shape]
+        if tensor.elem_type != _ONNX_TYPES[spec.dtype] or shape != expected:
+            raise AvatarqError(
+                f"{path}: tensor {spec.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type).lower()} "
+                f"{shape}, the manifest says {spec.dtype} {expected}"
+            )
+
+
 def is_bundle(path: str | Path) -> bool:
     """Whether ``path`` is a folder holding an avatarq bundle manifest (what avatarq may
     replace with ``--force``); any other folder is never deleted."""
@@ -164,6 +196,7 @@ def open_bundle(path: str | Path) -> Bundle:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise AvatarqError(f"{root} is not a bundle: {MANIFEST_FILE} is missing")
+    inside(root, MANIFEST_FILE, "manifest")
     manifest = load_versioned_document(
         manifest_path,
         Manifest,
@@ -173,6 +206,7 @@ def open_bundle(path: str | Path) -> Bundle:
     )
     if not (root / MODEL_FILE).is_file():
         raise AvatarqError(f"bundle {root} has no {MODEL_FILE}")
+    inside(root, MODEL_FILE, "model graph")
     for record in manifest.engines:
         for name in engine_files(record):
             inside(root, name, f"engine file of {record.backend}")

@@ -130,20 +130,34 @@ def export_bundle(
                 f"the checkpoint {model.config.n_vertices}"
             )
         normalization = capture_normalization(capture)
+        capture.topology  # noqa: B018 - read (and check) the mesh before any work
     decoder = DeployableDecoder(model, normalization, options.camera)
+    artifact = samples = None
+    if options.int8:  # read and check the calibration (or its data) before any work
+        artifact, samples = _calibration_inputs(model, decoder, capture_root, options)
     say("tracing to ONNX")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
     precision = "fp16" if options.fp16 else "fp32"
     layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
-    artifact = None
     reference = None
     if options.reference and options.fp16:
         reference = export_onnx(decoder, ExportConfig(fp16=False, max_batch=options.max_batch))
     elif options.reference and options.int8:
         reference = proto
     if options.int8:
-        artifact = _calibration(model, decoder, capture_root, options, say)
+        if artifact is None:
+            from avatarq.calibration import CalibrationConfig
+            from avatarq.calibration.pipeline import calibrate
+
+            say(
+                "calibrating (POCA)"
+                if options.calib_data or capture_root
+                else "calibrating (POCA, data-free)"
+            )
+            artifact = calibrate(
+                decoder, samples, CalibrationConfig(seed=options.seed), progress=say
+            )
         from avatarq.export.qdq import QDQConfig, quantize_onnx
 
         say("inserting Q/DQ nodes")
@@ -233,23 +247,20 @@ def export_bundle(
     return ExportResult(bundle, result, source)
 
 
-def _calibration(model, decoder: DeployableDecoder, capture_root, options: ExportOptions, say):
-    """The artifact to export with: loaded and validated, or calibrated now with defaults."""
-    from avatarq.calibration import CalibrationArtifact, CalibrationConfig
+def _calibration_inputs(model, decoder: DeployableDecoder, capture_root, options: ExportOptions):
+    """(the artifact of ``--calib``, loaded and checked against ``decoder``, None) or (None,
+    the samples to calibrate on now: ``--data``, the capture, or data-free)."""
+    from avatarq.calibration import CalibrationArtifact
     from avatarq.calibration.from_files import load_samples
-    from avatarq.calibration.pipeline import calibrate
 
     if options.calib is not None:
-        return CalibrationArtifact.load(options.calib, decoder)
-    data = options.calib_data
-    say("calibrating (POCA)" if data or capture_root else "calibrating (POCA, data-free)")
+        return CalibrationArtifact.load(options.calib, decoder), None
     capture = None
-    if data is None and capture_root is not None:
+    if options.calib_data is None and capture_root is not None:
         from avatarq.data.capture import MultifaceCapture
 
         capture = MultifaceCapture(capture_root)
-    samples = load_samples(model, data, capture, seed=options.seed)
-    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed), progress=say)
+    return None, load_samples(model, options.calib_data, capture, seed=options.seed)
 
 
 def _normalization_record(normalization) -> NormalizationRecord:

@@ -7,7 +7,7 @@ validation, engine checks, ``avatarq compare``, the runtime and bench all use. I
 no stage; numpy only (torch only inside the CUDA timer).
 """
 
-from avatarq.measure.compare import Comparison, Decoder, OutputError, compare
+from avatarq.measure.compare import Comparison, Decoder, OutputError, check_finite, compare
 from avatarq.measure.gates import (
     GATE_METRICS,
     Gate,
@@ -34,6 +34,7 @@ __all__ = [
     "SequenceComparison",
     "Tolerances",
     "canonical_metric",
+    "check_finite",
     "compare",
     "compare_sequences",
     "evaluate_gates",

@@ -161,6 +161,19 @@ def _db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.2f}"
 
 
+def check_finite(array: np.ndarray, who: str, output: str, first_frame: int = 0) -> None:
+    """AvatarqError naming ``who``'s ``output`` when ``array`` holds NaN or an infinity:
+    a non-finite output is a broken decoder (or inputs it overflows on), never a metric."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.argwhere(~finite.reshape(len(array), -1).all(axis=1)) if np.ndim(array) else []
+        frame = first_frame + int(bad[0][0]) if len(bad) else first_frame
+        raise AvatarqError(
+            f"{who}: output {output} holds NaN or infinite values (frame {frame}); the decoder "
+            "overflows on these inputs or its weights are broken"
+        )
+
+
 class _ErrorSum:
     def __init__(self, name: str) -> None:
         self.name, self.max, self.sum, self.count = name, 0.0, 0.0, 0
@@ -254,6 +267,8 @@ def compare(
                 f"the candidate {len(cand_out)}"
             )
         for err, r, c in zip(errors, ref_out, cand_out, strict=False):
+            check_finite(r, reference.name, err.name, start)
+            check_finite(np.asarray(c), candidate.name, err.name, start)
             err.add(r, np.asarray(c))
         ref_img, cand_img = ref_out[image_index], np.asarray(cand_out[image_index])
         if scale is None:

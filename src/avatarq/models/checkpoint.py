@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from avatarq.core.files import atomic_path
 from avatarq.errors import AvatarqError
-from avatarq.models.config import DAMConfig
+from avatarq.models.config import MAX_TEX_SIZE, DAMConfig
 from avatarq.models.dam import DeepAppearanceModel
 
 DDP_PREFIX = "module."
@@ -38,9 +37,13 @@ def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int,
 def infer_config(state: Mapping[str, torch.Tensor]) -> DAMConfig:
     """Infer arch, z, texture size, vertex count and camera count from a (bare) state_dict."""
     z_dim = _shape(state, "dec.z_fc.weight", 2)[1]
+    if z_dim < 1:
+        raise AvatarqError("key 'dec.z_fc.weight' has 0 inputs; the latent size must be >= 1")
     mesh_size = _shape(state, "dec.mesh_fc.weight", 2)[0]
-    if mesh_size % 3:
-        raise AvatarqError(f"key 'dec.mesh_fc.weight' has {mesh_size} outputs, not a multiple of 3")
+    if mesh_size < 3 or mesh_size % 3:
+        raise AvatarqError(
+            f"key 'dec.mesh_fc.weight' has {mesh_size} outputs; expected 3 per vertex (>= 3)"
+        )
     n_cams = _shape(state, "cc.weight", 4)[0] + 1
     code = _shape(state, "dec.texture_fc.weight", 2)[0]
     base = round((code / z_dim) ** 0.5)
@@ -53,6 +56,11 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> DAMConfig:
         raise AvatarqError(
             "not a Multiface DAM state_dict: no 'dec.texture_decoder.upsample.*' keys"
         )
+    if blocks != set(range(len(blocks))) or base * 4 ** len(blocks) > MAX_TEX_SIZE:
+        raise AvatarqError(
+            f"keys 'dec.texture_decoder.upsample.N' run over N in {sorted(blocks)[:8]}; a "
+            f"texture of at most {MAX_TEX_SIZE} needs consecutive blocks from 0"
+        )
     tex_size = base * 4 ** len(blocks)
     first_deconv = state.get("dec.texture_decoder.upsample.0.conv1.deconv.weight")
     last_bias = state.get(f"dec.texture_decoder.upsample.{len(blocks) - 1}.conv2.bias")
@@ -60,9 +68,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> DAMConfig:
         arch = "warp"
     elif any(".res1." in k for k in state if k.startswith("dec.")):
         arch = "res"
-    elif first_deconv is not None and first_deconv.shape[-1] == 3:
+    elif first_deconv is not None and first_deconv.ndim == 4 and first_deconv.shape[-1] == 3:
         arch = "bilinear"
-    elif last_bias is not None and last_bias.shape[-1] == 1:
+    elif last_bias is not None and last_bias.ndim >= 1 and last_bias.shape[-1] == 1:
         arch = "non"
     else:
         arch = "base"
@@ -74,8 +82,8 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor]) -> DeepAppearanceMo
     """Build the model the state_dict describes and load it; shape mismatches name the key."""
     bare = strip_prefix(state)
     config = infer_config(bare)
-    model = DeepAppearanceModel(config)
-    expected = model.state_dict()
+    with torch.device("meta"):  # shapes only: nothing is allocated before they all match
+        expected = DeepAppearanceModel(config).state_dict()
     for key, tensor in bare.items():
         if key not in expected:
             raise AvatarqError(
@@ -90,6 +98,10 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor]) -> DeepAppearanceMo
     missing = [k for k in expected if k not in bare]
     if missing:
         raise AvatarqError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing)")
+    for key, tensor in bare.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise AvatarqError(f"tensor {key!r} holds NaN or infinite values")
+    model = DeepAppearanceModel(config)
     model.load_state_dict({k: v.float() for k, v in bare.items()})
     return model.eval()
 
@@ -113,7 +125,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise AvatarqError(
             f"{path} holds pickled objects, not a plain state_dict; save model.state_dict() instead"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes
         kind = "truncated or corrupt" if magic[:2] == b"PK" else "unreadable"
         raise AvatarqError(
             f"{path} is a {kind} PyTorch checkpoint ({type(exc).__name__})"
@@ -125,15 +137,57 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise AvatarqError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
-    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise AvatarqError(f"{path}: entry {bad!r} is not a tensor; expected a plain state_dict")
+    for key, value in obj.items():
+        _check_entry(path, key, value)
     return dict(obj)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_entry(path: Path, key: object, value: object) -> None:
+    """One state_dict entry: a parameter name and a dense real floating-point tensor that
+    stores every element it claims (a stride-0 view may claim terabytes in a few bytes)."""
+    if not isinstance(key, str):
+        raise AvatarqError(
+            f"{path}: key {key!r} is a {type(key).__name__}; a state_dict's keys are "
+            "parameter names (strings)"
+        )
+    if not isinstance(value, torch.Tensor):
+        raise AvatarqError(
+            f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a "
+            "plain state_dict"
+        )
+    if value.layout != torch.strided:
+        raise AvatarqError(
+            f"{path}: tensor {key!r} is {str(value.layout).removeprefix('torch.')}; expected "
+            "a dense floating-point tensor"
+        )
+    if value.dtype not in FLOAT_DTYPES:
+        raise AvatarqError(
+            f"{path}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+            "expected float32 (or float16, bfloat16, float64)"
+        )
+    claimed = value.numel() * value.element_size()
+    stored = value.untyped_storage().nbytes()
+    if claimed > stored:
+        raise AvatarqError(
+            f"{path}: tensor {key!r} has shape {list(value.shape)} ({claimed} bytes) but the "
+            f"file stores {stored} bytes of it; the checkpoint's sizes are inconsistent"
+        )
+
+
 def load_checkpoint(path: str | Path) -> DeepAppearanceModel:
-    """Load a Multiface-format DAM checkpoint (with or without ``module.``) in eval mode."""
-    return model_from_state_dict(read_state_dict(path))
+    """Load a Multiface-format DAM checkpoint (with or without ``module.``) in eval mode.
+
+    Every failure is an AvatarqError naming the file: unreadable bytes, pickled objects,
+    keys that are not strings, tensors that are not dense floating point, sizes the file
+    does not store, shapes no DAM has, NaN or infinite weights."""
+    state = read_state_dict(path)
+    try:
+        return model_from_state_dict(state)
+    except AvatarqError as exc:
+        raise AvatarqError(f"{path}: {exc}") from None
 
 
 def save_checkpoint(model: DeepAppearanceModel, path: str | Path, ddp_prefix: bool = True) -> None:

@@ -10,6 +10,10 @@ from avatarq.errors import AvatarqError
 
 ARCHS = ("base", "res", "non", "bilinear", "warp")
 CONFIG_VERSION = 1
+#: Largest sizes accepted (Multiface publishes z 256, texture 1024, 7306 vertices, 40 cameras):
+#: a checkpoint or option beyond them is a mistake, refused before anything is allocated.
+MAX_TEX_SIZE = 4096
+MAX_SIZES = {"z_dim": 65_536, "n_vertices": 10_000_000, "n_cams": 100_000}
 
 # Channels of the texture decoder's deconvs at full size (8 deconvs, 4 -> 1024); smaller
 # textures drop deconvs from the start of the tail (the first block keeps cin = chidden = z).
@@ -45,11 +49,18 @@ class DAMConfig:
         if self.arch not in ARCHS:
             raise AvatarqError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
         t = self.tex_size
-        if t < 16 or t & (t - 1):
-            raise AvatarqError(f"tex_size must be a power of two >= 16, got {t}")
-        for name in ("z_dim", "n_vertices", "n_cams"):
-            if getattr(self, name) < 1:
-                raise AvatarqError(f"{name} must be positive, got {getattr(self, name)}")
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int)
+            or t < 16
+            or t > MAX_TEX_SIZE
+            or t & (t - 1)
+        ):
+            raise AvatarqError(f"tex_size must be a power of two in 16..{MAX_TEX_SIZE}, got {t!r}")
+        for name, high in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise AvatarqError(f"{name} must be an integer in 1..{high}, got {value!r}")
 
     @property
     def mesh_size(self) -> int:

@@ -79,6 +79,29 @@ def _validation_line(validation) -> str:  # noqa: ANN001 - a ValidationRecord or
     return line
 
 
+#: What a demo work directory holds (anything else there is someone else's).
+DEMO_ENTRIES = {"synth", "calib", "dam_fp32.avq", "dam_fp16.avq", "dam_int8.avq", "report"}
+
+
+def _check_workdir(workdir: Path) -> None:
+    """AvatarqError unless ``workdir`` is new, empty or an earlier demo's (before any work)."""
+    from avatarq.core.files import check_parent
+
+    if workdir.exists() and not workdir.is_dir():
+        raise AvatarqError(f"--workdir {workdir} exists and is not a folder")
+    check_parent(workdir)
+    foreign = (
+        sorted(p.name for p in workdir.iterdir() if p.name not in DEMO_ENTRIES)
+        if workdir.is_dir()
+        else []
+    )
+    if foreign:
+        raise AvatarqError(
+            f"--workdir {workdir} holds files the demo did not write ({', '.join(foreign[:3])}); "
+            "choose a new or empty folder"
+        )
+
+
 def run_demo(
     workdir: str | Path, train_iters: int = 400, progress: Progress | None = None
 ) -> DemoResult:
@@ -94,6 +117,7 @@ def run_demo(
 
     say = or_silent(progress)
     workdir = Path(workdir)
+    _check_workdir(workdir)
     say("synthetic avatar")
     avatar = make_synthetic_avatar(
         workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), progress=say
