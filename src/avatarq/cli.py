@@ -76,13 +76,19 @@ def _main(
 @app.command()
 @user_errors
 def info(
-    model: Annotated[Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt).")],
+    model: Annotated[
+        Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt) or a bundle directory.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """What a checkpoint is: arch, sizes and parameter counts.
+    """What a checkpoint is (arch, sizes, parameter counts) or what a bundle holds (format and
+    storage per layer, real sizes).
 
-    Example: avatarq info dam.pt
+    Example: avatarq info dam.pt; avatarq info dam_w4a8.avq
     """
+    if model.is_dir():
+        _info_bundle(model, as_json)
+        return
     from avatarq.models.inspect import describe_checkpoint
 
     described = describe_checkpoint(model)
@@ -101,6 +107,58 @@ def info(
         f"  decoder as deployed: {described['deployed_parameters']:,} parameters "
         f"({described['deployed_fp32_mb']:.1f} MB fp32)"
     )
+
+
+def _info_bundle(path: Path, as_json: bool) -> None:
+    from avatarq.export.bundle import open_bundle
+
+    bundle = open_bundle(path)
+    m = bundle.manifest
+    size = (bundle.root / "model.onnx").stat().st_size
+    sizes = dict(m.size_bytes)
+    sizes["model.onnx"] = size
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "bundle": str(bundle.root),
+                    "arch": m.arch,
+                    "precision": m.precision,
+                    "layer_precision": m.layer_precision,
+                    "layer_storage": m.layer_storage,
+                    "size_bytes": sizes,
+                    "engines": [asdict(e) for e in m.engines],
+                }
+            )
+        )
+        return
+    console.print(
+        f"[bold]{bundle.root}[/bold]: {m.arch} DAM decoder, z {m.z_dim}, texture "
+        f"{m.tex_size}x{m.tex_size}, {m.n_vertices} vertices; precision [bold]{m.precision}[/bold]"
+    )
+    fp32 = sizes.get("fp32_initializers")
+    ratio = f" ({fp32 / size:.2f}x smaller than FP32's initializers)" if fp32 else ""
+    console.print(f"  model.onnx  {size / 1e6:.3f} MB{ratio}")
+    for role in ("layer_weights", "texel_biases", "other"):
+        if role in sizes:
+            console.print(f"    {role:<14} {sizes[role] / 1e6:9.3f} MB")
+    if m.layer_storage:
+        console.print(
+            "  layer                                          format  weights (scales)          input             bytes"
+        )
+    for name, precision in m.layer_precision.items():
+        st = m.layer_storage.get(name)
+        if st is None:
+            console.print(f"  {name:<46} {precision}")
+            continue
+        weights = f"{st['weight']} ({st['scales']})"
+        act = st["activation"] + (", rotated" if st.get("rotated") else "")
+        console.print(
+            f"  {name:<46} {precision:<7} {weights:<25} {act:<17} {st['weight_bytes']:>10,}",
+            highlight=False,
+        )
+    for engine in m.engines:
+        console.print(f"  engine {engine.backend} {engine.target}: {engine.path}")
 
 
 @app.command()
@@ -171,17 +229,66 @@ def calibrate(
             "0 measured best on the synthetic avatar, see docs/benchmarks.md)."
         ),
     ] = 0.0,
-    bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
+    bits: Annotated[
+        str,
+        typer.Option(
+            help="Format of the quantized layers: w8a8, w6a6, w4a8, w4a4 (any wXaY, X and Y "
+            "in 2..8; weights of <= 4 bits are stored as packed INT4) or fp8."
+        ),
+    ] = "w8a8",
+    fp8: Annotated[
+        bool, typer.Option("--fp8", help="FP8 E4M3 weights and activations (same as --bits fp8).")
+    ] = False,
     iters: Annotated[int, typer.Option(help="Adam iterations per layer (upper bound).")] = 100,
     samples: Annotated[int, typer.Option(help="Random (frame, camera) samples.")] = 64,
     temporal_weight: Annotated[float, typer.Option(help="Weight of the temporal term.")] = 0.0,
     adaround: Annotated[bool, typer.Option(help="Learn weight rounding (AdaRound).")] = False,
+    gptq: Annotated[
+        bool | None,
+        typer.Option(
+            "--gptq/--no-gptq",
+            help="Second-order weight rounding with the mask-weighted Hessian (default: the "
+            "measured default of --bits).",
+        ),
+    ] = None,
+    smooth: Annotated[
+        bool | None,
+        typer.Option(
+            "--smooth/--no-smooth",
+            help="Activation smoothing folded into the previous layer (default: per --bits).",
+        ),
+    ] = None,
+    smooth_alpha: Annotated[float, typer.Option(help="Smoothing strength in [0, 1].")] = 0.5,
+    hadamard: Annotated[
+        bool | None,
+        typer.Option(
+            "--hadamard/--no-hadamard",
+            help="Rotate each quantized layer's input channels (Walsh-Hadamard; default: per --bits).",
+        ),
+    ] = None,
+    weight_block: Annotated[
+        int, typer.Option(help="Input channels per weight scale (0: one per output channel).")
+    ] = 0,
+    weight_search: Annotated[
+        str | None,
+        typer.Option(help="Initial weight scales: max or mse (default: per --bits)."),
+    ] = None,
+    bias_format: Annotated[
+        str, typer.Option(help="Storage of the texel biases: fp32, fp16 or int8.")
+    ] = "fp32",
+    size_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Allocate formats per layer under a size budget: megabytes of model "
+            "initializers (3.5MB) or bits per layer weight (4.5bpp)."
+        ),
+    ] = None,
     asymmetric: Annotated[
         bool, typer.Option(help="Asymmetric activations (ONNX Runtime targets only).")
     ] = False,
     fp16_budget: Annotated[int, typer.Option(help="Most sensitive layers kept in FP16.")] = 0,
     precision: Annotated[
-        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=int8'.")
+        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=w8a8'.")
     ] = None,
     camera: Annotated[
         int | None, typer.Option(help="Camera whose colour correction is folded in.")
@@ -191,12 +298,19 @@ def calibrate(
 ) -> None:
     """Calibrate a decoder with POCA and write the calibration artifact.
 
-    Example: avatarq calibrate --model dam.pt --data capture/ -o calib/
+    Example: avatarq calibrate --model dam.pt --data capture/ --bits w4a8 -o calib/
     """
     from avatarq.calibration import CalibrationConfig, parse_precision
+    from avatarq.calibration.formats import parse_format
     from avatarq.calibration.from_files import calibrate_decoder
     from avatarq.models.checkpoint import load_checkpoint
 
+    if fp8:
+        if parse_format(bits).name not in ("w8a8", "fp8"):
+            raise AvatarqError(f"--fp8 and --bits {bits} disagree; give one of them")
+        bits = "fp8"
+    if not parse_format(bits).quantized:
+        raise AvatarqError(f"--bits must be a quantized format (wXaY or fp8), got {bits!r}")
     config = CalibrationConfig(
         method=method,
         tau=tau,
@@ -204,11 +318,21 @@ def calibrate(
         iters=iters,
         temporal_weight=temporal_weight,
         adaround=adaround,
+        gptq=gptq,
+        smooth=smooth,
+        smooth_alpha=smooth_alpha,
+        hadamard=hadamard,
+        weight_block=weight_block,
+        weight_search=weight_search,
+        bias_format=bias_format,
+        size_budget=size_budget,
         symmetric=not asymmetric,
         fp16_budget=fp16_budget,
-        precision=parse_precision(precision) if precision else {},
+        precision=parse_precision(precision, bits=parse_format(bits).name) if precision else {},
         seed=seed,
     )
+    if samples < 1:
+        raise AvatarqError(f"--samples must be >= 1, got {samples}")
     loaded = load_checkpoint(model)
     with _progress() as progress:
         task = progress.add_task("calibrate", total=None)
@@ -232,7 +356,7 @@ def calibrate(
         return
     counts = {p: list(plan.values()).count(p) for p in sorted(set(plan.values()))}
     console.print(
-        f"calibration {out}  ({method}, tau {tau}, {bits}-bit; "
+        f"calibration {out}  ({method}, tau {tau}, {config.bits}; "
         + ", ".join(f"{n} {p}" for p, n in counts.items())
         + " layers)"
     )
@@ -251,7 +375,16 @@ def export(
         bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
     ] = False,
     int8: Annotated[
-        bool, typer.Option("--int8", help="INT8/mixed graph with Q/DQ nodes from a calibration.")
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantized graph (the calibration's formats: w8a8, w4a8, ..., mixed) with Q/DQ "
+            "nodes.",
+        ),
+    ] = False,
+    fp8: Annotated[
+        bool,
+        typer.Option("--fp8", help="FP8 E4M3 Q/DQ graph (an fp8 calibration, or calibrate now)."),
     ] = False,
     calib: Annotated[
         Path | None,
@@ -284,14 +417,15 @@ def export(
         raise AvatarqError(
             f"--conv-transpose-axis must be 1, 0 or tensor, got {conv_transpose_axis!r}"
         )
-    if (calib is not None or data is not None) and not int8:
-        raise AvatarqError("--calib and --data go with --int8")
+    if (calib is not None or data is not None) and not (int8 or fp8):
+        raise AvatarqError("--calib and --data go with --int8 or --fp8")
     options = ExportOptions(
         fp16=fp16,
         camera=camera,
         max_batch=max_batch,
         validate=validate,
         int8=int8,
+        fp8=fp8,
         calib=None if calib is None else str(calib),
         calib_data=None if data is None else str(data),
         conv_transpose_axis=axes[conv_transpose_axis],
@@ -311,9 +445,15 @@ def export(
             )
         )
         return
-    console.print(f"bundle      {result.bundle.root}  ({result.bundle.manifest.precision})")
+    manifest = result.bundle.manifest
+    size = manifest.size_bytes.get("model.onnx")
+    fp32 = manifest.size_bytes.get("fp32_initializers")
+    shown = f", model.onnx {size / 1e6:.2f} MB" if size else ""
+    if size and fp32:
+        shown += f" ({fp32 / size:.2f}x below FP32)"
+    console.print(f"bundle      {result.bundle.root}  ({manifest.precision}{shown})")
     if result.validation is not None:
-        reference = "fake-quant" if int8 else "PyTorch"
+        reference = "fake-quant" if int8 or fp8 else "PyTorch"
         console.print(f"validation  ORT vs {reference}: {result.validation.summary()}")
     vs_fp32 = result.bundle.manifest.validation.get("vs_fp32")
     if vs_fp32:

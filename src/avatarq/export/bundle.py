@@ -71,6 +71,10 @@ class Manifest:
     camera: int | None = None
     validation: dict[str, Any] = field(default_factory=dict)
     engines: list[EngineRecord] = field(default_factory=list)
+    # what the graph stores: {layer: LayerStorage fields} and bytes by role ("model.onnx",
+    # "initializers", "layer_weights", "texel_biases", "other", "fp32_initializers")
+    layer_storage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size_bytes: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

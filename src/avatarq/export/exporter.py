@@ -14,6 +14,7 @@ from avatarq import __version__
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, BundleWriter, Manifest, TensorSpec
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
+from avatarq.export.storage import describe_storage, initializer_bytes
 from avatarq.export.validate import ValidationResult, validate_against_torch
 from avatarq.models.checkpoint import file_sha256, load_checkpoint
 from avatarq.models.deploy import DeployableDecoder
@@ -35,7 +36,10 @@ class ExportOptions:
         validate: run the graph with ONNX Runtime and compare with PyTorch.
         n_validation: number of (z, view) samples used by the validation.
         seed: seed for validation inputs when no capture is given.
-        int8: write the calibrated INT8/mixed precision plan as Q/DQ nodes.
+        int8: write the calibration's precision plan (any format: w8a8, w4a8, fp8, mixed)
+            as Q/DQ nodes.
+        fp8: the same, for an FP8 calibration: ``calib`` must be one (bits fp8); without
+            it, calibrate on the fly with POCA defaults at fp8.
         calib: a calibration artifact directory (`avatarq calibrate`); None with ``int8``
             calibrates on the fly with POCA defaults on ``calib_data`` or the capture.
         calib_data: capture root or latents .npz for on-the-fly calibration.
@@ -49,6 +53,7 @@ class ExportOptions:
     n_validation: int = 8
     seed: int = 0
     int8: bool = False
+    fp8: bool = False
     calib: str | None = None
     calib_data: str | None = None
     conv_transpose_axis: int | None = 1
@@ -140,16 +145,21 @@ def export_bundle(
         normalization = capture_normalization(capture)
     decoder = DeployableDecoder(model, normalization, options.camera)
     say("tracing to ONNX")
-    if options.int8 and options.fp16:
+    quantized = options.int8 or options.fp8
+    if quantized and options.fp16:
         raise AvatarqError(
-            "--int8 and --fp16 are exclusive: FP16 layers of an INT8 plan come from the calibration"
+            f"--{'fp8' if options.fp8 else 'int8'} and --fp16 are exclusive: FP16 layers of a "
+            "quantized plan come from the calibration"
         )
+    if options.int8 and options.fp8:
+        raise AvatarqError("--int8 and --fp8 are exclusive: the calibration's bits decide")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
+    fp32_bytes = sum(initializer_bytes(i) for i in proto.graph.initializer)
     precision = "fp16" if options.fp16 else "fp32"
     layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
     artifact = None
-    if options.int8:
+    if quantized:
         artifact = _calibration(model, decoder, capture_root, options, say)
         from avatarq.export.qdq import QDQConfig, quantize_onnx
 
@@ -157,10 +167,13 @@ def export_bundle(
         proto = quantize_onnx(proto, artifact, QDQConfig(options.conv_transpose_axis))
         onnx.checker.check_model(proto)
         layer_precision = dict(sorted(artifact.precision.items()))
-        precision = "int8" if set(layer_precision.values()) == {"int8"} else "mixed"
+        formats = set(layer_precision.values())
+        precision = formats.pop() if len(formats) == 1 else "mixed"
+    storage, sizes = describe_storage(proto)
     with BundleWriter(out) as writer:
         model_path = writer.path("model.onnx")
         save_onnx(proto, model_path)
+        sizes = {"model.onnx": model_path.stat().st_size, **sizes, "fp32_initializers": fp32_bytes}
         if capture is not None:
             capture.topology.save(writer.path("topology.npz"))
         calib_sha = None
@@ -221,6 +234,8 @@ def export_bundle(
             camera=options.camera,
             validation=validation,
             calib_sha256=calib_sha,
+            layer_storage={name: s.to_dict() for name, s in storage.items()},
+            size_bytes=sizes,
         )
         manifest.validation["export_options"] = asdict(options)
         bundle = writer.commit(manifest)
@@ -233,16 +248,25 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
     from avatarq.calibration.from_files import load_samples
     from avatarq.calibration.pipeline import calibrate
 
+    flag = "--fp8" if options.fp8 else "--int8"
     if options.calib is not None:
-        return CalibrationArtifact.load(options.calib, decoder)
+        artifact = CalibrationArtifact.load(options.calib, decoder)
+        bits = artifact.config.get("bits")
+        if options.fp8 and bits != "fp8":
+            raise AvatarqError(
+                f"--fp8 needs an FP8 calibration (avatarq calibrate --fp8); {options.calib} "
+                f"is {bits}; export it with --int8"
+            )
+        return artifact
     data = options.calib_data or capture_root
     if data is None:
         raise AvatarqError(
-            "--int8 without --calib calibrates on the fly and needs --capture or --data"
+            f"{flag} without --calib calibrates on the fly and needs --capture or --data"
         )
-    say("calibrating (POCA)")
+    say(f"calibrating (POCA{', fp8' if options.fp8 else ''})")
     samples = load_samples(model, data, seed=options.seed)
-    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
+    bits = "fp8" if options.fp8 else "w8a8"
+    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed, bits=bits))
 
 
 def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:
