@@ -149,14 +149,22 @@ def _activation_nodes(
     x = source
     rotation = layer.rotation_matrix()
     if rotation is not None:
+        # the entries are +-1/sqrt(n): stored as int8 signs times one float32 scale, which
+        # DequantizeLinear turns into exactly the float32 matrix the fake-quant model uses
         r = rotation.numpy().astype(np.float32)
-        if conv:
-            w = b.const(f"{base}.input_rotation", np.ascontiguousarray(r[:, :, None, None]))
-            nodes.append(b.node("Conv", [x, w], f"{base}/Rotate", f"{base}.input_rotated"))
-        else:
-            w = b.const(f"{base}.input_rotation", np.ascontiguousarray(r.T))
-            nodes.append(b.node("MatMul", [x, w], f"{base}/Rotate", f"{base}.input_rotated"))
-        x = nodes[-1].outputs[0]
+        signs = np.sign(r).astype(np.int8)
+        signs = signs[:, :, None, None] if conv else np.ascontiguousarray(signs.T)
+        q = b.const(f"{base}.input_rotation", np.ascontiguousarray(signs))
+        s = b.const(f"{base}.input_rotation_scale", np.float32(np.abs(r).max()))
+        dq = b.node("DequantizeLinear", [q, s], f"{base}/Rotation_DQ", f"{base}.rotation")
+        rot = b.node(
+            "Conv" if conv else "MatMul",
+            [x, dq.outputs[0]],
+            f"{base}/Rotate",
+            f"{base}.input_rotated",
+        )
+        nodes += [dq, rot]
+        x = rot.outputs[0]
     fmt = layer.format
     grid = activation_range(fmt.act_grid, layer.symmetric)
     scale = np.float32(layer.input_scale)
@@ -227,6 +235,7 @@ def _fp16_layer(b: _Builder, node: ir.Node, name: str) -> None:
                 i, b.const(f"{value.name}.fp16", b.array(value.name).astype(np.float16))
             )
     result = node.outputs[0]
+    result.type = ir.TensorType(ir.DataType.FLOAT16)
     cast_out = b.node(
         "Cast", [result], f"{name}/Cast_out", f"{name}.output_fp32", to=ir.DataType.FLOAT
     )

@@ -125,15 +125,14 @@ def _activation(g: _Graph, name: str, storage: LayerStorage) -> None:
         source = clip.input[0]
     storage.activation = kind
     rotation = g.producer.get(source)
-    storage.rotated = rotation is not None and any(
-        i.endswith(".input_rotation") for i in rotation.input
-    )
+    storage.rotated = rotation is not None and rotation.name.endswith("/Rotate")
 
 
 def describe_storage(model: onnx.ModelProto) -> tuple[dict[str, LayerStorage], dict[str, int]]:
     """({layer: storage}, bytes by role) of a graph.
 
-    Roles: "layer_weights" (weights, scales, zero points of the quantizable layers),
+    Roles: "layer_weights" (weights, scales, zero points, biases and input rotations of the
+    quantizable layers),
     "texel_biases" ([1, C, H, W] bias initializers, with their scales), "other" (every
     other initializer) and "initializers" (the sum).
     """
@@ -153,7 +152,8 @@ def describe_storage(model: onnx.ModelProto) -> tuple[dict[str, LayerStorage], d
         weight_names |= {
             n
             for n in g.inits
-            if n.startswith(name + ".weight") or n in (name + ".bias", name + ".bias.fp16")
+            if n.startswith((name + ".weight", name + ".input_rotation"))
+            or n in (name + ".bias", name + ".bias.fp16")
         }
     sizes = {"layer_weights": 0, "texel_biases": 0, "other": 0}
     for init in model.graph.initializer:
