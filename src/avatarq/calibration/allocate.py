@@ -97,6 +97,7 @@ def layer_bytes(
         shape = rotated_shape(shape, info.input_axis)
     n = _count(shape)
     out_ch = shape[info.weight_axis]
+    block = block if block and shape[info.input_axis] % block == 0 else 0
     bias_bytes = out_ch * (2 if fmt.kind == "fp16" else 4) if bias else 0
     if not fmt.quantized:
         return n * fmt.weight_bits_stored // 8 + bias_bytes

@@ -56,7 +56,8 @@ class CalibrationConfig:
             layer's input (None: the default of ``bits``, `METHOD_DEFAULTS`).
         gptq_damp: GPTQ's dampening, a fraction of the mean Hessian diagonal.
         gptq_act_order: GPTQ quantizes input columns in order of decreasing Hessian diagonal.
-        weight_block: input channels per weight scale (0: one scale per output channel).
+        weight_block: input channels per weight scale (0: one scale per output channel); a
+            layer whose input channels it does not divide keeps per-channel scales.
         weight_search: initial weight scales: "max" (per-channel amax) or "mse" (the shrink
             of amax with the least rounding error per scale); None: the default of ``bits``.
         learn_weight_scale: refine per-channel weight scales with LSQ (nearest rounding).

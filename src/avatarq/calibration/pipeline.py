@@ -14,7 +14,7 @@ from avatarq.calibration.biases import bias_scale, texel_bias_names
 from avatarq.calibration.cache import CAPTURE_BATCH
 from avatarq.calibration.config import CalibrationConfig, check_layer_names
 from avatarq.calibration.formats import parse_format
-from avatarq.calibration.hadamard import rotation_matrix
+from avatarq.calibration.hadamard import rotated_shape, rotation_matrix
 from avatarq.calibration.layers import (
     LayerInfo,
     QuantizedLayer,
@@ -31,7 +31,7 @@ from avatarq.calibration.precision import (
     omega_sensitivity,
     precision_plan,
 )
-from avatarq.calibration.quantizers import max_activation_range
+from avatarq.calibration.quantizers import layer_block, max_activation_range
 from avatarq.calibration.reconstruct import initial_weight_scale, reconstruct
 from avatarq.calibration.samples import CalibrationSamples
 from avatarq.calibration.smoothing import (
@@ -97,7 +97,12 @@ def _max_method(
             config.symmetric,
             input_scale=scale,
             input_zero_point=int(round(zp)),
-            weight_block=config.weight_block,
+            weight_block=layer_block(
+                rotated_shape(info.weight_shape, info.input_axis)[info.input_axis]
+                if rotations[info.name] is not None
+                else info.in_channels,
+                config.weight_block,
+            ),
             rounding="nearest",
             rotation=0 if rotations[info.name] is None else int(rotations[info.name].shape[0]),
         )

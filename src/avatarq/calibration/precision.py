@@ -39,6 +39,7 @@ from avatarq.calibration.quantizers import (
     activation_range,
     dequantize_weight,
     fake_quantize,
+    layer_block,
     max_activation_range,
     mse_weight_scales,
     weight_codes,
@@ -136,7 +137,9 @@ def effective_weight(
     rotation = rotation_matrix(info.in_channels) if rotate else None
     if rotation is not None:
         w = rotate_weight(w, info.input_axis, rotation)
-    layout = WeightLayout(info.weight_axis, info.input_axis, block)
+    layout = WeightLayout(
+        info.weight_axis, info.input_axis, layer_block(w.shape[info.input_axis], block)
+    )
     if search == "mse":
         scale = mse_weight_scales(w, layout, fmt.weight_grid)
     else:

@@ -231,6 +231,13 @@ class WeightLayout:
         return w.reshape(shape).amax(dim=self.in_axis + 1)
 
 
+def layer_block(in_channels: int, block: int) -> int:
+    """The block size a layer with ``in_channels`` (stored) input channels uses: ``block``
+    when it divides them into whole blocks, else 0 (per channel). TensorRT accepts only whole
+    blocks ("the quantization axis must divide into whole blocks")."""
+    return block if block and in_channels % block == 0 else 0
+
+
 def _full_scale(scale: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
     """A per-channel [C] scale viewed along ``axis``, or an already full-rank scale as is."""
     scale = torch.as_tensor(scale, dtype=torch.float32)

@@ -56,6 +56,7 @@ from avatarq.calibration.quantizers import (
     adaround_regularizer,
     adaround_weight,
     fake_quantize,
+    layer_block,
     mse_weight_scales,
     search_activation_range,
     weight_range,
@@ -194,13 +195,14 @@ class TrainableLayer(nn.Module):
         self.module = module
         self.fmt = fmt
         self.axis = info.weight_axis
-        self.layout = WeightLayout(info.weight_axis, info.input_axis, config.weight_block)
         self.act_range = activation_range(fmt.act_grid, config.symmetric)
         self.w_range = weight_range(fmt.weight_grid)
         self.rotation = rotation
         w = module.weight.detach()
         if rotation is not None:
             w = rotate_weight(w, info.input_axis, rotation)
+        block = layer_block(w.shape[info.input_axis], config.weight_block)
+        self.layout = WeightLayout(info.weight_axis, info.input_axis, block)
         self.register_buffer("weight", w.clone())
         self.register_buffer("act_scale0", torch.tensor(input_scale, dtype=torch.float32))
         self.register_buffer("act_zp", torch.tensor(input_zero_point, dtype=torch.float32))
@@ -526,7 +528,7 @@ def calibrate_layer(
         input_scale=scale,
         input_zero_point=int(round(act_zp)),
         weight_scale=w_scale,
-        weight_block=config.weight_block,
+        weight_block=layer.layout.block,
         rounding=rounding,
         weight_int=w_int,
         rotation=0 if rotation is None else int(rotation.shape[0]),

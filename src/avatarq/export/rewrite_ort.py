@@ -250,6 +250,7 @@ def _dequantize(
         or scale is None
         or scale.dtype != np.float32
         or q.dtype not in (np.int8, np.uint8)
+        or "block_size" in _attrs(dq)  # blocked scales: left to ONNX Runtime
     ):
         return None
     axis = _attrs(dq).get("axis", 1) % max(q.ndim, 1)
