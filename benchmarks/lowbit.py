@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=32, help="frames of the evaluation clip")
     parser.add_argument("--iters", type=int, default=100, help="POCA iterations per layer")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    parser.add_argument("--holdout", choices=("frames", "segment", "none"), default="frames")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args(argv)
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         say=say,
         done=done,
         on_row=save,
+        holdout=args.holdout,
     )
     wanted_rows = {(b, m.name) for b in bits for m in methods}
     study.rows = [r for r in study.rows if (r.bits, r.method) in wanted_rows and r.seed in seeds]
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"Avatar `{args.avatar}`: {model['arch']} DAM, z {model['z_dim']}, texture "
             f"{model['tex_size']}^2, {model['n_vertices']} vertices. Calibration: "
-            f"{args.samples} random samples + 2 clips of 8 frames per seed, seeds "
-            f"{', '.join(map(str, seeds))}. Clip: {study.setup['clip']['source']} "
+            f"{args.samples} random (frame, camera) samples + 2 clips of 8 frames per seed, "
+            f"drawn from the {study.setup['samples']['frames']} odd frames of the capture "
+            f"(holdout {args.holdout}), seeds {', '.join(map(str, seeds))}. Clip: "
+            f"{study.setup['clip']['source']} "
             f"({study.setup['clip']['frames']} frames). ONNX Runtime CPU, {args.threads} "
             "threads. Cells: mean [min..max] over the seeds; model.onnx with the FP32 size "
             f"ratio ({study.setup.get('fp32_bytes', 0) / 1e6:.2f} MB FP32).",

@@ -8,6 +8,13 @@ camera sees (metrics.md: PSNR, tDE, jitter ratio J) and over all texels; the gra
 and the calibration's wall time are recorded. `LowbitStudy.summary` gives mean and spread
 (min..max) over the seeds per (format, method); `LowbitStudy.markdown` is the table of
 docs/benchmarks.md ("Low bit widths"). `benchmarks/lowbit.py` runs it from the command line.
+
+Held-out frames (``holdout``): "frames" (default) calibrates on the odd frames of every
+segment and evaluates on the even frames of the first segment (15 fps), so no evaluation
+latent is a calibration latent while the calibration still spans the capture's expressions;
+"segment" calibrates only on the other segments (on the synthetic capture their latents
+have 1/5 the spread of the evaluation segment's: a test of range extrapolation, where
+every activation range clips); "none" evaluates on frames calibration may have drawn.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from avatarq.errors import AvatarqError
 
 Say = Callable[[str], None]
 TEXTURE_PEAK = 255.0
+HOLDOUTS = ("frames", "segment", "none")
 METRICS = ("psnr_seen", "tde_seen", "j_seen", "psnr_all", "tde_all", "bytes", "seconds")
 
 
@@ -168,6 +176,7 @@ def lowbit_study(
     say: Say | None = None,
     done: LowbitStudy | None = None,
     on_row: Callable[[LowbitRow], None] | None = None,
+    holdout: str = "frames",
 ) -> LowbitStudy:
     """Measure every (format, method, seed) on ``checkpoint``'s decoder.
 
@@ -181,16 +190,19 @@ def lowbit_study(
         threads: ONNX Runtime threads (0: its default).
         done: rows measured before (skipped here, kept in the result): resumes a study.
         on_row: called with each new row (to save progress).
+        holdout: "frames", "segment" or "none" (module docstring).
     """
+    import copy
+    import dataclasses
+
     import onnx
     import torch
 
     from avatarq.bench.metrics import compare_sequences
     from avatarq.bench.sequences import sequence_from_capture
-    from avatarq.calibration.from_files import load_samples
     from avatarq.calibration.masks import visibility_masks
     from avatarq.calibration.pipeline import calibrate
-    from avatarq.calibration.samples import CalibrationSamples
+    from avatarq.calibration.samples import CalibrationSamples, samples_from_capture
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
     from avatarq.export.onnx_export import export_onnx, save_onnx
@@ -212,8 +224,30 @@ def lowbit_study(
     fp32_path = workdir / "fp32.onnx"
     save_onnx(fp32_model, fp32_path)
 
+    if holdout not in HOLDOUTS:
+        raise AvatarqError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
     segment = next(capture.clips())[0]
-    clip = sequence_from_capture(capture, segment, checkpoint, max_frames=max_frames)
+    calibration_capture = capture
+    step = 1
+    if holdout != "none":
+        calibration_capture = copy.copy(capture)
+        if holdout == "segment":
+            keep = {f for f in capture.frames if f[0] != segment}
+        else:
+            step = 2
+            keep = {(seg, f) for seg, ids in capture.clips() for f in ids[1::2]}
+        calibration_capture.frames = [f for f in capture.frames if f in keep]
+        if not calibration_capture.frames:
+            raise AvatarqError(f"holdout {holdout!r} leaves no frame to calibrate on")
+    clip = sequence_from_capture(capture, segment, checkpoint, max_frames=max_frames * step)
+    clip = dataclasses.replace(
+        clip,
+        z=clip.z[::step],
+        view=clip.view[::step],
+        M=None if clip.M is None else clip.M[::step],
+        ids=clip.ids[::step],
+        source=clip.source + (", even frames" if step == 2 else ""),
+    )
     clip_samples = CalibrationSamples(
         torch.from_numpy(clip.z),
         torch.from_numpy(clip.view),
@@ -240,7 +274,7 @@ def lowbit_study(
         if not todo:
             continue
         say(f"seed {seed}: samples and visibility masks")
-        samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
+        samples = samples_from_capture(model, calibration_capture, n_random, seed=seed)
         start = time.perf_counter()
         with torch.no_grad():
             visibility = visibility_masks(decoder, samples)
@@ -287,7 +321,12 @@ def lowbit_study(
             "tex_size": config.tex_size,
             "n_vertices": config.n_vertices,
         },
-        "samples": {"random": n_random, "seeds": list(seeds)},
+        "samples": {
+            "random": n_random,
+            "seeds": list(seeds),
+            "holdout": holdout,
+            "frames": len(calibration_capture.frames),
+        },
         "clip": {"source": clip.source, "frames": len(clip.ids)},
         "fp32_bytes": fp32_path.stat().st_size,
         "ort_threads": threads,

@@ -114,13 +114,14 @@ class HessianAccumulator:
 
     def add(self, rows: torch.Tensor, m: torch.Tensor | None = None) -> None:
         """rows float32 [P, columns]; m float32 [P] (None: all 1)."""
-        rows = rows.double()
+        rows = rows.float()
         if m is not None:
-            rows = rows * m.double().sqrt()[:, None]
+            rows = rows * m.float().sqrt()[:, None]
             self.weight += float(m.sum())
         else:
             self.weight += rows.shape[0]
-        update = 2.0 * rows.t() @ rows
+        # float32 products per batch (what GPTQ implementations use), summed in float64
+        update = (2.0 * rows.t() @ rows).double()
         self.h = update if self.h is None else self.h + update
 
 
