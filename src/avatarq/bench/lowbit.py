@@ -72,6 +72,9 @@ def default_methods(iters: int = 100) -> list[LowbitMethod]:
         LowbitMethod("poca+adaround", {**poca, "adaround": True}),
         LowbitMethod("poca+gptq+mse", {**poca, "gptq": True, "weight_search": "mse"}),
         LowbitMethod("poca+gptq+smooth", {**poca, "gptq": True, "smooth": True}),
+        LowbitMethod("poca+gptq+hadamard", {**poca, "gptq": True, "hadamard": True}),
+        LowbitMethod("poca+temporal", {**poca, "temporal_weight": 1.0}),
+        LowbitMethod("poca+gptq+temporal", {**poca, "gptq": True, "temporal_weight": 1.0}),
     ]
 
 
