@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from avatarq.bench.peers import compare_calibrations, default_methods, replace_marked_block
 from avatarq.bench.results import environment
 from avatarq.data.synthetic import make_synthetic_avatar
 from avatarq.data.train import TrainConfig
+from avatarq.workflows.peers import compare_calibrations, default_methods, replace_marked_block
 
 AVATARS = {
     "demo": TrainConfig(),
@@ -50,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args(argv)
 
-    def say(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    def say(message: str, done: int = 0, total: int | None = None) -> None:
+        if total is None or done in (0, total) or done % max(1, total // 10) == 0:
+            counted = "" if total is None else f" [{done}/{total}]"
+            print(f"[{time.strftime('%H:%M:%S')}] {message}{counted}", flush=True)
 
     train = AVATARS[args.avatar]
-    avatar = make_synthetic_avatar(args.cache / f"synth_{args.avatar}", train_config=train, say=say)
+    avatar = make_synthetic_avatar(
+        args.cache / f"synth_{args.avatar}", train_config=train, progress=say
+    )
     workdir = args.workdir or args.cache / f"peers_{args.avatar}"
     methods = default_methods(
         taus=[float(t) for t in args.taus.split(",") if t],
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         max_frames=args.frames,
         threads=args.threads,
-        say=say,
+        progress=say,
     )
     (workdir / "study.json").write_text(study.to_json())
     env = environment()

@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from avatarq.bench.lowbit import LowbitRow, LowbitStudy, default_methods, lowbit_study
-from avatarq.bench.peers import replace_marked_block
 from avatarq.bench.results import environment
 from avatarq.data.synthetic import make_synthetic_avatar
 from avatarq.data.train import TrainConfig
+from avatarq.workflows.lowbit import LowbitRow, LowbitStudy, default_methods, lowbit_study
+from avatarq.workflows.peers import replace_marked_block
 
 AVATARS = {"demo": TrainConfig(), "full": TrainConfig(z_dim=256, tex_size=1024, iters=800)}
 
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args(argv)
 
-    def say(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    def say(message: str, done: int = 0, total: int | None = None) -> None:
+        if not done:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     avatar = make_synthetic_avatar(
-        args.cache / f"synth_{args.avatar}", train_config=AVATARS[args.avatar], say=say
+        args.cache / f"synth_{args.avatar}", train_config=AVATARS[args.avatar], progress=say
     )
     workdir = args.workdir or args.cache / f"lowbit_{args.avatar}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         n_random=args.samples,
         max_frames=args.frames,
         threads=args.threads,
-        say=say,
+        progress=say,
         done=done,
         on_row=save,
         holdout=args.holdout,

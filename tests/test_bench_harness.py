@@ -6,7 +6,6 @@ test; wrapped runners add errors with known temporal statistics.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -17,10 +16,10 @@ from avatarq.bench import BenchConfig, BenchSequence, bench_bundle, load_sequenc
 from avatarq.bench.sequences import (
     default_camera,
     parse_capture_spec,
-    synthetic_latent_clip,
     with_image_size,
 )
-from avatarq.data import LatentSequence, MultifaceCapture
+from avatarq.core.inputs import DecoderInputs, smooth_clip
+from avatarq.data import MultifaceCapture, save_inputs
 from avatarq.engines import open_runner
 from avatarq.errors import AvatarqError
 from avatarq.export import open_bundle
@@ -124,30 +123,28 @@ def test_a_capture_spec_may_name_the_camera(small_avatar):
 def test_a_latent_file_with_frame_labels_takes_each_frames_camera_from_the_capture(
     small_avatar, clip, tmp_path
 ):
-    segs, frames, cams = zip(*(i.split("/") for i in clip.ids), strict=True)
-    path = LatentSequence(clip.z, clip.view, camera=cams, frame=frames, segment=segs).save(
-        tmp_path / "clip.npz"
-    )
+    path = save_inputs(clip.inputs, tmp_path / "clip.npz")
     seq = load_sequence(path, clip.z_dim, capture=small_avatar.capture_root)
     np.testing.assert_array_equal(seq.M, clip.M)
     np.testing.assert_array_equal(seq.z, clip.z)
 
 
 def test_a_latent_file_without_a_capture_has_no_camera(clip, tmp_path):
-    path = LatentSequence(clip.z, clip.view).save(tmp_path / "clip.npz")
+    path = save_inputs(DecoderInputs.from_z_view(clip.z, clip.view), tmp_path / "clip.npz")
     seq = load_sequence(path, clip.z_dim)
     assert seq.M is None
-    assert seq.ids == tuple(f"t{i:04d}" for i in range(6))
+    assert seq.ids == tuple(str(i) for i in range(6))
 
 
 def test_the_default_clip_without_a_capture_is_a_smooth_unit_variance_trajectory():
-    z, view = synthetic_latent_clip(64, n_frames=300)
+    clip = smooth_clip(64, n_frames=300)
+    z, view = clip.z, clip.view
     assert z.shape == (300, 64) and view.shape == (300, 3)
     assert abs(float(z.std()) - 1.0) < 0.15
     # smooth in time: consecutive frames correlate (shuffled frames would give ~0)
     lag1 = float((z[1:] * z[:-1]).mean() / (z * z).mean())
     assert lag1 > 0.95
-    np.testing.assert_array_equal(synthetic_latent_clip(64, n_frames=300)[0], z)  # seeded
+    np.testing.assert_array_equal(smooth_clip(64, n_frames=300).z, z)  # seeded
 
 
 # --------------------------------------------------------------------------- measurements
@@ -231,7 +228,7 @@ def test_screen_space_gates_read_the_rendered_metrics(bundle, clip):
 
 
 def test_a_sequence_without_a_camera_is_measured_in_texture_space_only(bundle, clip):
-    seq = BenchSequence(clip.z, clip.view, None, clip.ids, "no camera")
+    seq = BenchSequence.of(clip.z, clip.view, None, clip.inputs.ids, "no camera")
     result = run_bench(bundle, seq, BenchConfig(runners=("onnx",), warmup=0, iters=2))
     (onnx,) = result.runners
     assert onnx.screen is None and onnx.texture.tde == 0.0
@@ -272,18 +269,14 @@ def test_default_runners_are_model_onnx_plus_the_engines_built_into_the_bundle(b
 
 def _with_missing_engine(bundle, tmp_path):
     """A copy of the bundle whose manifest lists an onnxruntime engine file that is gone."""
+    from avatarq.engines import build_engine
+
     copy = tmp_path / "engine.avq"
     shutil.copytree(bundle.root, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["engines"] = [
-        {
-            "backend": "onnxruntime",
-            "path": "engines/onnxruntime-cpu.onnx",
-            "library_version": "1",
-            "target": "cpu",
-        }
-    ]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for old in (copy / "engines").glob("*"):
+        old.unlink()
+    record = build_engine(copy, "onnxruntime")
+    (copy / record.path).unlink()
     return copy
 
 
@@ -315,7 +308,8 @@ def test_rendering_a_bundle_without_topology_is_a_one_line_error(small_avatar, b
 
 
 def test_a_sequence_with_another_latent_size_is_a_one_line_error(bundle, clip, tmp_path):
-    path = LatentSequence(np.zeros((4, clip.z_dim + 1)), clip.view[:4]).save(tmp_path / "z.npz")
+    wrong = DecoderInputs.from_z_view(np.zeros((4, clip.z_dim + 1)), clip.view[:4])
+    path = save_inputs(wrong, tmp_path / "z.npz")
     with pytest.raises(AvatarqError, match=r"latents have size 17 .* decodes z of size 16") as info:
         bench_bundle(bundle.root, sequence=path)
     assert "\n" not in str(info.value)
@@ -328,7 +322,7 @@ def test_an_unknown_gate_is_a_one_line_error():
 
 
 def test_an_explicit_renderer_needs_a_camera(bundle, clip):
-    seq = BenchSequence(clip.z, clip.view, None, clip.ids, "no camera")
+    seq = BenchSequence.of(clip.z, clip.view, None, clip.inputs.ids, "no camera")
     with pytest.raises(AvatarqError, match="needs a camera"):
         run_bench(bundle, seq, BenchConfig(render="torch", runners=("onnx",)))
 
@@ -338,14 +332,14 @@ def test_a_capture_segment_needs_the_checkpoint(small_avatar, bundle):
         load_sequence(f"{small_avatar.capture_root}:{SEGMENT}", bundle.manifest.z_dim)
 
 
-def test_a_quantized_bundle_without_checkpoint_has_no_reference(bundle, clip, tmp_path):
+def test_a_quantized_bundle_exported_without_its_reference_needs_one(bundle, clip, tmp_path):
     copy = tmp_path / "int8.avq"
     shutil.copytree(bundle.root, copy)
     manifest = (
         (copy / "manifest.json").read_text().replace('"precision": "fp32"', '"precision": "int8"')
     )
     (copy / "manifest.json").write_text(manifest)
-    with pytest.raises(AvatarqError, match="cannot be its own FP32 reference"):
+    with pytest.raises(AvatarqError, match="was exported without its FP32 reference graph"):
         run_bench(copy, clip, BenchConfig(runners=("onnx",), render="none"))
 
 

@@ -34,7 +34,9 @@ def tiny_samples(n: int = 8) -> CalibrationSamples:
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(n, 8, generator=gen)
     view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
-    return CalibrationSamples(z, view, tuple(("seg", str(i), "cam") for i in range(n)), ((6, 7),))
+    return CalibrationSamples.of(
+        z, view, tuple(("seg", str(i), "cam") for i in range(n)), ((6, 7),)
+    )
 
 
 @pytest.fixture(scope="module")

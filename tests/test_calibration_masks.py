@@ -14,9 +14,9 @@ from avatarq.calibration.masks import (
     visibility_masks,
 )
 from avatarq.calibration.samples import CalibrationSamples
+from avatarq.core.topology import Topology
 from avatarq.errors import AvatarqError
 from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder, Normalization
-from avatarq.render.topology import Topology
 
 
 def test_tau_09_keeps_10_percent_of_positions():
@@ -107,7 +107,7 @@ def _camera(shift: float) -> torch.Tensor:
 def test_visibility_marks_exactly_the_texels_the_camera_sees():
     decoder, topology = _quad_decoder()
     M = torch.stack([_camera(0.0), _camera(10.0)])  # facing the quad; quad out of the image
-    samples = CalibrationSamples(
+    samples = CalibrationSamples.of(
         torch.zeros(2, 8),
         torch.tensor([[0.0, 0, 1]] * 2),
         (("s", "0", "front"), ("s", "0", "aside")),
@@ -126,7 +126,7 @@ def test_visibility_marks_exactly_the_texels_the_camera_sees():
 def test_visibility_needs_a_denormalizing_decoder():
     decoder, topology = _quad_decoder()
     plain = DeployableDecoder(DeepAppearanceModel(decoder.config))
-    samples = CalibrationSamples(
+    samples = CalibrationSamples.of(
         torch.zeros(1, 8),
         torch.tensor([[0.0, 0, 1]]),
         (("s", "0", "c"),),

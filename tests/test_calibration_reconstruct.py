@@ -28,7 +28,7 @@ def tiny_samples(n: int = 12, clip: int = 4) -> CalibrationSamples:
     z = torch.randn(n, 8, generator=gen)
     view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
     ids = tuple(("seg", f"{i:04d}", "cam") for i in range(n))
-    return CalibrationSamples(z, view, ids, clips=(tuple(range(n - clip, n)),))
+    return CalibrationSamples.of(z, view, ids, clips=(tuple(range(n - clip, n)),))
 
 
 @pytest.mark.parametrize(

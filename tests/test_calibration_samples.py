@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from avatarq.calibration import CalibrationSamples, samples_from_capture, samples_from_latents
+from avatarq.core.inputs import DecoderInputs
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.encode import encode_frames
-from avatarq.data.latents import LatentSequence
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
 from avatarq.errors import AvatarqError
 from avatarq.models import DAMConfig, DeepAppearanceModel
 
 
 def _samples(z: torch.Tensor) -> CalibrationSamples:
-    return CalibrationSamples(
+    return CalibrationSamples.of(
         z, torch.tensor([[0.0, 0, 1]] * len(z)), tuple(("s", str(i), "c") for i in range(len(z)))
     )
 
@@ -31,19 +31,19 @@ def test_hash_is_stable_and_follows_the_tensors():
 
 def test_clips_must_not_share_samples():
     with pytest.raises(AvatarqError, match="share"):
-        CalibrationSamples(
+        CalibrationSamples.of(
             torch.zeros(3, 2), torch.zeros(3, 3), (("", "", ""),) * 3, clips=((0, 1), (1, 2))
         )
 
 
 @pytest.fixture(scope="module")
-def sequence() -> LatentSequence:
+def sequence() -> DecoderInputs:
     gen = np.random.default_rng(0)
     t = 40
-    return LatentSequence(
+    return DecoderInputs.from_z_view(
         gen.normal(size=(t, 6)).astype(np.float32),
         np.tile(np.float32([0, 0, 1]), (t, 1)),
-        frame=np.array([f"{i:06d}" for i in range(t)]),
+        ids=tuple(("", f"{i:06d}", "") for i in range(t)),
     )
 
 

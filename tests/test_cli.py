@@ -44,11 +44,12 @@ def test_info_prints_arch_sizes_and_parameter_counts(tmp_path):
 
 
 @pytest.mark.slow
-def test_info_on_a_full_size_base_checkpoint_shows_the_published_count(tmp_path):
-    save_checkpoint(DeepAppearanceModel(DAMConfig()), tmp_path / "dam.pt")
+@pytest.mark.parametrize(("arch", "published"), [("base", "24,313,818"), ("warp", "33,134,492")])
+def test_info_on_a_full_size_checkpoint_shows_the_published_count(tmp_path, arch, published):
+    save_checkpoint(DeepAppearanceModel(DAMConfig(arch=arch)), tmp_path / "dam.pt")
     result = _run("info", tmp_path / "dam.pt")
     assert result.exit_code == 0
-    assert "24,313,818" in result.stdout
+    assert published in result.stdout
 
 
 def _bad_inputs(tmp_path):

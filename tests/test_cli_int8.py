@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from avatarq.cli import app
-from avatarq.data.latents import LatentSequence
+from avatarq.core.inputs import DecoderInputs
+from avatarq.data.latents import save_inputs
 from avatarq.models import DAMConfig, DeepAppearanceModel, save_checkpoint
 
 runner = CliRunner()
@@ -124,7 +125,7 @@ def test_export_int8_of_a_full_size_multiface_checkpoint_calibrates_on_latents(t
     rng = np.random.default_rng(0)
     z = rng.standard_normal((12, config.z_dim)).astype(np.float32)
     view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (12, 1))
-    LatentSequence(z=z, view=view).save(tmp_path / "latents.npz")
+    save_inputs(DecoderInputs.from_z_view(z, view), tmp_path / "latents.npz")
     out = tmp_path / "full_int8.avq"
     result = _run(
         "export", "--model", tmp_path / "dam.pt", "--int8", "--data", tmp_path / "latents.npz",

@@ -15,9 +15,9 @@ from avatarq.data.synthetic_capture import (
     EXPRESSIONS,
     ROOT_NAME,
     SyntheticCaptureConfig,
-    _TextureModel,
     write_synthetic_capture,
 )
+from avatarq.data.synthetic_face import TextureModel
 from avatarq.errors import AvatarqError
 
 SMALL = SyntheticCaptureConfig(
@@ -41,8 +41,8 @@ def truth(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def texture_model() -> _TextureModel:
-    return _TextureModel(256, np.random.default_rng(0))
+def texture_model() -> TextureModel:
+    return TextureModel(256, np.random.default_rng(0))
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -217,7 +217,7 @@ def test_per_camera_textures_depend_on_the_camera(cap):
     assert np.abs(a - b)[:, both].mean() > 1.0  # view-dependent shading and colour gain
 
 
-def _region(model: _TextureModel, th: tuple, ph: tuple) -> tuple[slice, slice]:
+def _region(model: TextureModel, th: tuple, ph: tuple) -> tuple[slice, slice]:
     rows = np.nonzero((model.ph >= ph[0]) & (model.ph <= ph[1]))[0]
     cols = np.nonzero((model.th >= th[0]) & (model.th <= th[1]))[0]
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from avatarq.core.documents import dump_document, parse_document
 from avatarq.engines import (
     BACKENDS,
     BuildOptions,
@@ -139,7 +140,8 @@ def test_non_contiguous_inputs_are_accepted():
 def test_build_options_round_trip_through_json():
     options = BuildOptions(max_batch=16, opt_batch=4, compute_capabilities=("SM86", "sm89"))
     assert options.compute_capabilities == ("sm86", "sm89")
-    assert BuildOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    text = dump_document(options)
+    assert parse_document(text, BuildOptions, "options") == options
 
 
 def test_run_options_round_trip_through_json():
@@ -155,12 +157,13 @@ def test_run_options_round_trip_through_json():
         ({"optimization_level": 6}, "0..5"),
         ({"compute_capabilities": ("86",)}, "like sm86"),
         ({"version": 2}, "version 2"),
-        ({"unknown": 1}, "unknown build option"),
+        ({"unknown": 1}, "unknown: unknown field"),
+        ({"max_batch": "8"}, "max_batch: input should be a valid integer"),
     ],
 )
 def test_build_options_reject_bad_values(kwargs, message):
     with pytest.raises(AvatarqError, match=message):
-        BuildOptions.from_dict(kwargs)
+        parse_document(json.dumps(kwargs), BuildOptions, "options")
 
 
 @pytest.mark.parametrize(

@@ -42,22 +42,22 @@ def test_build_records_the_engine_in_the_manifest(bundle):
     assert [(e.backend, e.path, e.target) for e in manifest.engines] == [
         ("onnxruntime", "engines/onnxruntime-cpu.onnx", "cpu")
     ]
-    assert (bundle / record.path).stat().st_size == record.settings["size_bytes"]
+    assert (bundle / record.path).stat().st_size == record.size_bytes
     assert record.library_version == __import__("onnxruntime").__version__
     assert record.build_seconds > 0
 
 
 def test_build_checks_the_float_rewrite_against_model_onnx(bundle):
-    check = build_engine(bundle, "onnxruntime").settings["check"]
-    assert check["texture_max_abs_error"] <= 1e-6 * check["peak"]
-    assert check["texture_psnr_db"] == "inf" or check["texture_psnr_db"] > 120
+    check = build_engine(bundle, "onnxruntime").check
+    assert check.texture_max_abs_error <= 1e-6 * check.peak
+    assert check.texture_psnr_db > 120
 
 
 def test_rebuilding_replaces_the_record_of_the_same_target(bundle):
     build_engine(bundle, "onnxruntime")
     build_engine(bundle, "onnxruntime", BuildOptions(ort_rewrite=False))
     engines = open_bundle(bundle).manifest.engines
-    assert len(engines) == 1 and engines[0].settings["rewrite"] is None
+    assert len(engines) == 1 and engines[0].rewrite is None
 
 
 def test_engine_runner_matches_model_onnx(bundle):
@@ -140,7 +140,7 @@ def test_torch_runner_refuses_another_checkpoint(tiny, tmp_path):
 def test_manifest_stays_valid_json_after_a_build(bundle):
     build_engine(bundle, "onnxruntime")
     data = json.loads((bundle / "manifest.json").read_text())
-    assert data["engines"][0]["settings"]["rewrite"]["layers"][0]["mode"] == "float"
+    assert data["engines"][0]["rewrite"]["layers"][0]["mode"] == "float"
 
 
 @pytest.mark.gpu
@@ -158,31 +158,31 @@ def test_cuda_provider_matches_cpu_when_onnxruntime_gpu_is_installed(tiny):
 
 
 def test_build_check_decodes_the_given_latents_and_records_them(bundle, tmp_path):
-    from avatarq.data.latents import LatentSequence
-    from avatarq.engines.compare import smooth_sequence
+    from avatarq.core.inputs import smooth_clip
+    from avatarq.data.latents import save_inputs
 
-    good = LatentSequence(*smooth_sequence(Z_DIM, 40)).save(tmp_path / "good.npz")
+    good = save_inputs(smooth_clip(Z_DIM, 40), tmp_path / "good.npz")
     record = build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=good))
-    assert record.settings["calibration_latents"] == str(good)
-    assert record.settings["check"]["inputs"] == f"16 steps of {good}"
-    assert record.settings["check"]["samples"] == 16
-    bad = LatentSequence(*smooth_sequence(8, 40)).save(tmp_path / "bad.npz")
+    assert record.options.calibration_latents == str(good)
+    assert record.check.inputs == f"16 steps of {good}"
+    assert record.check.n_samples == 16
+    bad = save_inputs(smooth_clip(8, 40), tmp_path / "bad.npz")
     with pytest.raises(AvatarqError, match="has z of size 8; the bundle's decoder takes 16"):
         build_engine(bundle, "onnxruntime", BuildOptions(calibration_latents=bad))
 
 
 def test_build_check_defaults_to_seeded_latents(bundle):
-    check = build_engine(bundle, "onnxruntime").settings["check"]
-    assert (check["inputs"], check["samples"]) == ("4 seeded N(0, 1) latents", 4)
+    check = build_engine(bundle, "onnxruntime").check
+    assert (check.inputs, check.n_samples) == ("4 seeded N(0, 1) latents", 4)
 
 
 def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tmp_path):
     # Regression: `avatarq build` once gave an INT8 bundle of a trained avatar 64 dB against
     # its own Q/DQ graph on real codes (scales of its own, calibrated on N(0, 1) latents).
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_capture
+    from avatarq.core.inputs import DecoderInputs
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization, encode_frames
-    from avatarq.data.latents import LatentSequence
     from avatarq.engines.compare import compare_bundle
     from avatarq.models import DeployableDecoder, load_checkpoint
 
@@ -198,6 +198,6 @@ def test_int8_engine_matches_its_qdq_graph_on_real_latent_codes(small_avatar, tm
     z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
     view = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(z), 1))
     build_engine(bundle, "onnxruntime")
-    latents = LatentSequence(z, view)
+    latents = DecoderInputs.from_z_view(z, view)
     result = compare_bundle(bundle, "onnx", "onnxruntime", latents=latents, compute_ssim=False)
     assert result.texture.psnr_min >= 90.0  # worst frame

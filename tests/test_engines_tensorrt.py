@@ -18,7 +18,7 @@ from avatarq.export.rewrite_ort import default_calibration_feeds
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
 
 from avatarq.engines.tensorrt_rtx import TensorRTRTXRunner, runs_on  # noqa: E402
-from tiny_dam import export_tiny_dam  # noqa: E402
+from tiny_dam import export_tiny_dam, repin_graph  # noqa: E402
 
 
 def quantize(model_path, out_path, quantize_bias=False):
@@ -62,7 +62,7 @@ def int8_copy(bundle, dst, quantize_bias=False):
     """A copy of ``bundle`` whose model.onnx carries INT8 Q/DQ."""
     shutil.copytree(bundle, dst)
     quantize(bundle / "model.onnx", dst / "model.onnx", quantize_bias)
-    return dst
+    return repin_graph(dst)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def calibrated_int8_copy(avatar, bundle, dst):
     artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
     shutil.copytree(bundle, dst)
     onnx.save(quantize_onnx(onnx.load(str(bundle / "model.onnx")), artifact), dst / "model.onnx")
-    return dst
+    return repin_graph(dst)
 
 
 def test_builds_a_real_engine_from_the_synthetic_dam_int8_onnx_on_the_cpu(
@@ -115,10 +115,10 @@ def test_builds_a_real_engine_from_the_synthetic_dam_int8_onnx_on_the_cpu(
         "engines/tensorrt-rtx-ampere+.engine",
     )
     assert record.library_version == trt.__version__
-    assert len(data) == record.settings["size_bytes"] > int8_weight_bytes
+    assert len(data) == record.size_bytes > int8_weight_bytes
     # The serialized engine names its I/O tensors; shapes come from the parsed network.
     assert b"texture" in data and b"vertices" in data
-    io = record.settings["io"]
+    io = record.io
     for spec in manifest.inputs + manifest.outputs:
         assert io[spec.name]["shape"] == [-1 if d == "batch" else d for d in spec.shape]
     assert [e.backend for e in manifest.engines] == ["tensorrt-rtx"]
@@ -126,26 +126,26 @@ def test_builds_a_real_engine_from_the_synthetic_dam_int8_onnx_on_the_cpu(
 
 def test_layer_types_show_the_int8_plan(bundle):
     record = build_engine(bundle, "tensorrt-rtx")
-    layers = json.loads((bundle / record.settings["layers"]).read_text())
+    layers = json.loads((bundle / record.layers).read_text())
     quantize_outputs = {
         t for layer in layers if layer["type"] == "QUANTIZE" for t in layer["outputs"]
     }
     assert quantize_outputs == {"INT8"}
     assert sum(layer["type"] == "DECONVOLUTION" for layer in layers) == 4
-    assert record.settings["strongly_typed"] is True
+    assert record.strongly_typed is True
 
 
 def test_optimization_profile_and_level_are_recorded(bundle):
     options = BuildOptions(min_batch=1, opt_batch=2, max_batch=6, optimization_level=1)
-    settings = build_engine(bundle, "tensorrt-rtx", options).settings
-    assert (settings["min_batch"], settings["opt_batch"], settings["max_batch"]) == (1, 2, 6)
-    assert settings["optimization_level"] == 1
+    recorded = build_engine(bundle, "tensorrt-rtx", options).options
+    assert (recorded.min_batch, recorded.opt_batch, recorded.max_batch) == (1, 2, 6)
+    assert recorded.optimization_level == 1
 
 
 def test_rtx_keeps_no_timing_cache(bundle):
     # Timing caches are no-ops in TensorRT-RTX; its runner keeps a runtime cache instead.
     record = build_engine(bundle, "tensorrt-rtx")
-    assert record.settings["timing_cache"] is None
+    assert record.timing_cache is None
     assert not list((bundle / "engines").glob("*.timing-cache"))
 
 
@@ -165,6 +165,7 @@ def test_parser_error_names_the_onnx_node(tiny, tmp_path):
     # quantize_static's int32 bias DequantizeLinear is not TensorRT-legal.
     bundle = shutil.copytree(tiny, tmp_path / "bad.avq")
     quantize(tiny.parent / "fp32.avq" / "model.onnx", bundle / "model.onnx", quantize_bias=True)
+    repin_graph(bundle)
     with pytest.raises(
         AvatarqError,
         match=r"cannot parse model.onnx: node '.*bias.*' \(DequantizeLinear\): .*Int32",

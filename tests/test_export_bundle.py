@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
+from avatarq.core.ort import make_session
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.encode import capture_normalization, encode_frames
 from avatarq.errors import AvatarqError
 from avatarq.export import ExportOptions, export_bundle, layer_nodes, open_bundle
-from avatarq.export.validate import onnx_session
 from avatarq.models import DeployableDecoder, load_checkpoint
 
 
@@ -25,12 +25,37 @@ def _real_codes(avatar, n=4):
     return model, capture, z, view
 
 
-def test_bundle_holds_model_manifest_and_topology(small_bundle):
+def test_bundle_holds_model_manifest_normalization_and_topology(small_bundle):
     assert sorted(p.name for p in small_bundle.iterdir()) == [
         "manifest.json",
         "model.onnx",
+        "normalization.npz",
         "topology.npz",
     ]
+
+
+def test_the_normalization_arrays_are_in_the_bundle_even_when_folded(small_avatar, small_bundle):
+    from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization
+
+    bundle = open_bundle(small_bundle)
+    arrays = bundle.normalization_arrays()
+    expected = capture_normalization(MultifaceCapture(small_avatar.capture_root))
+    assert bundle.manifest.normalization.folded
+    np.testing.assert_array_equal(arrays["tex_mean"], np.asarray(expected.tex_mean, np.float32))
+    assert float(arrays["vert_std"]) == pytest.approx(expected.vert_std)
+
+
+def test_the_manifest_pins_the_graph_by_sha256(small_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.avq"
+    shutil.copytree(small_bundle, copy)
+    bundle = open_bundle(copy)
+    assert bundle.checked_model_path() == copy / "model.onnx"
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(AvatarqError, match="not the graph this bundle's manifest describes"):
+        open_bundle(copy).checked_model_path()
 
 
 def test_graph_has_named_inputs_outputs_and_dynamic_batch(small_bundle):
@@ -45,7 +70,7 @@ def test_graph_has_named_inputs_outputs_and_dynamic_batch(small_bundle):
 def test_fp32_graph_matches_pytorch_to_1e4_on_real_codes(small_avatar, small_bundle):
     model, capture, z, view = _real_codes(small_avatar)
     decoder = DeployableDecoder(model, capture_normalization(capture))
-    texture, vertices = onnx_session(small_bundle / "model.onnx").run(
+    texture, vertices = make_session(small_bundle / "model.onnx").run(
         None, {"z": z.numpy(), "view": view.numpy()}
     )
     with torch.no_grad():
@@ -55,7 +80,7 @@ def test_fp32_graph_matches_pytorch_to_1e4_on_real_codes(small_avatar, small_bun
 
 
 def test_batch_dimension_accepts_other_sizes(small_bundle):
-    session = onnx_session(small_bundle / "model.onnx")
+    session = make_session(small_bundle / "model.onnx")
     manifest = open_bundle(small_bundle).manifest
     for batch in (1, 5):
         z = np.zeros((batch, manifest.z_dim), np.float32)
@@ -70,12 +95,10 @@ def test_manifest_records_io_precision_normalization_and_validation(small_bundle
     assert manifest.precision == "fp32"
     assert [t.name for t in manifest.inputs] == ["z", "view"]
     assert manifest.outputs[0].shape == ["batch", 3, 64, 64]
-    assert manifest.normalization["folded"] is True
-    assert manifest.validation["passed"] is True
-    assert (
-        manifest.validation["texture_psnr_db"] == "inf"
-        or manifest.validation["texture_psnr_db"] > 80
-    )
+    assert manifest.normalization.folded is True
+    assert manifest.validation.passed is True
+    assert manifest.validation.texture_psnr_db > 80
+    assert len(manifest.model_sha256) == 64 and manifest.reference is None
     assert set(manifest.layer_precision.values()) == {"fp32"}
     assert "dec.texture_decoder.upsample.0.conv1.deconv" in manifest.layer_precision
     assert len(manifest.source_checkpoint_sha256) == 64
@@ -88,7 +111,7 @@ def test_fp16_export_keeps_float32_io_and_reaches_50db(small_avatar, tmp_path):
         small_avatar.capture_root,
         ExportOptions(fp16=True),
     )
-    assert result.validation.texture_psnr_db > 50
+    assert result.validation.image.psnr_all > 50
     model = onnx.load(tmp_path / "fp16.avq" / "model.onnx")
     float32 = onnx.TensorProto.FLOAT
     assert all(

@@ -46,10 +46,10 @@ def _agrees(tiny, artifact, model, tmp_path):
     decoder, samples, _ = tiny
     path = tmp_path / "q.onnx"
     onnx.save(model, path)
-    result = validate_qdq(path, decoder, artifact, samples.z, samples.view)
-    assert result.vs_fakequant.texture_max_abs_error < TOLERANCE
-    assert result.vs_fakequant.vertices_max_abs_error < TOLERANCE
-    return result
+    vs_fakequant, vs_fp32 = validate_qdq(path, decoder, artifact, samples.inputs)
+    assert vs_fakequant.texture_max_abs_error < TOLERANCE
+    assert vs_fakequant.vertices_max_abs_error < TOLERANCE
+    return vs_fp32
 
 
 def _inits(model):
@@ -103,8 +103,8 @@ def test_fp8_writes_float8_weights_and_activation_qdq(tiny, tmp_path):
     assert inits[q.input[2]].data_type == TensorProto.FLOAT8E4M3FN
     assert inits[f"{DECONV}.weight_quantized"].data_type == TensorProto.FLOAT8E4M3FN
     assert [o.version for o in model.opset_import if o.domain == ""] == [19]
-    result = _agrees(tiny, artifact, model, tmp_path)
-    assert 35 < result.vs_fp32.texture_psnr_db < 120
+    vs_fp32 = _agrees(tiny, artifact, model, tmp_path)
+    assert 35 < vs_fp32.image.psnr_all < 120
 
 
 def test_4_bit_activations_clip_to_16_levels_inside_int8(tiny, tmp_path):
@@ -180,10 +180,10 @@ def test_a_mixed_plan_of_every_format_runs(tiny, tmp_path):
     decoder, samples, _ = tiny
     path = tmp_path / "q.onnx"
     onnx.save(model, path)
-    result = validate_qdq(path, decoder, artifact, samples.z, samples.view)
+    vs_fakequant, _ = validate_qdq(path, decoder, artifact, samples.inputs)
     # the fp16 layer: ONNX Runtime's float16 convolution sums in another order than torch
-    assert result.vs_fakequant.texture_max_abs_error < 1e-3
-    assert result.vs_fakequant.vertices_max_abs_error < TOLERANCE
+    assert vs_fakequant.texture_max_abs_error < 1e-3
+    assert vs_fakequant.vertices_max_abs_error < TOLERANCE
 
 
 def test_same_low_bit_calibration_gives_identical_bytes(tiny):
@@ -235,8 +235,8 @@ def test_warp_decoders_get_opset_21_with_gridsample_modes_renamed(tmp_path):
     assert {a.name: a.s for a in grid.attribute}["mode"] == b"linear"
     path = tmp_path / "warp.onnx"
     onnx.save(graph, path)
-    result = validate_qdq(path, decoder, artifact, samples.z, samples.view)
-    assert result.vs_fakequant.texture_max_abs_error < TOLERANCE
+    vs_fakequant, _ = validate_qdq(path, decoder, artifact, samples.inputs)
+    assert vs_fakequant.texture_max_abs_error < TOLERANCE
 
 
 def test_initializer_bytes_count_int4_as_half_bytes():

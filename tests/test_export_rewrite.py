@@ -97,13 +97,12 @@ def qdq_model(float_model, tmp_path_factory) -> onnx.ModelProto:
 def avatarq_qdq_model(tiny) -> onnx.ModelProto:
     """avatarq's own Q/DQ graph: max calibration + `avatarq.export.qdq.quantize_onnx`."""
     from avatarq.calibration import CalibrationConfig, calibrate, samples_from_latents
-    from avatarq.data.latents import LatentSequence
-    from avatarq.engines.compare import smooth_sequence
+    from avatarq.core.inputs import smooth_clip
     from avatarq.export.qdq import quantize_onnx
     from avatarq.models import DeployableDecoder, load_checkpoint
 
     decoder = DeployableDecoder(load_checkpoint(tiny / "dam.pt"))
-    samples = samples_from_latents(LatentSequence(*smooth_sequence(16, 32)), n_random=8, n_clips=0)
+    samples = samples_from_latents(smooth_clip(16, 32), n_random=8, n_clips=0)
     artifact = calibrate(decoder, samples, CalibrationConfig(method="max"))
     return quantize_onnx(onnx.load(str(tiny / "dam.avq" / "model.onnx")), artifact)
 

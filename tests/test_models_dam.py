@@ -1,5 +1,6 @@
 """The re-implemented Multiface DAM family: sizes, shapes, parameter counts."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,68 @@ def test_weight_norm_uses_the_whole_tensor_frobenius_norm():
 def test_invalid_config_is_a_user_error(field, value):
     with pytest.raises(AvatarqError):
         DAMConfig(**{**SMALL, field: value})
+
+
+def test_full_size_warp_decoder_has_multiface_s_layer_layout():
+    model = DeepAppearanceModel(DAMConfig(arch="warp"))
+    shapes = {k: tuple(v.shape) for k, v in model.warp.state_dict().items()}
+    assert shapes["mlp.0.weight"] == (256, 256)
+    assert shapes["mlp.2.weight"] == (1024, 256)
+    assert shapes["upsample.0.conv1.deconv.weight"] == (256, 128, 4, 4)
+    assert shapes["upsample.3.conv2.bias"] == (1, 16, 512, 512)
+    assert isinstance(model.warp.upsample[4], torch.nn.Upsample)
+    assert model.warp.upsample[4].size == 1024
+    assert shapes["upsample.5.weight"] == (2, 16, 3, 3)
+    assert shapes["upsample.5.bias"] == (2,)
+    assert shapes["normal_grid"] == (1, 2, 1024, 1024)
+
+
+def test_normal_grid_is_x_then_y_each_spanning_minus_one_to_one():
+    grid = DeepAppearanceModel(DAMConfig(arch="warp", **SMALL)).warp.normal_grid
+    line = torch.from_numpy(np.linspace(-1.0, 1.0, 64).astype(np.float32))
+    assert grid.dtype == torch.float32
+    assert torch.equal(grid[0, 0], line.expand(64, 64))  # x varies along columns
+    assert torch.equal(grid[0, 1], line[:, None].expand(64, 64))  # y varies along rows
+
+
+def test_a_zero_warp_field_fades_the_outer_half_texel_as_multiface_does():
+    model = DeepAppearanceModel(DAMConfig(arch="warp", **SMALL)).eval()
+    with torch.no_grad():
+        model.warp.upsample[-1].weight.zero_()
+        model.warp.upsample[-1].bias.zero_()
+        warped = model.warp(torch.randn(1, 16), torch.ones(1, 1, 64, 64))[0, 0]
+    assert warped[0, 0] == warped[-1, -1] == 0.25
+    assert torch.all(warped[0, 1:-1] == 0.5) and torch.all(warped[1:-1, -1] == 0.5)
+    assert torch.allclose(warped[1:-1, 1:-1], torch.ones(62, 62), atol=1e-6)
+
+
+def test_the_warp_field_is_divided_by_the_texture_size():
+    model = DeepAppearanceModel(DAMConfig(arch="warp", **SMALL)).eval()
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        raw = model.warp.upsample(model.warp.mlp(z).view(-1, 256, 2, 2))
+        assert torch.equal(model.warp.field(z), raw / 64)
+
+
+def test_skipping_the_same_size_resize_is_exact():
+    config = DAMConfig(arch="warp", z_dim=8, tex_size=32, n_vertices=10, n_cams=2)
+    assert config.warp_field_size == 32
+    model = DeepAppearanceModel(config).eval()
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        with_resize = model.warp.upsample(model.warp.mlp(z).view(-1, 256, 2, 2)) / 32
+        assert torch.equal(model.warp.field(z), with_resize)
+
+
+def test_the_warp_grid_stays_float32_in_a_float16_decoder():
+    torch.manual_seed(0)
+    model = DeepAppearanceModel(DAMConfig(arch="warp", **SMALL)).eval()
+    z, view = torch.randn(2, 16), torch.randn(2, 3)
+    with torch.no_grad():
+        reference, _ = model.decode(z, view)
+        model.half()
+        assert model.warp.normal_grid.dtype == torch.float32
+        assert model.warp.upsample[-1].weight.dtype == torch.float16
+        texture, _ = model.decode(z.half(), view.half())
+    assert texture.dtype == torch.float16
+    assert torch.allclose(texture.float(), reference, atol=2e-2)

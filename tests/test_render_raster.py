@@ -361,7 +361,7 @@ def test_exact_and_homogeneous_paths_cover_the_same_samples():
     # coverage rule. With vertices on the half-pixel grid of a 16 x 16 image every
     # coordinate is exact in float32 and float64, so they must agree exactly, ties
     # included (vertices on pixel centres and edges through them are frequent here).
-    from avatarq.render.raster_torch import _exact_fragments, _homogeneous_fragments
+    from avatarq.render.raster_scan import _exact_fragments, _homogeneous_fragments
 
     gen = torch.Generator().manual_seed(7)
     height = width = 16

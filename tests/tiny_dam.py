@@ -47,4 +47,16 @@ def tiny_calibration_samples(n: int):
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(n, 8, generator=gen)
     view = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen) + 2, dim=1)
-    return CalibrationSamples(z, view, tuple(("s", str(i), "c") for i in range(n)))
+    return CalibrationSamples.of(z, view, tuple(("s", str(i), "c") for i in range(n)))
+
+
+def repin_graph(bundle: Path) -> Path:
+    """Record the sha256 of a bundle's (hand-replaced) model.onnx in its manifest, as a
+    test that swaps the graph must; returns the bundle."""
+    from avatarq.core.hashing import file_sha256
+    from avatarq.export import open_bundle
+
+    opened = open_bundle(bundle)
+    opened.manifest.model_sha256 = file_sha256(bundle / "model.onnx")
+    opened.save_manifest()
+    return bundle

@@ -20,7 +20,7 @@ What is measured, per runner:
 - fidelity and temporal stability in **texture space** (the decoded texture in 0..255
   units / 255, every texel; an unfolded bundle is de-normalized with the capture first) and in **screen space** (both rendered through the sequence's camera; every
   mean restricted to the FP32 render's foreground mask of that frame): PSNR and SSIM per
-  frame, tDE, J, FE (`avatarq.bench.metrics`);
+  frame, tDE, J, FE (`avatarq.measure`);
 - **latency** per stage after warm-up: ``decode`` (runner call, inputs in host memory to
   outputs in host memory, so it includes the runner's own device copies), ``copy``
   (decoded texture, vertices and M to the render device), ``render``, and ``end_to_end``
@@ -29,7 +29,7 @@ What is measured, per runner:
   clock read, and ``copy`` and ``render`` are timed with CUDA events. Without rendering
   ``end_to_end`` equals ``decode``. Runners are timed one after the other, or round-robin
   (`BenchConfig.interleave`).
-- **gates** (`avatarq.bench.metrics.parse_gates`) on texture- or screen-space metrics
+- **gates** (`avatarq.measure.gates.parse_gates`) on texture- or screen-space metrics
   (`BenchConfig.gate_space`) and one latency stage (`BenchConfig.gate_stage`).
 
 The timed iterations decode batches taken cyclically from the sequence; the fidelity pass
@@ -42,48 +42,36 @@ import contextlib
 import datetime
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
-from avatarq.bench.metrics import SequenceAccumulator, evaluate_gates, psnr
+from avatarq.bench.frames import (
+    Denorm,
+    RenderSetup,
+    Worst,
+    cuda_available,
+    denorm_for,
+    render,
+    setup_render,
+)
 from avatarq.bench.results import (
     LATENCY_METRICS,
-    STAGES,
     BenchConfig,
     BenchResult,
-    FrameStrip,
     RunnerResult,
     bundle_record,
     environment,
 )
 from avatarq.bench.sequences import BenchSequence
+from avatarq.bench.timing import BenchRunner, time_runners
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
+from avatarq.measure import SequenceAccumulator, evaluate_gates, psnr
 
-TEXTURE_PEAK = 255.0
 _REF_KEY = "<reference>"  # cannot clash with a backend name
-Progress = Callable[[str, int, int], None]
-
-
-class BenchRunner(Protocol):
-    """What the harness needs of a runner (`avatarq.engines.Runner` satisfies it).
-
-    ``decode(z float32 [B, Z], view float32 [B, 3])`` returns (texture float32
-    [B, 3, T, T], vertices float32 [B, V, 3]) in host memory; they may be views of buffers
-    that the next call overwrites (the harness copies what it keeps).
-    """
-
-    name: str
-
-    def __enter__(self) -> Any: ...
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
-
-    def decode(self, z: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # --------------------------------------------------------------------------- runners
@@ -107,7 +95,7 @@ def default_runners(bundle: Any, device: str = "auto") -> tuple[list[str], dict[
             continue
         if not backend.available():
             skipped[name] = f"Python module(s) {', '.join(backend.requires)} not installed"
-        elif name.startswith("tensorrt") and not _cuda_available():
+        elif name.startswith("tensorrt") and not cuda_available():
             skipped[name] = "needs a CUDA GPU"
         elif device == "cpu" and name.startswith("tensorrt"):
             skipped[name] = "device cpu"
@@ -123,7 +111,7 @@ def _run_options(config: BenchConfig, backend: str, **extra: Any) -> Any:
     max_batch = None if backend.startswith("tensorrt") else max(config.batch, 1)
     device = config.device
     if device == "auto" and backend in ("onnx", "onnxruntime"):
-        device = "cuda" if _ort_has_cuda() and _cuda_available() else "cpu"
+        device = "cuda" if _ort_has_cuda() and cuda_available() else "cpu"
     return RunOptions(device=device, threads=config.threads, max_batch=max_batch, **extra)
 
 
@@ -161,9 +149,7 @@ def open_reference(
                 f"reference bundle {ref.root} was exported from another checkpoint than "
                 f"{bundle.root} (source_checkpoint_sha256 differs)"
             )
-        if bool(r.normalization.get("folded")) != bool(m.normalization.get("folded")) or (
-            r.camera != m.camera
-        ):
+        if bool(r.normalization.folded) != bool(m.normalization.folded) or (r.camera != m.camera):
             raise AvatarqError(
                 f"reference bundle {ref.root} differs from {bundle.root} in de-normalization "
                 "or folded camera; export both with the same --capture and --camera"
@@ -178,280 +164,27 @@ def open_reference(
         )
         runner = open_runner(bundle, "torch", options)
         return _labelled(runner, f"FP32 PyTorch decoder of {Path(checkpoint).name}")
-    if m.precision != "fp32":
-        raise AvatarqError(
-            f"bundle {bundle.root} is {m.precision}, so it cannot be its own FP32 reference; "
-            "pass the checkpoint it was exported from (--checkpoint dam.pt, with --capture "
-            "when its de-normalization is folded in) or an FP32 bundle (--reference fp32.avq)"
+    if m.precision == "fp32":
+        return _labelled(
+            open_runner(bundle, "onnx", options), f"FP32 {bundle.root.name}/model.onnx"
         )
-    return _labelled(open_runner(bundle, "onnx", options), f"FP32 {bundle.root.name}/model.onnx")
+    path = bundle.reference_path()
+    if path is None:
+        raise AvatarqError(
+            f"bundle {bundle.root} is {m.precision} and was exported without its FP32 reference "
+            "graph; pass the checkpoint it came from (--checkpoint dam.pt) or an FP32 bundle "
+            "(--reference fp32.avq), or re-export it with its reference"
+        )
+    from avatarq.engines.onnxruntime import OnnxModelRunner
+
+    runner = OnnxModelRunner.for_graph(bundle, path, options)
+    return _labelled(runner, f"FP32 {bundle.root.name}/{path.relative_to(bundle.root)}")
 
 
 def _labelled(runner: Any, what: str) -> Any:
     """Name the reference runner for the report (engines runners keep a plain ``name``)."""
     runner.name = f"{what} ({runner.name})"
     return runner
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@dataclass
-class _Denorm:
-    """Maps decoder outputs to what is measured: texture in [0, 1] units, vertices in
-    capture units (identity scale when the bundle folds the de-normalization in)."""
-
-    tex_mean: np.ndarray | None = None  # float32 [3, T, T], 0..255
-    tex_std: float = 1.0
-    vert_mean: np.ndarray | None = None  # float32 [V, 3]
-    vert_std: float = 1.0
-
-    def texture(self, tex: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-        """[B, 3, T, T] decoder units -> [0, 1] units, a new array of ``dtype``."""
-        x = tex.astype(dtype, copy=True)
-        if self.tex_mean is not None:
-            x *= self.tex_std
-            x += self.tex_mean
-        x /= TEXTURE_PEAK
-        return x
-
-    def vertices(self, vert: np.ndarray) -> np.ndarray:
-        if self.vert_mean is None:
-            return np.array(vert, dtype=np.float32, copy=True)
-        return vert * np.float32(self.vert_std) + self.vert_mean
-
-
-def _denorm_for(bundle: Any, capture_root: Path | None) -> _Denorm:
-    m = bundle.manifest
-    if m.normalization.get("folded"):
-        return _Denorm()
-    if capture_root is None:
-        raise AvatarqError(
-            f"bundle {bundle.root} outputs Multiface-normalized textures and vertices; pass "
-            "the capture (--capture CAPTURE) so they can be de-normalized before measuring"
-        )
-    import torch
-
-    from avatarq.data.capture import MultifaceCapture
-    from avatarq.data.encode import resize_texture
-
-    cap = MultifaceCapture(capture_root)
-    mean = resize_texture(torch.from_numpy(cap.tex_mean)[None], m.tex_size)[0].numpy()
-    vmean = cap.vert_mean.reshape(-1, 3)
-    if vmean.shape[0] != m.n_vertices:
-        raise AvatarqError(
-            f"capture {capture_root} has {vmean.shape[0]} vertices, bundle {bundle.root} "
-            f"{m.n_vertices}"
-        )
-    return _Denorm(mean.astype(np.float32), cap.tex_std, vmean.astype(np.float32), cap.vert_std)
-
-
-def _display_texture(tex: np.ndarray) -> np.ndarray:
-    """[3, T, T] decoder orientation (row 0 = v 0) -> [T, T, 3] display (row 0 = top)."""
-    return np.ascontiguousarray(np.moveaxis(tex, 0, -1)[::-1], dtype=np.float32)
-
-
-def _crop_box(mask: np.ndarray, margin: float = 0.08) -> tuple[slice, slice]:
-    rows, cols = np.nonzero(mask > 0)
-    h, w = mask.shape
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    pad = int(math.ceil(margin * max(r1 - r0, c1 - c0)))
-    return slice(max(r0 - pad, 0), min(r1 + pad, h)), slice(max(c0 - pad, 0), min(c1 + pad, w))
-
-
-class _Worst:
-    """Keeps the lowest-PSNR frame seen so far (the earliest on ties)."""
-
-    def __init__(self, space: str) -> None:
-        self.space = space
-        self.strip: FrameStrip | None = None
-
-    def offer(
-        self,
-        t: int,
-        frame_id: str,
-        value: float,
-        ref: np.ndarray,
-        dep: np.ndarray,
-        mask: np.ndarray | None = None,
-    ) -> None:
-        """Frame ``t`` with PSNR ``value``: textures [3, T, T] (decoder orientation), or
-        screen images [H, W, 3] with the reference's foreground ``mask`` [H, W]."""
-        if self.strip is not None and not value < self.strip.psnr:
-            return
-        if mask is None:
-            ref, dep = _display_texture(ref), _display_texture(dep)
-        else:
-            box = _crop_box(mask)
-            ref, dep, mask = ref[box].copy(), dep[box].copy(), mask[box].copy()
-        self.strip = FrameStrip(self.space, t, frame_id, value, ref, dep, mask)
-
-
-# --------------------------------------------------------------------------- render
-
-
-@dataclass
-class _RenderSetup:
-    renderer: Any
-    device: Any  # torch.device
-    M: np.ndarray  # float32 [T, 3, 4] at the render resolution
-    record: dict[str, Any]
-
-
-def _setup_render(
-    bundle: Any, sequence: BenchSequence, config: BenchConfig
-) -> tuple[_RenderSetup | None, str | None]:
-    """(render setup, None) or (None, why nothing is rendered)."""
-    if config.render == "none":
-        return None, "rendering off (render none)"
-    explicit = config.render != "auto"
-    if not sequence.has_camera:
-        if explicit:
-            raise AvatarqError(
-                f"render {config.render} needs a camera, but the sequence ({sequence.source}) "
-                "has none; pass a capture (--capture) or --render none"
-            )
-        return None, "the sequence has no camera (no capture given)"
-    if not bundle.topology_path.is_file() and not explicit:
-        return None, f"bundle {bundle.root} has no topology.npz"
-    topology = bundle.topology()  # AvatarqError naming the fix when missing
-    import torch
-
-    from avatarq.render import RenderConfig, Renderer
-
-    resolution = config.resolution or sequence.image_size
-    renderer = Renderer(topology, RenderConfig(resolution=resolution, backend=config.render))
-    if renderer.backend == "nvdiffrast" or torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        device = torch.device("cpu")
-    record = {
-        "backend": renderer.backend,
-        "resolution": list(resolution),
-        "camera_image_size": list(sequence.image_size),
-        "device": str(device),
-        "perspective_correct": renderer.config.perspective_correct,
-        "antialias": renderer.config.antialias,
-        "mask": "foreground of the FP32 render, per frame",
-    }
-    return _RenderSetup(renderer, device, sequence.projection_at(resolution), record), None
-
-
-def _render(setup: _RenderSetup, vert: np.ndarray, tex: np.ndarray, M: np.ndarray) -> Any:
-    """Render float32 copies of vertices [B, V, 3], texture [B, 3, T, T], M [B, 3, 4]."""
-    import torch
-
-    d, f32 = setup.device, torch.float32
-    return setup.renderer.render(
-        torch.from_numpy(vert).to(d, f32),
-        torch.from_numpy(tex).to(d, f32),
-        torch.from_numpy(np.ascontiguousarray(M)).to(d, f32),
-    )
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _timing_batches(
-    sequence: BenchSequence, setup: _RenderSetup | None, config: BenchConfig
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """(z, view, M) of each warm-up and timed iteration: batches taken cyclically."""
-    t_len, b = len(sequence), config.batch
-    out = []
-    for i in range(config.warmup + config.iters):
-        idx = [(i * b + k) % t_len for k in range(b)]
-        M = None if setup is None else np.ascontiguousarray(setup.M[idx])
-        out.append((sequence.z[idx], sequence.view[idx], M))
-    return out
-
-
-def _time_step(
-    runner: BenchRunner,
-    batch: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-    setup: _RenderSetup | None,
-    denorm: _Denorm,
-) -> dict[str, float]:
-    """Milliseconds of each stage of one decode -> copy -> render iteration."""
-    import torch
-
-    z, view, M = batch
-    cuda = setup is not None and setup.device.type == "cuda"
-    clock = time.perf_counter_ns
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = clock()
-    tex, vert = runner.decode(z, view)  # host outputs: the call has finished
-    t1 = clock()
-    if setup is None:
-        return {"decode": (t1 - t0) / 1e6, "end_to_end": (t1 - t0) / 1e6}
-    # de-normalization is measurement bookkeeping, not part of the pipeline: not timed
-    tex01, vert_c = denorm.texture(tex), denorm.vertices(vert)
-    d = setup.device
-    if cuda:
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        events[0].record()
-    t2 = clock()
-    vt, xt, mt = (torch.from_numpy(a).to(d) for a in (vert_c, tex01, M))
-    if cuda:
-        events[1].record()
-    t3 = clock()
-    setup.renderer.render(vt, xt, mt)
-    if cuda:
-        events[2].record()
-        torch.cuda.synchronize()
-    t4 = clock()
-    if cuda:
-        copy_ms = events[0].elapsed_time(events[1])
-        render_ms = events[1].elapsed_time(events[2])
-    else:
-        copy_ms, render_ms = (t3 - t2) / 1e6, (t4 - t3) / 1e6
-    return {
-        "decode": (t1 - t0) / 1e6,
-        "copy": float(copy_ms),
-        "render": float(render_ms),
-        "end_to_end": ((t1 - t0) + (t4 - t2)) / 1e6,
-    }
-
-
-def _time_runners(
-    runners: Mapping[str, BenchRunner],
-    sequence: BenchSequence,
-    setup: _RenderSetup | None,
-    denorm: _Denorm,
-    config: BenchConfig,
-    progress: Progress | None,
-) -> dict[str, dict[str, LatencyStats]]:
-    """Per-stage latency of every runner: `config.warmup` untimed iterations each, then
-    `config.iters` timed ones, runner after runner, or round-robin with
-    `config.interleave` (so that load from other processes hits all runners alike)."""
-    batches = _timing_batches(sequence, setup, config)
-    warm, timed = batches[: config.warmup], batches[config.warmup :]
-    names = list(runners)
-    samples = {n: {s: [] for s in STAGES} for n in names}
-    for name in names:
-        for batch in warm:
-            _time_step(runners[name], batch, setup, denorm)
-    if config.interleave:
-        order = [
-            (i, names[(i + k) % len(names)]) for i in range(len(timed)) for k in range(len(names))
-        ]
-    else:
-        order = [(i, n) for n in names for i in range(len(timed))]
-    for done, (i, name) in enumerate(order, 1):
-        for stage, ms in _time_step(runners[name], timed[i], setup, denorm).items():
-            samples[name][stage].append(ms)
-        if progress is not None:
-            progress("timing", done, len(order))
-    return {
-        n: {s: LatencyStats.from_samples(ms, batch=config.batch) for s, ms in st.items() if ms}
-        for n, st in samples.items()
-    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -499,8 +232,10 @@ def run_bench(
     sequence.check_z_dim(m.z_dim)
     gates = config.parsed_gates()
     capture_root = Path(capture) if capture is not None else sequence.capture_root
-    denorm = _denorm_for(bundle, capture_root)
-    setup, render_note = _setup_render(bundle, sequence, config)
+    denorm = denorm_for(bundle, capture_root)
+    setup, render_note = setup_render(bundle, sequence, config)
+    if setup is not None and denorm.peak is None:
+        setup, render_note = None, "the bundle's normalization is unknown (export with --capture)"
     if (
         setup is None
         and config.gate_space == "screen"
@@ -526,6 +261,11 @@ def run_bench(
         if capture_root is not None:
             extra["capture"] = str(capture_root)
         for n in names:
+            if n == "torch" and m.precision != "fp32":
+                raise AvatarqError(
+                    f"runner torch runs the FP32 checkpoint, not this {m.precision} bundle; it "
+                    "is the reference with --checkpoint, or bench an FP32 bundle with it"
+                )
             options = _run_options(config, n, **(extra if n == "torch" else {}))
             try:
                 planned.append((n, open_runner(bundle, n, options), optional))
@@ -559,7 +299,11 @@ def run_bench(
             )
         texture_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         screen_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
-        worst = {n: (_Worst("texture"), _Worst("screen")) for n in names}
+        worst = {n: (Worst("texture"), Worst("screen")) for n in names}
+        if denorm.peak is None:
+            first, _ = ref.decode(sequence.z[:1], sequence.view[:1])
+            span = float(first.max() - first.min())
+            denorm.peak = span if span > 0 and math.isfinite(span) else 1.0
         _fidelity_pass(
             ref,
             dict(zip(names, active, strict=True)),
@@ -574,7 +318,7 @@ def run_bench(
         )
         ref_label = getattr(ref, "name", "reference")
         timed = {_REF_KEY: ref, **dict(zip(names, active, strict=True))}
-        latencies = _time_runners(timed, sequence, setup, denorm, config, progress)
+        latencies = time_runners(timed, sequence, setup, denorm, config, progress)
         ref_latency = latencies[_REF_KEY]
         results = []
         for name, runner in zip(names, active, strict=True):
@@ -593,7 +337,11 @@ def run_bench(
     return BenchResult(
         config=config,
         bundle=bundle_record(bundle),
-        sequence=sequence.describe(),
+        sequence={
+            **sequence.describe(),
+            "texture_units": denorm.units,
+            "texture_peak": denorm.peak,
+        },
         render=render_record,
         reference=RunnerResult("reference", ref_label, ref_latency),
         runners=results,
@@ -609,12 +357,12 @@ def _fidelity_pass(
     ref: BenchRunner,
     runners: Mapping[str, BenchRunner],
     sequence: BenchSequence,
-    setup: _RenderSetup | None,
-    denorm: _Denorm,
+    setup: RenderSetup | None,
+    denorm: Denorm,
     config: BenchConfig,
     texture_acc: Mapping[str, SequenceAccumulator],
     screen_acc: Mapping[str, SequenceAccumulator],
-    worst: Mapping[str, tuple[_Worst, _Worst]],
+    worst: Mapping[str, tuple[Worst, Worst]],
     progress: Progress | None,
 ) -> None:
     """Decode every frame with the reference and each runner in lock step and accumulate
@@ -629,7 +377,7 @@ def _fidelity_pass(
         f_tex, f_vert = denorm.texture(f_tex, np.float64), denorm.vertices(f_vert)
         f_img = f_mask = None
         if setup is not None:
-            out = _render(setup, f_vert, f_tex, setup.M[start:stop])
+            out = render(setup, f_vert, f_tex, setup.M[start:stop])
             f_img, f_mask = out.image.cpu().numpy(), out.mask.cpu().numpy()
             for i in range(stop - start):
                 if not f_mask[i].any():
@@ -643,7 +391,7 @@ def _fidelity_pass(
             q_tex, q_vert = denorm.texture(q_tex, np.float64), denorm.vertices(q_vert)
             q_img = None
             if setup is not None:
-                q_img = _render(setup, q_vert, q_tex, setup.M[start:stop]).image.cpu().numpy()
+                q_img = render(setup, q_vert, q_tex, setup.M[start:stop]).image.cpu().numpy()
             for i in range(stop - start):
                 t = start + i
                 fid = sequence.ids[t]

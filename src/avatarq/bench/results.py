@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
-from avatarq.bench.metrics import Gate, GateResult, SequenceComparison, parse_gates
+from avatarq.core.documents import DOCUMENT_CONFIG
 from avatarq.errors import AvatarqError
+from avatarq.measure import Gate, GateResult, SequenceComparison, parse_gates
+from avatarq.measure.latency import LatencyStats
 
 BENCH_CONFIG_VERSION = 1
 REPORT_SCHEMA_VERSION = 1
@@ -68,6 +69,8 @@ class BenchConfig:
         threads: ONNX Runtime intra-op threads (0: its default).
         version: schema version.
     """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
 
     runners: tuple[str, ...] = ()
     render: str = "auto"
@@ -312,7 +315,7 @@ class BenchResult:
         return f"FAIL: {len(fails)} of {n_gates} gate checks failed ({'; '.join(fails)})."
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (non-finite numbers as strings, see `avatarq.bench.metrics`)."""
+        """Plain JSON types (non-finite numbers as strings, see `avatarq.core.documents.json_float`)."""
         return {
             "schema_version": REPORT_SCHEMA_VERSION,
             "created": self.created,
@@ -441,7 +444,7 @@ def bundle_record(bundle: Any) -> dict[str, Any]:
         "z_dim": m.z_dim,
         "tex_size": m.tex_size,
         "n_vertices": m.n_vertices,
-        "normalization_folded": bool(m.normalization.get("folded")),
+        "normalization_folded": bool(m.normalization.folded),
         "camera": m.camera,
         "source_checkpoint_sha256": m.source_checkpoint_sha256,
         "calib_sha256": m.calib_sha256,

@@ -13,12 +13,12 @@ Where sequences come from (`load_sequence` dispatches on the ``--sequence`` text
 - a capture segment ``CAPTURE:SEGMENT[:CAMERA]``: every frame of the segment in temporal
   order, z = the encoder mean of the checkpoint (a bundle holds no encoder, so the
   checkpoint is required), view and M from the capture for CAMERA;
-- a latent file ``latents.npz`` (`avatarq.data.LatentSequence`): z and view as stored; M
+- a latent file ``latents.npz`` (`avatarq.data.latents`): z and view as stored; M
   per frame from the capture when the file labels every step with segment, frame and
   camera, else one fixed default camera of the capture, else None;
 - nothing: the default clip - the first segment of the capture when a capture and a
   checkpoint are given (for the embedded synthetic avatar that is its first expression
-  clip), else `synthetic_latent_clip`, a smooth seeded latent trajectory.
+  clip), else `avatarq.core.inputs.smooth_clip`, a smooth seeded latent trajectory.
 
 The default camera is the capture camera that looks most frontally at the head: the one
 whose view direction (first frame of the capture) is closest to the mean view direction
@@ -28,88 +28,101 @@ is the default.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avatarq.core.inputs import DecoderInputs, FrameId, smooth_clip
 from avatarq.errors import AvatarqError
 
 DEFAULT_CLIP_FRAMES = 32
 DEFAULT_CLIP_SEED = 0
-CLIP_FPS = 30.0
+DEFAULT_CONE_DEG = 25.0  # views of the default clip without a capture
 
 
 @dataclass(frozen=True, eq=False)
 class BenchSequence:
-    """T decoder inputs in temporal order, and the camera that sees each frame.
+    """T ordered decoder inputs (`DecoderInputs`, T >= 2) and the capture they came from.
 
     Attributes:
-        z: float32 [T, Z] latent codes.
-        view: float32 [T, 3] unit view directions (head coordinates).
-        M: float32 [T, 3, 4] pixel projection per frame (p = M [v; 1], column = p_x / p_z,
-            row = p_y / p_z), or None when no camera is known.
-        ids: T labels, e.g. "E001_Jaw_Open/000100/400004" or "t0007".
-        source: one line saying where the sequence came from.
-        image_size: (H, W) in pixels of the image M projects into, or None without M.
+        inputs: z [T, Z], view [T, 3], ids, and the camera M [T, 3, 4] that sees each
+            frame with its image size (or no camera: texture-space metrics only).
         capture_root: the capture the sequence (or its camera) came from, if any.
     """
 
-    z: np.ndarray
-    view: np.ndarray
-    M: np.ndarray | None
-    ids: tuple[str, ...]
-    source: str
-    image_size: tuple[int, int] | None = None
+    inputs: DecoderInputs
     capture_root: Path | None = field(default=None)
 
     def __post_init__(self) -> None:
-        z = np.asarray(self.z)
-        if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 1:
+        if len(self.inputs) < 2:
             raise AvatarqError(
-                f"a bench sequence needs z [T, Z] with T >= 2 ordered frames (temporal "
-                f"metrics compare consecutive frames), got {list(z.shape)}"
+                f"a bench sequence needs T >= 2 ordered frames (temporal metrics compare "
+                f"consecutive frames), got {len(self.inputs)}"
             )
-        t = z.shape[0]
-        view = np.asarray(self.view)
-        if view.shape != (t, 3):
-            raise AvatarqError(f"sequence view must be [T, 3] = [{t}, 3], got {list(view.shape)}")
-        for name, a in (("z", z), ("view", view)):
-            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
-                raise AvatarqError(f"sequence {name} must hold finite floats")
-        object.__setattr__(self, "z", np.ascontiguousarray(z, dtype=np.float32))
-        object.__setattr__(self, "view", np.ascontiguousarray(view, dtype=np.float32))
-        if self.M is not None:
-            M = np.asarray(self.M)
-            if M.shape != (t, 3, 4) or not np.isfinite(M).all():
-                raise AvatarqError(
-                    f"sequence M must be finite [T, 3, 4] = [{t}, 3, 4], got {list(M.shape)}"
-                )
-            object.__setattr__(self, "M", np.ascontiguousarray(M, dtype=np.float32))
-            if self.image_size is None:
-                raise AvatarqError("a sequence with cameras (M) needs image_size (H, W)")
-        if self.image_size is not None:
-            h, w = (int(x) for x in self.image_size)
-            if h < 1 or w < 1:
-                raise AvatarqError(f"image_size must be positive (H, W), got {self.image_size}")
-            object.__setattr__(self, "image_size", (h, w))
-        ids = tuple(str(i) for i in self.ids)
-        if len(ids) != t:
-            raise AvatarqError(f"sequence has {t} frames but {len(ids)} ids")
-        object.__setattr__(self, "ids", ids)
+        for name in ("z", "view"):
+            if name not in self.inputs.arrays:
+                raise AvatarqError(f"a bench sequence needs input {name}")
+
+    @classmethod
+    def of(
+        cls,
+        z: np.ndarray,
+        view: np.ndarray,
+        M: np.ndarray | None,
+        ids: tuple[FrameId, ...] | None,
+        source: str,
+        image_size: tuple[int, int] | None = None,
+        capture_root: Path | None = None,
+    ) -> BenchSequence:
+        n = np.asarray(z).shape[0] if np.ndim(z) else 0
+        inputs = DecoderInputs.from_z_view(
+            z,
+            view,
+            ids=ids or (),
+            clips=(tuple(range(n)),) if n >= 2 else (),
+            M=M,
+            image_size=image_size,
+            source=source,
+        )
+        return cls(inputs, capture_root)
 
     def __len__(self) -> int:
-        return int(self.z.shape[0])
+        return len(self.inputs)
+
+    @property
+    def z(self) -> np.ndarray:
+        return self.inputs.z
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.inputs.view
+
+    @property
+    def M(self) -> np.ndarray | None:
+        return self.inputs.M
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Frame labels, e.g. "E001_Jaw_Open/000100/400004" or "t0007"."""
+        return self.inputs.labels
+
+    @property
+    def source(self) -> str:
+        return self.inputs.source
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return self.inputs.image_size
 
     @property
     def z_dim(self) -> int:
-        return int(self.z.shape[1])
+        return self.inputs.z_dim
 
     @property
     def has_camera(self) -> bool:
-        return self.M is not None
+        return self.inputs.has_camera
 
     def projection_at(self, resolution: tuple[int, int]) -> np.ndarray:
         """M rescaled to render at ``resolution`` (H, W) instead of `image_size`.
@@ -228,11 +241,11 @@ def sequence_from_capture(
     z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
     view = np.stack([capture.view_direction(segment, f, cam) for f in frames])
     M = np.stack([capture.projection(segment, f, cam) for f in frames])
-    return BenchSequence(
+    return BenchSequence.of(
         z=z,
         view=view,
         M=M,
-        ids=tuple(f"{segment}/{f}/{cam}" for f in frames),
+        ids=tuple((segment, f, cam) for f in frames),
         source=f"capture segment {segment} ({len(frames)} frames, camera {cam}, encoder mean)",
         image_size=capture.image_size,
         capture_root=capture.root,
@@ -253,29 +266,26 @@ def sequence_from_latents(
     of the capture's first frame. Without a capture M is None.
     """
     from avatarq.data.capture import MultifaceCapture
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import has_labels, load_inputs
 
-    latents = LatentSequence.load(path)
+    latents = load_inputs(path)
     if len(latents) < 2:
         raise AvatarqError(
             f"{path} holds {len(latents)} step; temporal metrics need at least 2 ordered steps"
         )
     name = Path(path).name
-    ids = _latent_ids(latents)
     if capture is None:
-        return BenchSequence(
-            latents.z, latents.view, None, ids, f"latent file {name} ({len(latents)} steps)"
-        )
+        return BenchSequence(latents)
     if not isinstance(capture, MultifaceCapture):
         capture = MultifaceCapture(capture)
-    labelled = latents.segment is not None and latents.frame is not None
-    if labelled and (camera is not None or latents.camera is not None):
-        cams = [camera] * len(latents) if camera is not None else list(latents.camera)
+    segments = [i[0] for i in latents.ids]
+    frames = [i[1] for i in latents.ids]
+    stored = [i[2] for i in latents.ids]
+    labelled = all(segments) and all(frames)
+    if labelled and (camera is not None or has_labels(latents)):
+        cams = [camera] * len(latents) if camera is not None else stored
         M = np.stack(
-            [
-                capture.projection(s, f, c)
-                for s, f, c in zip(latents.segment, latents.frame, cams, strict=True)
-            ]
+            [capture.projection(s, f, c) for s, f, c in zip(segments, frames, cams, strict=True)]
         )
         how = "cameras and head poses of its labelled frames"
     else:
@@ -283,51 +293,15 @@ def sequence_from_latents(
         seg, frame = capture.frames[0]
         M = np.repeat(capture.projection(seg, frame, cam)[None], len(latents), axis=0)
         how = f"fixed camera {cam} at the pose of {seg}/{frame}"
-    return BenchSequence(
+    return BenchSequence.of(
         latents.z,
         latents.view,
         M,
-        ids,
+        latents.ids,
         f"latent file {name} ({len(latents)} steps; {how})",
         image_size=capture.image_size,
         capture_root=capture.root,
     )
-
-
-def _latent_ids(latents: Any) -> tuple[str, ...]:
-    labels = [a for a in (latents.segment, latents.frame, latents.camera) if a is not None]
-    if not labels:
-        return tuple(f"t{i:04d}" for i in range(len(latents)))
-    return tuple("/".join(parts) for parts in zip(*labels, strict=True))
-
-
-def synthetic_latent_clip(
-    z_dim: int,
-    n_frames: int = DEFAULT_CLIP_FRAMES,
-    seed: int = DEFAULT_CLIP_SEED,
-    view: tuple[float, float, float] = (0.0, 0.0, 1.0),
-) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth seeded latent trajectory: (z float32 [T, Z], view float32 [T, 3]).
-
-    Each latent dimension is a sum of 4 cosines with random frequencies in 0.2..1.2 Hz at
-    30 frames/s and random phases, scaled to unit variance: marginally close to N(0, 1),
-    the distribution a Multiface VAE decoder sees in training (z = mu + sigma eps with
-    sigma ~ 1), and smooth from frame to frame as temporal metrics require. The view is
-    fixed.
-    """
-    if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
-        raise AvatarqError(f"z_dim must be a positive integer, got {z_dim!r}")
-    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 2:
-        raise AvatarqError(f"a clip needs at least 2 frames, got {n_frames!r}")
-    rng = np.random.default_rng(seed)
-    k = 4
-    freq = rng.uniform(0.2, 1.2, (k, z_dim))
-    phase = rng.uniform(0.0, 2 * math.pi, (k, z_dim))
-    t = np.arange(n_frames, dtype=np.float64)[:, None, None] / CLIP_FPS
-    z = np.sqrt(2.0 / k) * np.cos(2 * math.pi * freq[None] * t + phase[None]).sum(axis=1)
-    v = np.asarray(view, np.float64)
-    v = np.repeat((v / np.linalg.norm(v))[None], n_frames, axis=0)
-    return z.astype(np.float32), v.astype(np.float32)
 
 
 def default_sequence(
@@ -341,7 +315,7 @@ def default_sequence(
     """The sequence `avatarq bench` plays when none is named.
 
     With a capture and a checkpoint: the capture's first segment (`sequence_from_capture`).
-    Otherwise `synthetic_latent_clip` (``n_frames`` frames); with a capture, seen through
+    Otherwise `avatarq.core.inputs.smooth_clip` (``n_frames`` frames); with a capture, seen through
     its default camera (view and M of that camera at the capture's first frame), else
     frontal view (0, 0, 1) and no camera.
     """
@@ -352,25 +326,20 @@ def default_sequence(
     if capture is not None and checkpoint is not None:
         return sequence_from_capture(capture, capture.segments[0], checkpoint, camera, camera_index)
     if capture is None:
-        z, view = synthetic_latent_clip(z_dim, n_frames)
         return BenchSequence(
-            z,
-            view,
-            None,
-            tuple(f"t{i:04d}" for i in range(n_frames)),
-            f"synthetic latent clip ({n_frames} frames, seed {DEFAULT_CLIP_SEED}, no camera)",
+            smooth_clip(z_dim, n_frames, DEFAULT_CLIP_SEED, cone_deg=DEFAULT_CONE_DEG)
         )
     cam = _resolve_camera(capture, camera, camera_index)
     seg, frame = capture.frames[0]
     v = capture.view_direction(seg, frame, cam)
-    z, view = synthetic_latent_clip(z_dim, n_frames, view=tuple(float(x) for x in v))
+    clip = smooth_clip(z_dim, n_frames, DEFAULT_CLIP_SEED, front=tuple(float(x) for x in v))
     M = np.repeat(capture.projection(seg, frame, cam)[None], n_frames, axis=0)
-    return BenchSequence(
-        z,
-        view,
+    return BenchSequence.of(
+        clip.z,
+        clip.view,
         M,
-        tuple(f"t{i:04d}" for i in range(n_frames)),
-        f"synthetic latent clip ({n_frames} frames, seed {DEFAULT_CLIP_SEED}, camera {cam})",
+        None,
+        f"{clip.source[:-1]}, camera {cam})",
         image_size=capture.image_size,
         capture_root=capture.root,
     )
@@ -429,4 +398,4 @@ def load_sequence(
 
 def with_image_size(sequence: BenchSequence, image_size: tuple[int, int]) -> BenchSequence:
     """The same sequence declaring that its M projects into ``image_size`` (H, W)."""
-    return replace(sequence, image_size=tuple(image_size))
+    return replace(sequence, inputs=replace(sequence.inputs, image_size=tuple(image_size)))

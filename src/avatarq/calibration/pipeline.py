@@ -41,9 +41,8 @@ from avatarq.calibration.smoothing import (
     smoothing_pairs,
     smoothing_scales,
 )
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
-
-Progress = Callable[[str, int, int], None]
 
 
 def _max_method(
@@ -228,10 +227,9 @@ def calibrate(
                 f"visibility masks are {list(visibility.shape)}, the samples need {list(expected)}"
             )
     else:
-        say("visibility masks", 0, len(samples))
-        step = None if progress is None else (lambda d, t: progress("visibility masks", d, t))
+        say("rasterizing visibility", 0, len(samples))
         with torch.no_grad():
-            visibility = visibility_masks(reference, samples, CAPTURE_BATCH, step)
+            visibility = visibility_masks(reference, samples, CAPTURE_BATCH, progress)
 
     texel = texel_bias_names(reference) if config.bias_format != "fp32" else []
     params = dict(reference.named_parameters())

@@ -10,128 +10,126 @@ and are listed as index lists, which the temporal term and the jitter metrics ne
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from avatarq.core.hashing import update_with_array
+from avatarq.core.inputs import DecoderInputs, FrameId
+from avatarq.core.topology import Topology
 from avatarq.errors import AvatarqError
-from avatarq.render.topology import Topology
 
-SampleId = tuple[str, str, str]  # (segment, frame, camera)
+SampleId = FrameId  # (segment, frame, camera)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CalibrationSamples:
-    """N decoder inputs and where they came from.
+    """N decoder inputs to calibrate on (`DecoderInputs`) and the mesh to see them with.
+
+    Random samples come first, then the ordered clips (``inputs.clips``) that the temporal
+    term needs. The array views below are torch tensors sharing the inputs' memory.
 
     Attributes:
-        z: float32 [N, Z] latent codes.
-        view: float32 [N, 3] unit view directions, head coordinates.
-        ids: N (segment, frame, camera) string triples ("" where unknown).
-        clips: ordered clips, each a tuple of sample indices in temporal order (disjoint).
-        M: float32 [N, 3, 4] pixel projections of head-local vertices, or None.
+        inputs: z [N, Z], view [N, 3], (segment, frame, camera) ids, clips, and camera
+            projections M [N, 3, 4] with the capture's image size when cameras are known.
         topology: mesh topology (needed with M to rasterize visibility).
-        resolution: (height, width) of the capture images, pixels (needed with M).
-        source: a human-readable note ("capture ...", "latents ...").
     """
 
-    z: torch.Tensor
-    view: torch.Tensor
-    ids: tuple[SampleId, ...]
-    clips: tuple[tuple[int, ...], ...] = ()
-    M: torch.Tensor | None = None
+    inputs: DecoderInputs
     topology: Topology | None = None
-    resolution: tuple[int, int] | None = None
-    source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        z = torch.as_tensor(self.z).detach().float().cpu().contiguous()
-        view = torch.as_tensor(self.view).detach().float().cpu().contiguous()
-        if z.dim() != 2 or z.shape[0] == 0:
-            raise AvatarqError(f"calibration z must be [N, Z] with N > 0, got {list(z.shape)}")
-        n = z.shape[0]
-        if tuple(view.shape) != (n, 3):
-            raise AvatarqError(f"calibration view must be [{n}, 3], got {list(view.shape)}")
-        if not (torch.isfinite(z).all() and torch.isfinite(view).all()):
-            raise AvatarqError("calibration z / view hold NaN or infinite values")
-        ids = tuple(tuple(str(p) for p in i) for i in self.ids)
-        if len(ids) != n or any(len(i) != 3 for i in ids):
-            raise AvatarqError(f"calibration ids must be {n} (segment, frame, camera) triples")
-        clips = tuple(tuple(int(k) for k in c) for c in self.clips)
-        used: set[int] = set()
-        for c in clips:
-            if len(c) < 2:
-                raise AvatarqError("every calibration clip needs at least 2 frames")
-            if any(not 0 <= k < n for k in c):
-                raise AvatarqError(f"calibration clip indices must lie in 0..{n - 1}")
-            if used & set(c) or len(set(c)) != len(c):
-                raise AvatarqError("calibration clips must not share samples")
-            used |= set(c)
-        M = self.M
-        if M is not None:
-            M = torch.as_tensor(M).detach().float().cpu().contiguous()
-            if tuple(M.shape) != (n, 3, 4):
-                raise AvatarqError(f"calibration M must be [{n}, 3, 4], got {list(M.shape)}")
-            if self.topology is None or self.resolution is None:
-                raise AvatarqError(
-                    "calibration samples with cameras need a topology and resolution"
-                )
-        resolution = None if self.resolution is None else tuple(int(r) for r in self.resolution)
-        object.__setattr__(self, "z", z)
-        object.__setattr__(self, "view", view)
-        object.__setattr__(self, "ids", ids)
-        object.__setattr__(self, "clips", clips)
-        object.__setattr__(self, "M", M)
-        object.__setattr__(self, "resolution", resolution)
+        if self.inputs.M is not None and self.topology is None:
+            raise AvatarqError("calibration samples with cameras need a topology")
+        if "z" not in self.inputs.arrays or "view" not in self.inputs.arrays:
+            raise AvatarqError("calibration samples need z [N, Z] and view [N, 3]")
+
+    @classmethod
+    def of(
+        cls,
+        z: Any,
+        view: Any,
+        ids: Sequence[SampleId],
+        clips: Sequence[Sequence[int]] = (),
+        M: Any = None,
+        topology: Topology | None = None,
+        resolution: tuple[int, int] | None = None,
+        source: str = "",
+    ) -> CalibrationSamples:
+        """Samples from arrays (numpy or torch): z [N, Z], view [N, 3], M [N, 3, 4] or None."""
+        if M is not None and (topology is None or resolution is None):
+            raise AvatarqError("calibration samples with cameras need a topology and resolution")
+        inputs = DecoderInputs.from_z_view(
+            z,
+            view,
+            ids=tuple(ids),
+            clips=tuple(tuple(c) for c in clips),
+            M=None if M is None else _numpy(M),
+            image_size=resolution if M is not None else None,
+            source=source,
+        )
+        return cls(inputs, topology)
 
     def __len__(self) -> int:
-        return int(self.z.shape[0])
+        return len(self.inputs)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """float32 [N, Z] latent codes."""
+        return torch.from_numpy(self.inputs.z)
+
+    @property
+    def view(self) -> torch.Tensor:
+        """float32 [N, 3] unit view directions, head coordinates."""
+        return torch.from_numpy(self.inputs.view)
+
+    @property
+    def M(self) -> torch.Tensor | None:
+        """float32 [N, 3, 4] pixel projections of head-local vertices, or None."""
+        return None if self.inputs.M is None else torch.from_numpy(self.inputs.M)
+
+    @property
+    def ids(self) -> tuple[SampleId, ...]:
+        return self.inputs.ids
+
+    @property
+    def clips(self) -> tuple[tuple[int, ...], ...]:
+        return self.inputs.clips
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        """(height, width) of the capture images, pixels, when cameras are known."""
+        return self.inputs.image_size
+
+    @property
+    def source(self) -> str:
+        return self.inputs.source
 
     @property
     def z_dim(self) -> int:
-        return int(self.z.shape[1])
+        return self.inputs.z_dim
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
         """Consecutive (previous, current) sample indices of every clip."""
-        return [(c[i - 1], c[i]) for c in self.clips for i in range(1, len(c))]
+        return self.inputs.pairs
 
     @property
     def hash(self) -> str:
         """sha256 (hex) of the ids, clips, z, view, M, resolution and topology."""
         h = hashlib.sha256()
-        meta = {"ids": self.ids, "clips": self.clips, "resolution": self.resolution}
-        h.update(json.dumps(meta, sort_keys=True).encode())
-        arrays: list[np.ndarray] = [self.z.numpy(), self.view.numpy()]
-        if self.M is not None:
-            arrays.append(self.M.numpy())
+        self.inputs.hash_into(h)
         if self.topology is not None:
-            arrays += [self.topology.vert_ids, self.topology.uv_ids, self.topology.uvs]
-        for a in arrays:
-            a = np.ascontiguousarray(a)
-            h.update(f"{a.dtype.str}{list(a.shape)}".encode())
-            h.update(a.astype(a.dtype.newbyteorder("<")).tobytes())
+            for a in (self.topology.vert_ids, self.topology.uv_ids, self.topology.uvs):
+                update_with_array(h, a)
         return h.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> CalibrationSamples:
         """The samples ``indices`` in that order (clips kept when all their frames are in)."""
-        idx = [int(i) for i in indices]
-        where = {k: j for j, k in enumerate(idx)}
-        clips = tuple(tuple(where[k] for k in c) for c in self.clips if all(k in where for k in c))
-        sel = torch.tensor(idx, dtype=torch.long)
-        return CalibrationSamples(
-            self.z[sel],
-            self.view[sel],
-            tuple(self.ids[k] for k in idx),
-            clips,
-            None if self.M is None else self.M[sel],
-            self.topology,
-            self.resolution,
-            self.source,
-        )
+        return CalibrationSamples(self.inputs.subset(indices), self.topology)
 
     def describe(self) -> dict:
         """JSON-ready record of the samples (what the artifact stores)."""
@@ -144,6 +142,10 @@ class CalibrationSamples:
             "resolution": None if self.resolution is None else list(self.resolution),
             "source": self.source,
         }
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _draw_clips(
@@ -215,12 +217,12 @@ def samples_from_capture(
     z = encode_frames(model, capture, [(s, f) for s, f, _ in ids])
     view = np.stack([capture.view_direction(s, f, c) for s, f, c in ids])
     M = np.stack([capture.projection(s, f, c) for s, f, c in ids])
-    return CalibrationSamples(
+    return CalibrationSamples.of(
         z,
-        torch.from_numpy(view),
+        view,
         tuple(ids),
         tuple(clips),
-        torch.from_numpy(M),
+        M,
         capture.topology,
         capture.image_size,
         source=f"capture {capture.root.name}, seed {seed}, encoder mean",
@@ -235,7 +237,7 @@ def samples_from_latents(
     seed: int = 0,
     capture=None,
 ) -> CalibrationSamples:
-    """Seeded samples from a `LatentSequence` (an ordered z, view sequence).
+    """Seeded samples from ordered `DecoderInputs` (a latent file: z, view, labels).
 
     Random samples are steps drawn without replacement (when possible); clips are windows
     of consecutive steps. With ``capture`` and segment/frame/camera labels in the sequence,
@@ -251,29 +253,73 @@ def samples_from_latents(
         clips.append(tuple(range(len(steps), len(steps) + len(clip))))
         steps += clip
 
-    def label(name: str, k: int, default: str) -> str:
-        a = getattr(sequence, name)
-        return default if a is None else str(a[k])
-
-    ids = tuple(
-        (label("segment", k, ""), label("frame", k, str(k)), label("camera", k, "")) for k in steps
-    )
+    ids = tuple(sequence.ids[k] for k in steps)
     sel = np.asarray(steps, dtype=np.int64)
     M = topology = resolution = None
     if capture is not None:
-        if sequence.segment is None or sequence.frame is None or sequence.camera is None:
+        from avatarq.data.latents import has_labels
+
+        if not has_labels(sequence):
             raise AvatarqError(
                 "to use a capture's cameras the latent file needs segment, frame and camera labels"
             )
-        M = torch.from_numpy(np.stack([capture.projection(s, f, c) for s, f, c in ids]))
+        M = np.stack([capture.projection(s, f, c) for s, f, c in ids])
         topology, resolution = capture.topology, capture.image_size
-    return CalibrationSamples(
-        torch.from_numpy(sequence.z[sel]),
-        torch.from_numpy(sequence.view[sel]),
+    return CalibrationSamples.of(
+        sequence.z[sel],
+        sequence.view[sel],
         ids,
         tuple(clips),
         M,
         topology,
         resolution,
         source=f"latent sequence ({t} steps), seed {seed}",
+    )
+
+
+#: Views of data-free samples stay within this angle of the front (degrees).
+PRIOR_CONE_DEG = 25.0
+
+
+def samples_from_prior(
+    z_dim: int,
+    n_random: int = 64,
+    n_clips: int = 2,
+    clip_length: int = 8,
+    seed: int = 0,
+    front: Sequence[float] = (0.0, 0.0, 1.0),
+    cone_deg: float = PRIOR_CONE_DEG,
+) -> CalibrationSamples:
+    """Data-free samples: a DAM is a VAE whose latent prior is N(0, I).
+
+    Random samples draw z ~ N(0, I) and a view direction uniformly in yaw and pitch within
+    ``cone_deg`` of ``front``; the clips are smooth trajectories of the same statistics
+    (`avatarq.core.inputs.smooth_clip`), so the temporal term still has ordered frames.
+    There are no cameras, hence no visibility masks.
+    """
+    from avatarq.core.inputs import cone_view, smooth_clip
+
+    _check_counts(n_random, n_clips, clip_length)
+    if n_clips and clip_length < 2:
+        raise AvatarqError(f"clip_length must be >= 2, got {clip_length}")
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_random, z_dim))
+    view = cone_view(rng.uniform(-1.0, 1.0, (n_random, 2)), front, cone_deg)
+    zs, views, clips = [z], [view], []
+    for k in range(n_clips):
+        clip = smooth_clip(
+            z_dim, clip_length, seed=seed * 1000 + k + 1, front=front, cone_deg=cone_deg
+        )
+        start = n_random + k * clip_length
+        clips.append(tuple(range(start, start + clip_length)))
+        zs.append(clip.z)
+        views.append(clip.view)
+    n = n_random + n_clips * clip_length
+    ids = tuple(("prior", f"{k:06d}", "") for k in range(n))
+    return CalibrationSamples.of(
+        np.concatenate(zs).astype(np.float32),
+        np.concatenate(views).astype(np.float32),
+        ids,
+        tuple(clips),
+        source=f"data-free: z ~ N(0, I), views within {cone_deg:g} deg of the front, seed {seed}",
     )

@@ -1,7 +1,7 @@
 """avatarq.data: Multiface capture reader, latent-sequence files, synthetic captures.
 
 - `MultifaceCapture` reads a capture in the Multiface on-disk layout (lazily).
-- `LatentSequence` is an ordered (z, view) sequence stored as .npz.
+- `load_inputs` / `save_inputs` read and write latent files (ordered `DecoderInputs` in a .npz).
 - `write_synthetic_capture` writes a deterministic synthetic avatar in the same layout.
 """
 
@@ -14,7 +14,7 @@ from avatarq.data.capture import (
     read_obj_topology,
     write_krt,
 )
-from avatarq.data.latents import LatentSequence
+from avatarq.data.latents import load_inputs, save_inputs
 from avatarq.data.synthetic_capture import (
     EXPRESSIONS,
     ROOT_NAME,
@@ -27,12 +27,13 @@ __all__ = [
     "EXPRESSIONS",
     "ROOT_NAME",
     "Camera",
-    "LatentSequence",
     "MultifaceCapture",
     "Sample",
     "SyntheticCaptureConfig",
     "read_krt",
     "read_obj_topology",
     "write_krt",
+    "load_inputs",
+    "save_inputs",
     "write_synthetic_capture",
 ]

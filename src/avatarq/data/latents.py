@@ -1,106 +1,101 @@
-"""Latent-sequence files: an ordered sequence of decoder inputs (z, view) in one .npz.
+"""Latent files: an ordered sequence of decoder inputs in one .npz (`DecoderInputs` on disk).
 
-A latent sequence drives a decoder without a capture: calibration samples, benchmark
-sequences and jitter tests all read it. Keys of the .npz:
+A latent file drives a decoder without a capture: calibration samples, benchmark sequences
+and jitter tests all read it. Keys of the .npz:
 
     z        float32 [T, Z]   latent codes, in temporal order
     view     float32 [T, 3]   unit view directions in head coordinates
+    <name>   float32 [T, ...] any other decoder input, by the name the decoder declares
     camera   str [T]          optional, camera name per step
     frame    str [T]          optional, frame id per step
     segment  str [T]          optional, segment name per step
+
+The steps form one ordered clip. Labels become the inputs' (segment, frame, camera) ids.
 """
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from avatarq.core.files import atomic_path
+from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError
 
-_LABELS = ("camera", "frame", "segment")
+LABELS = ("segment", "frame", "camera")
 
 
-@dataclass(frozen=True, eq=False)
-class LatentSequence:
-    """T decoder inputs in temporal order.
+def has_labels(inputs: DecoderInputs) -> bool:
+    """Whether every step names its segment, frame and camera."""
+    return all(all(part for part in frame_id) for frame_id in inputs.ids)
 
-    Attributes:
-        z: float32 [T, Z] latent codes.
-        view: float32 [T, 3] view directions (head coordinates).
-        camera, frame, segment: optional str arrays [T] naming where each step came from.
-    """
 
-    z: np.ndarray
-    view: np.ndarray
-    camera: np.ndarray | None = None
-    frame: np.ndarray | None = None
-    segment: np.ndarray | None = None
+def save_inputs(inputs: DecoderInputs, path: str | Path) -> Path:
+    """Write ``inputs`` as a latent .npz (uncompressed; .npz appended when missing)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays: dict[str, np.ndarray] = dict(inputs.arrays)
+    clash = sorted(set(arrays) & set(LABELS))
+    if clash:
+        raise AvatarqError(f"input names {clash} clash with the label keys of a latent file")
+    for k, name in enumerate(LABELS):
+        values = [frame_id[k] for frame_id in inputs.ids]
+        if any(values):
+            arrays[name] = np.asarray(values, dtype=str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return path
 
-    def __post_init__(self) -> None:
-        z = np.asarray(self.z)
-        view = np.asarray(self.view)
-        if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
-            raise AvatarqError(f"latent z must be [T, Z] with T, Z > 0, got {list(z.shape)}")
-        t = z.shape[0]
-        if view.shape != (t, 3):
-            raise AvatarqError(f"latent view must be [T, 3] = [{t}, 3], got {list(view.shape)}")
-        for name, a in (("z", z), ("view", view)):
-            if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-                raise AvatarqError(f"latent {name} must be real numbers, got dtype {a.dtype}")
-            if not np.isfinite(a).all():
-                raise AvatarqError(f"latent {name} holds NaN or infinite values")
-        object.__setattr__(self, "z", np.ascontiguousarray(z, dtype=np.float32))
-        object.__setattr__(self, "view", np.ascontiguousarray(view, dtype=np.float32))
-        for name in _LABELS:
-            a = getattr(self, name)
-            if a is None:
-                continue
-            a = np.asarray(a)
-            if a.shape != (t,):
-                raise AvatarqError(f"latent {name} must be [T] = [{t}], got {list(a.shape)}")
-            object.__setattr__(self, name, a.astype(str))
 
-    def __len__(self) -> int:
-        return int(self.z.shape[0])
-
-    @property
-    def z_dim(self) -> int:
-        return int(self.z.shape[1])
-
-    def save(self, path: str | Path) -> Path:
-        """Write the .npz (uncompressed; numpy appends .npz when missing). Returns the path."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
-        arrays = {"z": self.z, "view": self.view}
-        arrays.update({n: getattr(self, n) for n in _LABELS if getattr(self, n) is not None})
-        np.savez(path, **arrays)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> LatentSequence:
-        """Read a .npz written by `save` (or by hand with the same keys)."""
-        path = Path(path)
-        if not path.is_file():
-            raise AvatarqError(f"latent-sequence file not found: {path}")
-        try:
-            data = np.load(path, allow_pickle=False)
-            if isinstance(data, np.ndarray):
-                raise AvatarqError(f"{path} is a single .npy array, not a latent-sequence .npz")
-            with data:
-                missing = [k for k in ("z", "view") if k not in data.files]
-                if missing:
-                    raise AvatarqError(
-                        f"{path} is missing {', '.join(missing)} (a latent sequence holds "
-                        "z [T, Z] and view [T, 3], optionally camera, frame, segment [T])"
-                    )
-                arrays = {k: data[k] for k in ("z", "view", *_LABELS) if k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise AvatarqError(f"{path} is not a readable latent-sequence .npz ({exc})") from None
-        try:
-            return cls(**arrays)
-        except AvatarqError as exc:
-            raise AvatarqError(f"{path}: {exc}") from None
+def load_inputs(path: str | Path, source: str | None = None) -> DecoderInputs:
+    """Read a latent .npz (see the module docstring) into `DecoderInputs`."""
+    path = Path(path)
+    if not path.exists():
+        raise AvatarqError(f"latent file not found: {path}")
+    if not path.is_file():
+        raise AvatarqError(f"{path} is not a file (expected a latent .npz)")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            raise AvatarqError(f"{path} is a single .npy array, not a latent .npz")
+        with data:
+            arrays = {k: data[k] for k in data.files if k not in LABELS}
+            labels = {k: data[k] for k in LABELS if k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AvatarqError(f"{path} is not a readable latent .npz ({first})") from None
+    if "z" in arrays and "view" not in arrays or "view" in arrays and "z" not in arrays:
+        missing = "view" if "z" in arrays else "z"
+        raise AvatarqError(
+            f"{path} is missing {missing} (a latent file holds z [T, Z] and view [T, 3], "
+            "optionally segment, frame, camera [T])"
+        )
+    if not arrays:
+        raise AvatarqError(f"{path} holds no input arrays (expected z [T, Z] and view [T, 3])")
+    first = next(iter(arrays.values()))
+    if first.ndim < 1 or first.shape[0] == 0:
+        raise AvatarqError(f"{path}: input arrays must be [T, ...] with T > 0")
+    try:
+        n = int(first.shape[0])
+        ids = []
+        for name, values in labels.items():
+            if values.shape != (n,):
+                raise AvatarqError(f"label {name} must be [T] = [{n}], got {list(values.shape)}")
+        for t in range(n):
+            ids.append(
+                tuple(
+                    str(labels[name][t]) if name in labels else ("" if name != "frame" else str(t))
+                    for name in LABELS
+                )
+            )
+        return DecoderInputs(
+            arrays,
+            tuple(ids),
+            clips=(tuple(range(n)),) if n >= 2 else (),
+            source=source or f"latent file {path.name} ({n} steps)",
+        )
+    except AvatarqError as exc:
+        raise AvatarqError(f"{path}: {exc}") from None

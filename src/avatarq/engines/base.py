@@ -22,20 +22,21 @@ from __future__ import annotations
 import abc
 import collections
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.hashing import file_sha256
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import ENGINES_DIR, Bundle, EngineRecord, TensorSpec
-from avatarq.models.checkpoint import file_sha256
+from avatarq.export.manifest import BuildOptions
 
-OPTIONS_VERSION = 1
+OPTIONS_VERSION = 1  # RunOptions
 TIMINGS_KEPT = 4096
-Progress = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- options
@@ -44,76 +45,6 @@ Progress = Callable[[str], None]
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise AvatarqError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How an engine is built (recorded in the manifest, so a build can be repeated).
-
-    Attributes:
-        min_batch, opt_batch, max_batch: the optimization profile of the batch dimension
-            (TensorRT); the runner preallocates for max_batch.
-        optimization_level: TensorRT builder optimization level, 0 (fastest build) .. 5.
-        compute_capabilities: TensorRT-RTX targets such as ``("sm86", "sm89")``; empty =
-            the library's default (portable to Ampere and later: 8.0, 8.6, 8.9, 12.x).
-        timing_cache: keep a TensorRT timing cache beside the engine and reuse it.
-        ort_rewrite: ONNX Runtime: rewrite ConvTranspose layers into phase convolutions
-            (`avatarq.export.rewrite_ort`), the INT8 CPU path for Q/DQ graphs.
-        calibration_latents: ONNX Runtime: a latent-sequence .npz whose steps are the inputs
-            of the build's check of the rewritten graph against model.onnx (None: seeded
-            N(0, 1) latents). The rewrite itself uses only the graph's own scales.
-        version: schema version.
-    """
-
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 8
-    optimization_level: int = 3
-    compute_capabilities: tuple[str, ...] = ()
-    timing_cache: bool = True
-    ort_rewrite: bool = True
-    calibration_latents: str | None = None
-    version: int = OPTIONS_VERSION
-
-    def __post_init__(self) -> None:
-        if self.calibration_latents is not None:
-            object.__setattr__(self, "calibration_latents", str(self.calibration_latents))
-        if self.version != OPTIONS_VERSION:
-            raise AvatarqError(
-                f"build options version {self.version!r} is not supported (expected {OPTIONS_VERSION})"
-            )
-        for name in ("min_batch", "opt_batch", "max_batch"):
-            _positive_int(name, getattr(self, name))
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise AvatarqError(
-                f"batch profile must satisfy min <= opt <= max, got {self.min_batch}, "
-                f"{self.opt_batch}, {self.max_batch}"
-            )
-        _positive_int("optimization_level", self.optimization_level, 0)
-        if self.optimization_level > 5:
-            raise AvatarqError(f"optimization_level must be 0..5, got {self.optimization_level}")
-        caps = tuple(str(c).lower() for c in self.compute_capabilities)
-        bad = [c for c in caps if not (c.startswith("sm") and c[2:].isdigit())]
-        if bad:
-            raise AvatarqError(
-                f"compute capabilities are written like sm86 or sm120, got {', '.join(bad)}"
-            )
-        object.__setattr__(self, "compute_capabilities", caps)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["compute_capabilities"] = list(self.compute_capabilities)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BuildOptions:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AvatarqError(f"unknown build option(s) {unknown}")
-        data = dict(data)
-        if "compute_capabilities" in data:
-            data["compute_capabilities"] = tuple(data["compute_capabilities"])
-        return cls(**data)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -268,6 +199,12 @@ class Runner(abc.ABC):
         out = self.infer({"z": z, "view": view})
         return out["texture"], out["vertices"]
 
+    def run(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """`infer` with the outputs as a tuple in the manifest's output order (the
+        `avatarq.measure.Decoder` protocol the comparator runs)."""
+        out = self.infer(feeds)
+        return tuple(out[spec.name] for spec in self.outputs)
+
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``feed`` ({input name: array}); returns {output name: array view}."""
         if not self.is_active:
@@ -386,14 +323,6 @@ class Builder(abc.ABC):
         return bundle.root / ENGINES_DIR / f"{self.backend}-{self.target()}{suffix}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def engine_records(bundle: Bundle, backend: str) -> list[EngineRecord]:
     return [e for e in bundle.manifest.engines if e.backend == backend]
 
@@ -406,8 +335,7 @@ def checked_engine_file(bundle: Bundle, record: EngineRecord) -> Path:
         raise AvatarqError(
             f"engine file {record.path} listed in {bundle.root} is missing; {rebuild}"
         )
-    expected = record.settings.get("sha256")
-    if expected and file_sha256(path) != expected:
+    if file_sha256(path) != record.sha256:
         raise AvatarqError(
             f"engine file {record.path} in {bundle.root} is corrupt (its sha256 differs from "
             f"the manifest's); {rebuild}"

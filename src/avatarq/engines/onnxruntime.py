@@ -13,100 +13,40 @@ model.onnx.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
+from avatarq.core.files import atomic_path
+from avatarq.core.hashing import file_sha256
+from avatarq.core.inputs import DecoderInputs
+from avatarq.core.ort import make_session, resolve_device
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,
     engine_records,
-    file_sha256,
 )
+from avatarq.engines.compare import bundle_peak
 from avatarq.errors import AvatarqError
-from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
+from avatarq.export.bundle import Bundle, TensorSpec
+from avatarq.export.manifest import (
+    LayerRewriteRecord,
+    OnnxRuntimeEngineRecord,
+    OrtRewriteRecord,
+)
+from avatarq.measure import Comparison, Tolerances, compare
 
 BACKEND = "onnxruntime"
 DEFAULT_MAX_BATCH = 8
 CHECK_SAMPLES = 4  # seeded latents the build check decodes
 CHECK_STEPS = 16  # evenly spaced steps of BuildOptions.calibration_latents it decodes instead
-
-
-def session_options(threads: int = 0, profile_prefix: str | None = None, spin_wait: bool = False):
-    """ORT SessionOptions: all graph optimizations, ``threads`` intra-op threads (0: ORT's
-    default), sequential execution, warnings silenced; profiling when a prefix is given.
-
-    ``spin_wait=False`` stops idle intra-op threads from spinning between operators. Spinning
-    saves a little latency on a dedicated CPU but is ruinous on a shared one: measured on a
-    loaded 2-vCPU machine, the full-size DAM decoder took 184 ms with spinning, 86 ms without.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = threads
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return options
-
-
-def providers_for(device: str) -> list[str]:
-    """ORT providers for ``cpu`` or ``cuda`` (CUDA first, CPU as fallback for CPU-only ops)."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise AvatarqError(
-            "device cuda needs onnxruntime-gpu (this onnxruntime has only "
-            f"{', '.join(ort.get_available_providers())}); use --device cpu"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def _device(device: str) -> str:
-    """``auto`` -> ``cuda`` when this onnxruntime has the CUDA provider, else ``cpu``."""
-    if device != "auto":
-        return device
-    import onnxruntime as ort
-
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-def make_session(
-    model: str | Path | bytes,
-    device: str = "cpu",
-    threads: int = 0,
-    options=None,
-    spin_wait: bool = False,
-):
-    """An InferenceSession; a graph ORT cannot load is an AvatarqError with ORT's first line."""
-    import onnxruntime as ort
-
-    options = options if options is not None else session_options(threads, spin_wait=spin_wait)
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, options, providers=providers_for(device))
-    except AvatarqError:
-        raise
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        label = "the graph" if isinstance(model, bytes) else str(model)
-        raise AvatarqError(f"ONNX Runtime cannot load {label}: {first}") from None
 
 
 class OnnxRuntimeRunner(Runner):
@@ -118,7 +58,7 @@ class OnnxRuntimeRunner(Runner):
         max_batch: largest batch (output buffers hold this many).
         device: ``cpu`` or ``cuda`` (CUDA provider; outputs still land in host buffers).
         threads: intra-op threads (0: ORT's default).
-        spin_wait: let idle intra-op threads spin (see `session_options`).
+        spin_wait: let idle intra-op threads spin (see `avatarq.core.ort.session_options`).
     """
 
     backend = BACKEND
@@ -161,7 +101,7 @@ class OnnxRuntimeRunner(Runner):
             bundle.manifest.inputs,
             bundle.manifest.outputs,
             options.max_batch or DEFAULT_MAX_BATCH,
-            _device(options.device),
+            resolve_device(options.device),
             options.threads,
             options.spin_wait,
         )
@@ -215,7 +155,12 @@ class OnnxModelRunner(OnnxRuntimeRunner):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> OnnxRuntimeRunner:
-        return cls._for(bundle, bundle.model_path, options)
+        return cls._for(bundle, bundle.checked_model_path(), options)
+
+    @classmethod
+    def for_graph(cls, bundle: Bundle, path: Path, options: RunOptions = RunOptions()):
+        """Another graph with the bundle's I/O (its FP32 reference graph) under ONNX Runtime."""
+        return cls._for(bundle, path, options)
 
 
 class OnnxRuntimeBuilder(Builder):
@@ -238,7 +183,7 @@ class OnnxRuntimeBuilder(Builder):
 
         say = progress or (lambda _m: None)
         start = time.perf_counter()
-        model = onnx.load(str(bundle.model_path))
+        model = onnx.load(str(bundle.checked_model_path()))
         config = OrtRewriteConfig()
         # The rewrite needs no data (it adds no scale); these inputs only feed the check.
         latents = self.options.calibration_latents
@@ -248,45 +193,49 @@ class OnnxRuntimeBuilder(Builder):
         else:
             feeds = default_calibration_feeds(model, CHECK_SAMPLES, seed=0)
             inputs = f"{CHECK_SAMPLES} seeded N(0, 1) latents"
-        settings: dict[str, Any] = {**self.options.to_dict(), "rewrite": None}
+        rewrite = None
         if self.options.ort_rewrite:
             say("rewriting ConvTranspose layers into phase convolutions")
             result = rewrite_for_ort(model, config)
             model = result.model
-            settings["rewrite"] = {"config": config.to_json(), **result.to_dict()}
-        path = self.engine_path(bundle, ".onnx")
-        partial = path.with_name(path.name + ".partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_onnx(model, partial)
-        try:
-            say("checking the engine against model.onnx")
-            settings["check"] = check_against(
-                bundle.model_path, partial, feeds, len(next(iter(feeds.values()))), _peak(bundle)
+            rewrite = OrtRewriteRecord(
+                config=config.to_json(),
+                layers=[LayerRewriteRecord(**asdict(layer)) for layer in result.layers],
+                folded_weight_dq=result.folded_weight_dq,
             )
-            settings["check"]["inputs"] = inputs
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.replace(path)
+        path = self.engine_path(bundle, ".onnx")
+        with atomic_path(path) as partial:
+            save_onnx(model, partial)
+            say("checking the engine against model.onnx")
+            from avatarq.export.validate import validation_record
+
+            check = check_against(
+                bundle.model_path,
+                partial,
+                feeds,
+                len(next(iter(feeds.values()))),
+                bundle_peak(bundle),
+            )
         seconds = time.perf_counter() - start
-        settings["sha256"] = file_sha256(path)
-        settings["size_bytes"] = path.stat().st_size
-        record = EngineRecord(
-            backend=BACKEND,
+        record = OnnxRuntimeEngineRecord(
             path=str(path.relative_to(bundle.root)),
             library_version=ort.__version__,
             target=self.target(),
-            settings=settings,
+            sha256=file_sha256(path),
+            size_bytes=path.stat().st_size,
             build_seconds=round(seconds, 3),
+            options=self.options,
+            check=validation_record(check, inputs),
+            rewrite=rewrite,
         )
         return BuildResult(record, [path])
 
 
 def latent_feeds(path: str | Path, bundle: Bundle, n: int) -> dict[str, np.ndarray]:
     """Up to ``n`` evenly spaced steps of a latent-sequence .npz as graph inputs."""
-    from avatarq.data.latents import LatentSequence
+    from avatarq.data.latents import load_inputs
 
-    seq = LatentSequence.load(path)
+    seq = load_inputs(path)
     if seq.z_dim != bundle.manifest.z_dim:
         raise AvatarqError(
             f"latent sequence {path} has z of size {seq.z_dim}; the bundle's decoder takes "
@@ -296,47 +245,27 @@ def latent_feeds(path: str | Path, bundle: Bundle, n: int) -> dict[str, np.ndarr
     return {"z": seq.z[steps], "view": seq.view[steps]}
 
 
-def _peak(bundle: Bundle) -> float | None:
-    """255 for a bundle with de-normalization folded in (0..255 texels), else None."""
-    return 255.0 if bundle.manifest.normalization.get("folded") else None
-
-
 def check_against(
     reference: Path,
     candidate: Path,
     feeds: dict[str, np.ndarray],
     n: int,
     peak: float | None,
-) -> dict[str, Any]:
-    """Texture/vertex errors of ``candidate`` vs ``reference`` (ORT CPU) on ``n`` samples.
+    tolerances: Tolerances | None = None,
+) -> Comparison:
+    """``candidate`` vs ``reference`` (both ONNX Runtime CPU) on the first ``n`` inputs of
+    ``feeds`` (`avatarq.measure.compare`; peak None: the reference's first-frame range)."""
+    from avatarq.export.validate import DAM_OUTPUTS, SessionDecoder
 
-    PSNR uses ``peak`` (None: the reference texture's peak-to-peak range).
-    """
-    ref = make_session(reference)
-    cand = make_session(candidate)
-    sq = count = 0.0
-    tex_max = vert_max = 0.0
-    lo, hi = math.inf, -math.inf
-    for i in range(min(n, next(iter(feeds.values())).shape[0])):
-        feed = {k: v[i : i + 1] for k, v in feeds.items()}
-        (rt, rv), (ct, cv) = (
-            ref.run(["texture", "vertices"], feed),
-            cand.run(["texture", "vertices"], feed),
-        )
-        diff = ct.astype(np.float64) - rt
-        sq += float(np.sum(diff * diff))
-        count += diff.size
-        tex_max = max(tex_max, float(np.abs(diff).max()))
-        vert_max = max(vert_max, float(np.abs(cv.astype(np.float64) - rv).max()))
-        lo, hi = min(lo, float(rt.min())), max(hi, float(rt.max()))
-    scale = peak if peak is not None else hi - lo
-    mse = sq / count
-    psnr = math.inf if mse == 0 else 10 * math.log10(scale * scale / mse)
-    return {
-        "reference": "model.onnx (ONNX Runtime CPU)",
-        "samples": int(min(n, next(iter(feeds.values())).shape[0])),
-        "texture_max_abs_error": tex_max,
-        "texture_psnr_db": "inf" if math.isinf(psnr) else round(psnr, 2),
-        "vertices_max_abs_error": vert_max,
-        "peak": scale,
-    }
+    count = min(n, len(next(iter(feeds.values()))))
+    inputs = DecoderInputs({k: v[:count] for k, v in feeds.items()})
+    return compare(
+        SessionDecoder("model.onnx (ONNX Runtime CPU)", reference),
+        SessionDecoder("engine", candidate),
+        inputs,
+        tolerances,
+        output_names=DAM_OUTPUTS,
+        peak=peak,
+        compute_ssim=False,
+        min_frames=2,
+    )

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
-from avatarq.engines.onnxruntime import make_session, session_options
+from avatarq.core.ort import make_session, session_options
 from avatarq.errors import AvatarqError
+from avatarq.measure.latency import LatencyStats
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def alternating_latency(
         feeds: the inputs of one inference ({name: array}), the same for every graph.
         threads: ONNX Runtime intra-op threads.
         iters, warmup: timed and untimed inferences per graph.
-        spin_wait: let idle ORT threads spin (see `avatarq.engines.onnxruntime.session_options`).
+        spin_wait: let idle ORT threads spin (see `avatarq.core.ort.session_options`).
 
     Returns:
         {label: LatencyStats} (milliseconds, batch = the feeds' leading dimension).

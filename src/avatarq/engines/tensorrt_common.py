@@ -35,19 +35,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.files import atomic_write_bytes
+from avatarq.core.hashing import file_sha256
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,
     engine_records,
-    file_sha256,
-    write_atomic,
 )
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
+from avatarq.export.manifest import TensorRTEngineRecord
 
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
 
@@ -207,7 +208,7 @@ class TensorRTBuilderBase(Builder):
         network = strongly_typed_network(trt, builder)
         parser = trt.OnnxParser(network, logger)
         say(f"parsing {bundle.model_path.name}")
-        if not parser.parse_from_file(str(bundle.model_path)):
+        if not parser.parse_from_file(str(bundle.checked_model_path())):
             raise AvatarqError(parser_errors(parser, self.display, bundle.model_path))
         io = network_io(network)
         check_io(io, bundle.manifest.inputs, bundle.manifest.outputs)
@@ -237,36 +238,33 @@ class TensorRTBuilderBase(Builder):
         if serialized is None:
             raise AvatarqError(f"{self.display} could not build an engine: {logger.last_error()}")
         data = bytes(serialized)
-        write_atomic(engine_path, data)
+        atomic_write_bytes(engine_path, data)
         files = [engine_path]
         if cache is not None:
-            write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+            atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
             files.append(cache_path)
         layers_path = engine_path.with_name(engine_path.name + ".layers.json")
-        write_atomic(layers_path, json.dumps(network_layers(network), indent=1).encode())
+        atomic_write_bytes(layers_path, json.dumps(network_layers(network), indent=1).encode())
         files.append(layers_path)
         inspector_path = self._inspect(trt, data, engine_path)
         if inspector_path is not None:
             files.append(inspector_path)
 
         rel = lambda p: str(p.relative_to(bundle.root)) if p is not None else None  # noqa: E731
-        settings = {
-            **options.to_dict(),
-            "sha256": file_sha256(engine_path),
-            "size_bytes": len(data),
-            "io": io,
-            "strongly_typed": True,
-            "timing_cache": rel(cache_path) if cache is not None else None,
-            "layers": rel(layers_path),
-            "inspector": rel(inspector_path),
-        }
-        record = EngineRecord(
+        record = TensorRTEngineRecord(
             backend=self.backend,
             path=rel(engine_path),
             library_version=trt.__version__,
             target=target,
-            settings=settings,
+            sha256=file_sha256(engine_path),
+            size_bytes=len(data),
             build_seconds=round(seconds, 3),
+            options=options,
+            io=io,
+            strongly_typed=True,
+            timing_cache=rel(cache_path) if cache is not None else None,
+            layers=rel(layers_path),
+            inspector=rel(inspector_path),
         )
         return BuildResult(record, files)
 
@@ -282,7 +280,7 @@ class TensorRTBuilderBase(Builder):
         inspector = engine.create_engine_inspector()
         info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
         path = engine_path.with_name(engine_path.name + ".inspector.json")
-        write_atomic(path, str(info).encode())
+        atomic_write_bytes(path, str(info).encode())
         return path
 
 
@@ -384,12 +382,12 @@ class TensorRTRunnerBase(Runner):
                 f"{cls.display} engines run on a CUDA GPU; use --device cuda or auto"
             )
         path = checked_engine_file(bundle, record)
-        profile_max = int(record.settings.get("max_batch", 1))
+        profile_max = record.options.max_batch
         max_batch = options.max_batch or profile_max
         if max_batch > profile_max:
             raise AvatarqError(
                 f"max_batch {max_batch} exceeds the engine's profile (built for batch "
-                f"{record.settings.get('min_batch', 1)}..{profile_max}); rebuild with --max-batch"
+                f"{record.options.min_batch}..{profile_max}); rebuild with --max-batch"
             )
         runner = cls(
             path,
@@ -399,7 +397,7 @@ class TensorRTRunnerBase(Runner):
             max_batch,
             options.cuda_graph,
         )
-        runner.min_batch = int(record.settings.get("min_batch", 1))
+        runner.min_batch = record.options.min_batch
         return runner
 
     # -- lifecycle

@@ -100,9 +100,9 @@ class TensorRTRTXRunner(TensorRTRunnerBase):
         cache = getattr(self, "_runtime_cache", None)
         try:
             if cache is not None:
-                from avatarq.engines.base import write_atomic
+                from avatarq.core.files import atomic_write_bytes
 
-                write_atomic(self.runtime_cache_path, bytes(cache.serialize()))
+                atomic_write_bytes(self.runtime_cache_path, bytes(cache.serialize()))
         except OSError:
             pass  # a read-only bundle just recompiles next time
         finally:

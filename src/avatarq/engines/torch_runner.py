@@ -1,9 +1,9 @@
 """The PyTorch decoder as a runner: the reference for comparisons and for GPU timing.
 
-A bundle does not hold its checkpoint, so the torch runner is given the checkpoint path
-(and, when the bundle folds the de-normalization in, the capture root); the checkpoint's
-sha256 must equal the one the manifest recorded, so the reference is the model the bundle
-came from.
+A bundle does not hold its checkpoint, so the torch runner is given the checkpoint path;
+its sha256 must equal the one the manifest recorded, so the reference is the model the
+bundle came from. The de-normalization a bundle folds in comes from the bundle's own
+normalization arrays.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class TorchRunner(Runner):
     Args:
         checkpoint: a Multiface-format DAM checkpoint.
         inputs, outputs: tensor specs (None: derived from the checkpoint's config).
-        capture: capture root; folds the de-normalization in (texture in 0..255 units).
+        capture: capture root; folds its de-normalization in (texture in 0..255 units).
+        normalization: the de-normalization to fold in instead of a capture's
+            (`avatarq.models.Normalization`).
         camera: fold this camera's colour correction in.
         fp16: run the decoder in float16; inputs and outputs stay float32.
         device: ``cpu`` or ``cuda``.
@@ -42,6 +44,7 @@ class TorchRunner(Runner):
         outputs: list[TensorSpec] | None = None,
         capture: str | Path | None = None,
         camera: int | None = None,
+        normalization=None,  # noqa: ANN001 - avatarq.models.Normalization
         fp16: bool = False,
         device: str = "cpu",
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -49,6 +52,7 @@ class TorchRunner(Runner):
     ) -> None:
         self.checkpoint = Path(checkpoint)
         self.capture = None if capture is None else Path(capture)
+        self.normalization = normalization
         self.camera = camera
         self.fp16 = fp16
         self.device = device
@@ -66,7 +70,7 @@ class TorchRunner(Runner):
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> TorchRunner:
         """The checkpoint a bundle was exported from (``options.checkpoint``, verified)."""
-        from avatarq.models.checkpoint import file_sha256
+        from avatarq.core.hashing import file_sha256
 
         m = bundle.manifest
         if options.checkpoint is None:
@@ -82,17 +86,27 @@ class TorchRunner(Runner):
                 f"checkpoint {checkpoint} is not the one {bundle.root} was exported from "
                 f"(sha256 differs from the manifest's {m.source_checkpoint_sha256[:12]}...)"
             )
-        folded = bool(m.normalization.get("folded"))
-        if folded and options.capture is None:
-            raise AvatarqError(
-                f"{bundle.root} has the capture's de-normalization folded in; pass the "
-                "capture root as well (--capture CAPTURE)"
+        normalization = None
+        if m.normalization.folded:
+            from avatarq.models import Normalization
+
+            arrays = bundle.normalization_arrays()
+            if arrays is None:
+                raise AvatarqError(
+                    f"{bundle.root} folds a de-normalization in but holds no normalization "
+                    "arrays; re-export it with this avatarq"
+                )
+            normalization = Normalization(
+                arrays["tex_mean"],
+                float(arrays["tex_std"]),
+                arrays["vert_mean"],
+                float(arrays["vert_std"]),
             )
         return cls(
             checkpoint,
             m.inputs,
             m.outputs,
-            capture=options.capture if folded else None,
+            normalization=normalization,
             camera=m.camera,
             fp16=options.fp16,
             device=options.resolved_device(),
@@ -109,7 +123,7 @@ class TorchRunner(Runner):
                 "device cuda requested but torch sees no CUDA device; use --device cpu"
             )
         model = load_checkpoint(self.checkpoint)
-        normalization = None
+        normalization = self.normalization
         if self.capture is not None:
             from avatarq.data.capture import MultifaceCapture
             from avatarq.data.encode import capture_normalization

@@ -1,8 +1,9 @@
 """Export: trace the deployable decoder to ONNX, write and validate the bundle."""
 
 from avatarq.export.bundle import Bundle, Manifest, open_bundle
-from avatarq.export.exporter import ExportOptions, ExportResult, export_bundle
+from avatarq.export.exporter import ExportResult, export_bundle
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes
+from avatarq.export.options import ExportOptions
 
 __all__ = [
     "Bundle",

@@ -3,106 +3,72 @@
 Layout (see docs/bundle.md)::
 
     dam.avq/
-      model.onnx        the decoder with its precision plan
-      manifest.json     schema, I/O, normalization, precision per layer, hashes, engines
-      topology.npz      vert_ids, uv_ids, uvs (what the render stage needs), when known
-      calib.json, ...   the calibration artifact, when quantized
-      engines/          serialized engines, named by backend and target
+      model.onnx           the decoder with its precision plan
+      manifest.json        typed, versioned (`avatarq.export.manifest.Manifest`)
+      normalization.npz    tex_mean, tex_std, vert_mean, vert_std, whenever known
+      topology.npz         vert_ids, uv_ids, uvs (what the render stage needs), when known
+      reference/model.onnx the FP32 graph non-FP32 bundles are judged against
+      calib/               the calibration artifact, when quantized
+      engines/             serialized engines, named by backend and target
+
+Opening a bundle validates the manifest and checks that every path it names stays inside
+the bundle (no absolute paths, no ``..``, no symbolic links). The graph's sha256 is checked
+against the manifest before anything is built from it (`Bundle.checked_model_path`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
+
+from avatarq.core.documents import dump_document, load_versioned_document
+from avatarq.core.files import StagedDirectory, atomic_write_text, inside
+from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
-from avatarq.jsonfile import read_json_object
+from avatarq.export.manifest import (
+    SCHEMA_VERSION,
+    Manifest,
+    OnnxRuntimeEngineRecord,
+    TensorRTEngineRecord,
+    TensorSpec,
+    engine_files,
+)
 
-SCHEMA_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TOPOLOGY_FILE = "topology.npz"
+NORMALIZATION_FILE = "normalization.npz"
+REFERENCE_FILE = "reference/model.onnx"
 ENGINES_DIR = "engines"
+EngineRecord = OnnxRuntimeEngineRecord | TensorRTEngineRecord
+
+__all__ = [
+    "ENGINES_DIR",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "NORMALIZATION_FILE",
+    "REFERENCE_FILE",
+    "TOPOLOGY_FILE",
+    "Bundle",
+    "BundleWriter",
+    "EngineRecord",
+    "Manifest",
+    "TensorSpec",
+    "is_bundle",
+    "open_bundle",
+]
 
 
 @dataclass
-class TensorSpec:
-    """One graph input or output: name, dtype, shape (``"batch"`` for the dynamic dim), meaning."""
-
-    name: str
-    dtype: str
-    shape: list[int | str]
-    meaning: str
-
-
-@dataclass
-class EngineRecord:
-    """An engine file built from model.onnx (path relative to the bundle)."""
-
-    backend: str
-    path: str
-    library_version: str
-    target: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    build_seconds: float = 0.0
-
-
-@dataclass
-class Manifest:
-    """What a runtime in any language needs to know about a bundle."""
-
-    arch: str
-    z_dim: int
-    tex_size: int
-    n_vertices: int
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    precision: str
-    layer_precision: dict[str, str]
-    normalization: dict[str, Any]
-    source_checkpoint_sha256: str
-    versions: dict[str, str]
-    calib_sha256: str | None = None
-    camera: int | None = None
-    validation: dict[str, Any] = field(default_factory=dict)
-    engines: list[EngineRecord] = field(default_factory=list)
-    # what the graph stores: {layer: LayerStorage fields} and bytes by role ("model.onnx",
-    # "initializers", "layer_weights", "texel_biases", "other", "fp32_initializers")
-    layer_storage: dict[str, dict[str, Any]] = field(default_factory=dict)
-    size_bytes: dict[str, int] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise AvatarqError(
-                f"bundle manifest schema_version is {version!r}; this avatarq reads {SCHEMA_VERSION}"
-            )
-        try:
-            data = dict(data)
-            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
-            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
-            data["engines"] = [EngineRecord(**e) for e in data.get("engines", [])]
-            return cls(**data)
-        except (KeyError, TypeError) as exc:
-            raise AvatarqError(f"bundle manifest is malformed ({exc})") from None
-
-
-@dataclass(frozen=True)
 class Bundle:
     """An opened bundle directory (read side)."""
 
     root: Path
     manifest: Manifest
+    _model_checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def model_path(self) -> Path:
@@ -112,8 +78,38 @@ class Bundle:
     def topology_path(self) -> Path:
         return self.root / TOPOLOGY_FILE
 
-    def topology(self):  # -> avatarq.render.topology.Topology
-        from avatarq.render.topology import Topology
+    @property
+    def is_quantized(self) -> bool:
+        return self.manifest.precision in ("int8", "mixed")
+
+    def checked_model_path(self) -> Path:
+        """model.onnx, after checking its sha256 against the manifest (once per Bundle)."""
+        if not self._model_checked:
+            if file_sha256(self.model_path) != self.manifest.model_sha256:
+                raise AvatarqError(
+                    f"{self.model_path} is not the graph this bundle's manifest describes (its "
+                    "sha256 differs); re-export the bundle"
+                )
+            self._model_checked = True
+        return self.model_path
+
+    def reference_path(self) -> Path | None:
+        """The FP32 reference graph (sha256-checked): model.onnx itself for an FP32 bundle,
+        ``reference/model.onnx`` for others, None when the bundle was exported without it."""
+        if self.manifest.precision == "fp32":
+            return self.checked_model_path()
+        ref = self.manifest.reference
+        if ref is None:
+            return None
+        path = inside(self.root, ref.path, "reference graph")
+        if not path.is_file():
+            raise AvatarqError(f"bundle {self.root} lists {ref.path} but the file is missing")
+        if file_sha256(path) != ref.sha256:
+            raise AvatarqError(f"{path} is not the reference graph the manifest pins (sha256)")
+        return path
+
+    def topology(self):  # -> avatarq.core.topology.Topology
+        from avatarq.core.topology import Topology
 
         if not self.topology_path.is_file():
             raise AvatarqError(
@@ -121,9 +117,39 @@ class Bundle:
             )
         return Topology.load(self.topology_path)
 
+    def normalization_arrays(self) -> dict[str, np.ndarray] | None:
+        """tex_mean float32 [3, T, T], tex_std, vert_mean float32 [V * 3], vert_std, or None."""
+        name = self.manifest.normalization.arrays
+        if name is None:
+            return None
+        path = inside(self.root, name, "normalization")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in ("tex_mean", "tex_std", "vert_mean", "vert_std")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise AvatarqError(f"{path} is not a readable normalization file ({exc})") from None
+        for key, value in arrays.items():
+            if not np.isfinite(value).all():
+                raise AvatarqError(f"{path}: {key} holds NaN or infinite values")
+        return arrays
+
     def save_manifest(self) -> None:
         """Rewrite manifest.json atomically (used when engines are added)."""
-        _atomic_write_text(self.root / MANIFEST_FILE, self.manifest.to_json())
+        atomic_write_text(self.root / MANIFEST_FILE, dump_document(self.manifest))
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding an avatarq bundle manifest (what avatarq may
+    replace with ``--force``); any other folder is never deleted."""
+    manifest = Path(path) / MANIFEST_FILE
+    if not manifest.is_file() or manifest.stat().st_size > 64 << 20:
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    keys = {"schema_version", "arch", "inputs", "outputs", "layer_precision"}
+    return isinstance(data, dict) and keys <= set(data)
 
 
 def open_bundle(path: str | Path) -> Bundle:
@@ -138,53 +164,63 @@ def open_bundle(path: str | Path) -> Bundle:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise AvatarqError(f"{root} is not a bundle: {MANIFEST_FILE} is missing")
-    manifest = Manifest.from_dict(read_json_object(manifest_path))
+    manifest = load_versioned_document(
+        manifest_path,
+        Manifest,
+        SCHEMA_VERSION,
+        f"bundle manifest {manifest_path}",
+        "re-export the bundle with this avatarq",
+    )
     if not (root / MODEL_FILE).is_file():
         raise AvatarqError(f"bundle {root} has no {MODEL_FILE}")
+    for record in manifest.engines:
+        for name in engine_files(record):
+            inside(root, name, f"engine file of {record.backend}")
+    if manifest.reference is not None:
+        inside(root, manifest.reference.path, "reference graph")
+    if manifest.normalization.arrays is not None:
+        inside(root, manifest.normalization.arrays, "normalization")
     return Bundle(root, manifest)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class BundleWriter:
-    """Builds a bundle in a temporary sibling directory and moves it into place on commit,
-    so a failed export never leaves a half-written bundle behind."""
+    """Builds a bundle in a staging sibling folder and moves it into place on commit, so a
+    failed export never leaves a half-written bundle behind.
 
-    def __init__(self, out: str | Path, overwrite: bool = True) -> None:
+    An existing ``out`` is replaced only when it is an avatarq bundle and ``force`` is set;
+    any other existing path is refused (avatarq never deletes what it did not write).
+    """
+
+    def __init__(self, out: str | Path, force: bool = False) -> None:
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise AvatarqError(f"{self.out} exists; pass --force to overwrite")
-        if (
-            self.out.exists()
-            and not (self.out / MANIFEST_FILE).exists()
-            and any(self.out.iterdir())
-        ):
-            raise AvatarqError(f"{self.out} exists and is not a bundle; refusing to overwrite it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        if self.out.exists() or self.out.is_symlink():
+            if self.out.is_symlink() or not self.out.is_dir():
+                raise AvatarqError(
+                    f"{self.out} exists and is not a bundle folder; choose another output"
+                )
+            if not is_bundle(self.out):
+                if any(self.out.iterdir()):
+                    raise AvatarqError(
+                        f"{self.out} exists and is not an avatarq bundle; refusing to replace it"
+                    )
+            elif not force:
+                raise AvatarqError(f"{self.out} exists; pass --force to replace that bundle")
+        self.stage = StagedDirectory(self.out, replace=True)
 
     def path(self, name: str) -> Path:
-        target = self.staging / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        return self.stage.file(name)
 
     def commit(self, manifest: Manifest) -> Bundle:
-        _atomic_write_text(self.staging / MANIFEST_FILE, manifest.to_json())
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.staging, self.out)
+        atomic_write_text(self.stage.path / MANIFEST_FILE, dump_document(manifest))
+        self.stage.commit()
         return Bundle(self.out, manifest)
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.stage.abort()
 
     def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self.staging.exists():
+        if not self.stage.committed:
             self.abort()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,31 @@ import onnx
 import torch
 
 from avatarq import __version__
+from avatarq.core.hashing import file_sha256
+from avatarq.core.inputs import DecoderInputs
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
-from avatarq.export.bundle import Bundle, BundleWriter, Manifest, TensorSpec
+from avatarq.export.bundle import (
+    MODEL_FILE,
+    NORMALIZATION_FILE,
+    REFERENCE_FILE,
+    TOPOLOGY_FILE,
+    Bundle,
+    BundleWriter,
+)
+from avatarq.export.manifest import (
+    Manifest,
+    NormalizationRecord,
+    ReferenceRecord,
+    TensorSpec,
+    ValidationRecord,
+)
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
+from avatarq.export.options import ExportOptions
 from avatarq.export.storage import describe_storage, initializer_bytes
-from avatarq.export.validate import ValidationResult, validate_against_torch
-from avatarq.models.checkpoint import file_sha256, load_checkpoint
+from avatarq.export.validate import validate_against_torch, validation_record
+from avatarq.measure import Comparison, Tolerances
+from avatarq.models.checkpoint import load_checkpoint
 from avatarq.models.deploy import DeployableDecoder
 
 # ORT CPU vs torch: float32 agrees to rounding; float16 loses ~11 bits per op.
@@ -26,69 +44,36 @@ FP16_MIN_PSNR_DB = 50.0
 
 
 @dataclass(frozen=True)
-class ExportOptions:
-    """Options of `avatarq export` for float graphs.
-
-    Attributes:
-        fp16: float16 inside, float32 at the graph's inputs and outputs.
-        camera: fold this camera's colour correction into the texture (None: none applied).
-        max_batch: upper bound of the dynamic batch dimension.
-        validate: run the graph with ONNX Runtime and compare with PyTorch.
-        n_validation: number of (z, view) samples used by the validation.
-        seed: seed for validation inputs when no capture is given.
-        int8: write the calibration's precision plan (any format: w8a8, w4a8, fp8, mixed)
-            as Q/DQ nodes.
-        fp8: the same, for an FP8 calibration: ``calib`` must be one (bits fp8); without
-            it, calibrate on the fly with POCA defaults at fp8.
-        calib: a calibration artifact directory (`avatarq calibrate`); None with ``int8``
-            calibrates on the fly with POCA defaults on ``calib_data`` or the capture.
-        calib_data: capture root or latents .npz for on-the-fly calibration.
-        conv_transpose_axis: weight-scale axis of ConvTranspose Q/DQ (1, 0 or None).
-    """
-
-    fp16: bool = False
-    camera: int | None = None
-    max_batch: int = 64
-    validate: bool = True
-    n_validation: int = 8
-    seed: int = 0
-    int8: bool = False
-    fp8: bool = False
-    calib: str | None = None
-    calib_data: str | None = None
-    conv_transpose_axis: int | None = 1
-
-
-@dataclass(frozen=True)
 class ExportResult:
+    """The written bundle, the export's check (None with validation off), and where the
+    calibration samples came from (None unless calibrated now or from an artifact)."""
+
     bundle: Bundle
-    validation: ValidationResult | None
+    validation: Comparison | None
+    calibration: str | None = None
 
 
 def validation_inputs(
     decoder: DeployableDecoder, capture, model, n: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(z [n, Z], view [n, 3], source) - real codes from the capture when possible."""
+) -> tuple[DecoderInputs, str]:
+    """(inputs with z [n, Z] and view [n, 3], source): real codes from the capture when
+    possible, else seeded N(0, 1) latents and views around the front."""
     if capture is not None and model.config.has_encoder:
         from avatarq.data.encode import encode_frames
 
         frames = capture.frames[: max(1, n)]
         names = list(capture.cameras)
         z = encode_frames(model, capture, frames)
-        view = torch.from_numpy(
-            np.stack(
-                [
-                    capture.view_direction(s, f, names[i % len(names)])
-                    for i, (s, f) in enumerate(frames)
-                ]
-            )
+        view = np.stack(
+            [capture.view_direction(s, f, names[i % len(names)]) for i, (s, f) in enumerate(frames)]
         )
-        return z, view, f"capture ({len(frames)} frames, encoder mean)"
+        inputs = DecoderInputs.from_z_view(z, view)
+        return inputs, f"capture ({len(frames)} frames, encoder mean)"
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, decoder.config.z_dim, generator=gen)
     view = torch.randn(n, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0])
     view = view / view.norm(dim=1, keepdim=True)
-    return z, view, f"seeded N(0, 1) latents (seed {seed})"
+    return DecoderInputs.from_z_view(z, view), f"seeded N(0, 1) latents (seed {seed})"
 
 
 def _tensor_specs(decoder: DeployableDecoder) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -121,15 +106,18 @@ def export_bundle(
     out: str | Path,
     capture_root: str | Path | None = None,
     options: ExportOptions = ExportOptions(),
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Load ``checkpoint``, trace it to ONNX, validate, and write the bundle ``out``.
 
     With ``capture_root`` the de-normalization (texture in 0..255, vertices in capture
     units) is folded into the graph, the mesh topology goes into the bundle, and validation
-    uses real latent codes of the capture.
+    uses real latent codes of the capture. An existing ``out`` is replaced only when it is
+    an avatarq bundle and ``force`` is set.
     """
-    say = progress or (lambda _msg: None)
+    say = or_silent(progress)
+    BundleWriter(out, force).abort()  # refuse a bad output before minutes of work
     model = load_checkpoint(checkpoint)
     capture = normalization = None
     if capture_root is not None:
@@ -145,20 +133,19 @@ def export_bundle(
         normalization = capture_normalization(capture)
     decoder = DeployableDecoder(model, normalization, options.camera)
     say("tracing to ONNX")
-    quantized = options.int8 or options.fp8
-    if quantized and options.fp16:
-        raise AvatarqError(
-            f"--{'fp8' if options.fp8 else 'int8'} and --fp16 are exclusive: FP16 layers of a "
-            "quantized plan come from the calibration"
-        )
-    if options.int8 and options.fp8:
-        raise AvatarqError("--int8 and --fp8 are exclusive: the calibration's bits decide")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
+    quantized = options.int8 or options.fp8
     fp32_bytes = sum(initializer_bytes(i) for i in proto.graph.initializer)
     precision = "fp16" if options.fp16 else "fp32"
     layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
     artifact = None
+    reference = None
+    if options.reference and options.fp16:
+        reference = export_onnx(decoder, ExportConfig(fp16=False, max_batch=options.max_batch))
+        fp32_bytes = sum(initializer_bytes(i) for i in reference.graph.initializer)
+    elif options.reference and quantized:
+        reference = proto
     if quantized:
         artifact = _calibration(model, decoder, capture_root, options, say)
         from avatarq.export.qdq import QDQConfig, quantize_onnx
@@ -170,52 +157,62 @@ def export_bundle(
         formats = set(layer_precision.values())
         precision = formats.pop() if len(formats) == 1 else "mixed"
     storage, sizes = describe_storage(proto)
-    with BundleWriter(out) as writer:
-        model_path = writer.path("model.onnx")
+    with BundleWriter(out, force) as writer:
+        model_path = writer.path(MODEL_FILE)
         save_onnx(proto, model_path)
         sizes = {"model.onnx": model_path.stat().st_size, **sizes, "fp32_initializers": fp32_bytes}
+        reference_record = None
+        if reference is not None:
+            save_onnx(reference, writer.path(REFERENCE_FILE))
+            reference_record = ReferenceRecord(
+                REFERENCE_FILE, file_sha256(writer.path(REFERENCE_FILE))
+            )
         if capture is not None:
-            capture.topology.save(writer.path("topology.npz"))
+            capture.topology.save(writer.path(TOPOLOGY_FILE))
+        if normalization is not None:
+            _save_normalization(normalization, writer.path(NORMALIZATION_FILE))
         calib_sha = None
         if artifact is not None:
             artifact.save(writer.path("calib"))
             calib_sha = file_sha256(writer.path("calib") / "calib.json")
         result = None
-        validation: dict = {}
+        validation: ValidationRecord | None = None
+        if options.validate:
+            inputs, source = validation_inputs(
+                decoder, capture, model, options.n_validation, options.seed
+            )
         if options.validate and artifact is not None:
             from avatarq.export.qdq import QDQConfig, validate_qdq
 
             say("validating Q/DQ graph with ONNX Runtime")
-            z, view, source = validation_inputs(
-                decoder, capture, model, options.n_validation, options.seed
+            result, vs_fp32 = validate_qdq(
+                model_path, decoder, artifact, inputs, QDQConfig(options.conv_transpose_axis)
             )
-            qdq = validate_qdq(
-                model_path, decoder, artifact, z, view, QDQConfig(options.conv_transpose_axis)
-            )
-            result = qdq.vs_fakequant
-            validation = {
-                "reference": "torch fake-quant (the calibrated numerics)",
-                "inputs": source,
-                **qdq.vs_fakequant.to_dict(),
-                "vs_fp32": qdq.vs_fp32.to_dict(),
-            }
-            if not qdq:
-                raise AvatarqError(f"Q/DQ graph does not match the calibration: {qdq.summary()}")
+            validation = validation_record(result, source)
+            validation.reference = "torch fake-quant (the calibrated numerics)"
+            validation.vs_fp32 = validation_record(vs_fp32, source)
+            if not result:
+                raise AvatarqError(
+                    f"Q/DQ graph does not match the calibration: {result.summary()}; vs FP32: "
+                    f"{vs_fp32.summary()}"
+                )
         elif options.validate:
             say("validating with ONNX Runtime")
-            z, view, source = validation_inputs(
-                decoder, capture, model, options.n_validation, options.seed
+            tolerances = Tolerances(
+                min_psnr_all=FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
+                max_abs_error=None
+                if options.fp16 or not decoder.denormalized
+                else FP32_MAX_ABS_ERROR_01,
             )
             result = validate_against_torch(
                 model_path,
                 decoder,
-                z,
-                view,
-                decoder.denormalized,
-                FP16_MIN_PSNR_DB if options.fp16 else FP32_MIN_PSNR_DB,
-                None if options.fp16 or not decoder.denormalized else FP32_MAX_ABS_ERROR_01 * 255.0,
+                inputs,
+                tolerances,
+                255.0 if decoder.denormalized else None,
+                "torch fp32",
             )
-            validation = {"reference": "torch fp32", "inputs": source, **result.to_dict()}
+            validation = validation_record(result, source)
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
         inputs, outputs = _tensor_specs(decoder)
@@ -228,18 +225,21 @@ def export_bundle(
             outputs=outputs,
             precision=precision,
             layer_precision=layer_precision,
-            normalization=_normalization_record(decoder, normalization),
+            normalization=_normalization_record(normalization),
+            model_sha256=file_sha256(model_path),
             source_checkpoint_sha256=file_sha256(checkpoint),
             versions=_versions(),
+            export_options=options,
+            reference=reference_record,
             camera=options.camera,
             validation=validation,
             calib_sha256=calib_sha,
-            layer_storage={name: s.to_dict() for name, s in storage.items()},
+            layer_storage=storage,
             size_bytes=sizes,
         )
-        manifest.validation["export_options"] = asdict(options)
         bundle = writer.commit(manifest)
-    return ExportResult(bundle, result)
+    source = None if artifact is None else str(artifact.samples.get("source", ""))
+    return ExportResult(bundle, result, source)
 
 
 def _calibration(model, decoder: DeployableDecoder, capture_root, options: ExportOptions, say):
@@ -248,7 +248,6 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
     from avatarq.calibration.from_files import load_samples
     from avatarq.calibration.pipeline import calibrate
 
-    flag = "--fp8" if options.fp8 else "--int8"
     if options.calib is not None:
         artifact = CalibrationArtifact.load(options.calib, decoder)
         bits = artifact.config.get("bits")
@@ -258,29 +257,46 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
                 f"is {bits}; export it with --int8"
             )
         return artifact
-    data = options.calib_data or capture_root
-    if data is None:
-        raise AvatarqError(
-            f"{flag} without --calib calibrates on the fly and needs --capture or --data"
-        )
-    say(f"calibrating (POCA{', fp8' if options.fp8 else ''})")
-    samples = load_samples(model, data, seed=options.seed)
+    data = options.calib_data
+    kind = "POCA, fp8" if options.fp8 else "POCA"
+    say(f"calibrating ({kind})" if data or capture_root else f"calibrating ({kind}, data-free)")
+    capture = None
+    if data is None and capture_root is not None:
+        from avatarq.data.capture import MultifaceCapture
+
+        capture = MultifaceCapture(capture_root)
+    samples = load_samples(model, data, capture, seed=options.seed)
     bits = "fp8" if options.fp8 else "w8a8"
-    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed, bits=bits))
+    return calibrate(
+        decoder, samples, CalibrationConfig(seed=options.seed, bits=bits), progress=say
+    )
 
 
-def _normalization_record(decoder: DeployableDecoder, normalization) -> dict:
+def _normalization_record(normalization) -> NormalizationRecord:
     if normalization is None:
-        return {
-            "folded": False,
-            "note": "outputs are Multiface-normalized; apply tex/vert mean and std",
-        }
-    return {
-        "folded": True,
-        "tex_std": float(normalization.tex_std),
-        "vert_std": float(normalization.vert_std),
-        "note": "texture = t * tex_std + tex_mean and vertices = v * vert_std + vert_mean are in the graph",
-    }
+        return NormalizationRecord(
+            folded=False,
+            note="outputs are Multiface-normalized; the checkpoint alone does not know the "
+            "capture's means and stds (export with --capture to include them)",
+        )
+    return NormalizationRecord(
+        folded=True,
+        note="texture = t * tex_std + tex_mean and vertices = v * vert_std + vert_mean are in "
+        "the graph",
+        tex_std=float(normalization.tex_std),
+        vert_std=float(normalization.vert_std),
+        arrays=NORMALIZATION_FILE,
+    )
+
+
+def _save_normalization(normalization, path: Path) -> None:
+    np.savez(
+        path,
+        tex_mean=np.asarray(normalization.tex_mean, np.float32),
+        tex_std=np.float32(normalization.tex_std),
+        vert_mean=np.asarray(normalization.vert_mean, np.float32),
+        vert_std=np.float32(normalization.vert_std),
+    )
 
 
 def _versions() -> dict[str, str]:

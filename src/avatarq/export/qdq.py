@@ -41,15 +41,16 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-import torch
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration
 from avatarq.calibration.biases import quantize_bias
 from avatarq.calibration.quantizers import FloatGrid, activation_range
+from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
 from avatarq.export.onnx_export import layer_nodes
-from avatarq.export.validate import ValidationResult, validate_against_torch
+from avatarq.export.validate import validate_against_torch
+from avatarq.measure import Comparison, Tolerances
 
 QDQ_VERSION = 2
 MIN_OPSET = 19
@@ -389,43 +390,24 @@ def _set_metadata(model: ir.Model, artifact: CalibrationArtifact, config: QDQCon
 FAKEQUANT_MIN_PSNR_DB = 60.0
 
 
-@dataclass(frozen=True)
-class QDQValidation:
-    """ONNX Runtime (CPU) on the Q/DQ graph vs the torch fake-quant model and vs FP32.
-
-    Truthy when the graph agrees with the fake-quant model (the numerics are as calibrated);
-    ``vs_fp32`` is the quantization error itself (reported, not judged here).
-    """
-
-    vs_fakequant: ValidationResult
-    vs_fp32: ValidationResult
-
-    def __bool__(self) -> bool:
-        return bool(self.vs_fakequant)
-
-    def to_dict(self) -> dict:
-        return {"vs_fakequant": self.vs_fakequant.to_dict(), "vs_fp32": self.vs_fp32.to_dict()}
-
-    def summary(self) -> str:
-        return f"vs fake-quant: {self.vs_fakequant.summary()}; vs FP32: {self.vs_fp32.summary()}"
-
-
 def validate_qdq(
     model_path: str | Path,
     decoder: nn.Module,
     artifact: CalibrationArtifact,
-    z: torch.Tensor,
-    view: torch.Tensor,
+    inputs: DecoderInputs,
     config: QDQConfig = QDQConfig(),
     min_psnr_db: float = FAKEQUANT_MIN_PSNR_DB,
-) -> QDQValidation:
-    """Run the Q/DQ graph at ``model_path`` with ONNX Runtime on z [N, Z], view [N, 3] and
-    compare with `FakeQuantDecoder(decoder, artifact)` and with ``decoder`` (FP32)."""
+) -> tuple[Comparison, Comparison]:
+    """ONNX Runtime on the Q/DQ graph at ``model_path`` against the torch fake-quant model
+    `FakeQuantDecoder(decoder, artifact)` (judged: PSNR over all inputs >= ``min_psnr_db``;
+    the numerics are as calibrated) and against ``decoder`` in FP32 (reported: the
+    quantization error itself)."""
     from avatarq.calibration.fakequant import FakeQuantDecoder
 
-    denorm = bool(getattr(decoder, "denormalized", False))
+    peak = 255.0 if getattr(decoder, "denormalized", False) else None
     fake = FakeQuantDecoder(decoder, artifact, config.conv_transpose_axis)
-    return QDQValidation(
-        validate_against_torch(model_path, fake, z, view, denorm, min_psnr_db),
-        validate_against_torch(model_path, decoder, z, view, denorm, 0.0),
+    vs_fakequant = validate_against_torch(
+        model_path, fake, inputs, Tolerances(min_psnr_all=min_psnr_db), peak, "torch fake-quant"
     )
+    vs_fp32 = validate_against_torch(model_path, decoder, inputs, Tolerances(), peak, "torch fp32")
+    return vs_fakequant, vs_fp32

@@ -10,11 +10,11 @@ container, the effective bits), and the bytes of every initializer by role.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import onnx
 from onnx import TensorProto
 
+from avatarq.export.manifest import LayerStorage
 from avatarq.export.onnx_export import QUANTIZABLE_OPS
 
 _PASS_THROUGH = ("Cast", "Transpose", "Identity")
@@ -40,30 +40,6 @@ def initializer_bytes(init: onnx.TensorProto) -> int:
     """Stored bytes of one initializer (INT4: two values per byte)."""
     n = math.prod(init.dims) if init.dims else 1
     return math.ceil(n * _BITS.get(init.data_type, 32) / 8)
-
-
-@dataclass
-class LayerStorage:
-    """One layer as stored.
-
-    Attributes:
-        weight: element type of the stored weight ("int4", "int8", "float8e4m3fn",
-            "float16", "float32").
-        scales: "per-channel", "per-tensor", "blocks of B" or "none" (float weights).
-        activation: the input quantizer ("int8", "int4 (in int8)", "uint8", "float8e4m3fn"),
-            or "float16" / "float32" without one.
-        rotated: the input goes through a rotation before its quantizer.
-        weight_bytes: bytes of the weight, its scales and zero points.
-    """
-
-    weight: str
-    scales: str
-    activation: str
-    rotated: bool
-    weight_bytes: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Graph:

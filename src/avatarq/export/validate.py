@@ -1,108 +1,99 @@
-"""Check an exported graph against the PyTorch decoder it came from, with ONNX Runtime on the CPU."""
+"""Check an exported graph against the PyTorch decoder it came from, with ONNX Runtime on the CPU.
+
+Both sides are wrapped as `avatarq.measure.Decoder`s (`ModuleDecoder`, `SessionDecoder`) and
+compared by the one comparator, `avatarq.measure.compare`.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from avatarq.errors import AvatarqError
+from avatarq.core.inputs import DecoderInputs
+from avatarq.core.ort import make_session
+from avatarq.export.manifest import ValidationRecord
+from avatarq.measure import Comparison, Tolerances, compare
+
+DAM_OUTPUTS = ("texture", "vertices")
 
 
-@dataclass(frozen=True)
-class ValidationResult:
-    """ONNX Runtime output vs the PyTorch reference on the same inputs.
+class ModuleDecoder:
+    """A torch module as a `Decoder`: ``module(*inputs)`` in ``input_names`` order, no grad."""
 
-    Errors are in the texture's own units; PSNR uses ``peak`` (255 for a de-normalized
-    texture in 0..255 units, else the reference's peak-to-peak range). The result is truthy
-    when it meets the tolerances it was judged against.
-    """
+    def __init__(
+        self, name: str, module: nn.Module, input_names: Sequence[str] = ("z", "view")
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.input_names = tuple(input_names)
 
-    texture_max_abs_error: float
-    texture_mean_abs_error: float
-    texture_psnr_db: float
-    vertices_max_abs_error: float
-    peak: float
-    n_samples: int
-    min_psnr_db: float
-    max_abs_error: float | None
-
-    def __bool__(self) -> bool:
-        ok = self.texture_psnr_db >= self.min_psnr_db
-        if self.max_abs_error is not None:
-            ok = ok and self.texture_max_abs_error <= self.max_abs_error
-        return ok
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if math.isinf(data["texture_psnr_db"]):
-            data["texture_psnr_db"] = "inf"
-        data["passed"] = bool(self)
-        return data
-
-    def summary(self) -> str:
-        psnr = "inf" if math.isinf(self.texture_psnr_db) else f"{self.texture_psnr_db:.1f}"
-        return (
-            f"texture max|err| {self.texture_max_abs_error:.3g}, PSNR {psnr} dB "
-            f"(need >= {self.min_psnr_db:g}), vertices max|err| {self.vertices_max_abs_error:.3g}"
-        )
+    def run(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        with torch.no_grad():
+            outputs = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return tuple(o.detach().float().cpu().numpy() for o in outputs)
 
 
-def onnx_session(model_path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session for ``model_path`` (threads 0 = ORT's default)."""
-    import onnxruntime as ort
+class SessionDecoder:
+    """An ONNX graph run by ONNX Runtime (CPU) as a `Decoder`."""
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        first = str(exc).strip().splitlines()[0][:200]
-        raise AvatarqError(f"ONNX Runtime cannot load {model_path}: {first}") from None
+    def __init__(self, name: str, model: str | Path | bytes, threads: int = 0) -> None:
+        self.name = name
+        self.session = make_session(model, "cpu", threads)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(feeds))
 
 
 def validate_against_torch(
     model_path: str | Path,
     reference: nn.Module,
-    z: torch.Tensor,
-    view: torch.Tensor,
-    denormalized: bool,
-    min_psnr_db: float,
-    max_abs_error: float | None = None,
+    inputs: DecoderInputs,
+    tolerances: Tolerances,
+    peak: float | None,
+    reference_name: str = "torch",
     batch: int = 4,
-) -> ValidationResult:
-    """Run ``model_path`` with ORT and ``reference`` with torch on z [N,Z], view [N,3]."""
-    session = onnx_session(model_path)
-    errs, sq, abs_sum, count, vmax = [], 0.0, 0.0, 0, 0.0
-    ref_min, ref_max = math.inf, -math.inf
-    with torch.no_grad():
-        for start in range(0, z.shape[0], batch):
-            zb, vb = z[start : start + batch], view[start : start + batch]
-            ref_tex, ref_vert = (t.double().numpy() for t in reference(zb, vb))
-            tex, vert = session.run(None, {"z": zb.numpy(), "view": vb.numpy()})
-            diff = tex.astype(np.float64) - ref_tex
-            errs.append(np.abs(diff).max())
-            sq += float(np.sum(diff**2))
-            count += diff.size
-            vmax = max(vmax, float(np.abs(vert - ref_vert).max()))
-            ref_min, ref_max = min(ref_min, ref_tex.min()), max(ref_max, ref_tex.max())
-            abs_sum += float(np.abs(diff).sum())
-    peak = 255.0 if denormalized else float(ref_max - ref_min)
-    mse = sq / count
-    psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-    return ValidationResult(
-        texture_max_abs_error=float(max(errs)),
-        texture_mean_abs_error=abs_sum / count,
-        texture_psnr_db=psnr,
-        vertices_max_abs_error=vmax,
+) -> Comparison:
+    """ONNX Runtime on ``model_path`` against ``reference`` (torch) on ``inputs``.
+
+    ``peak``: 255 for a de-normalized texture in 0..255 units, else None (the reference's
+    first-frame range). Tolerances apply to the texture on texture / peak.
+    """
+    return compare(
+        ModuleDecoder(reference_name, reference),
+        SessionDecoder("onnxruntime", model_path),
+        inputs,
+        tolerances,
+        output_names=DAM_OUTPUTS,
         peak=peak,
-        n_samples=int(z.shape[0]),
-        min_psnr_db=min_psnr_db,
-        max_abs_error=max_abs_error,
+        batch=batch,
+        compute_ssim=False,
+    )
+
+
+def validation_record(comparison: Comparison, inputs_source: str) -> ValidationRecord:
+    """The manifest's record of a comparison (texture errors in the texture's own units;
+    ``texture_psnr_db`` is the PSNR over all inputs together)."""
+    image = comparison.image
+    return ValidationRecord(
+        reference=comparison.reference,
+        inputs=inputs_source,
+        n_samples=comparison.n_frames,
+        peak=comparison.peak,
+        texture_max_abs_error=comparison.texture_max_abs_error,
+        texture_mean_abs_error=comparison.texture_mean_abs_error,
+        texture_psnr_db=image.psnr_all,
+        texture_psnr_min_db=image.psnr_min,
+        vertices_max_abs_error=comparison.vertices_max_abs_error,
+        tolerances={
+            k: float(v)
+            for k, v in comparison.tolerances.to_dict().items()
+            if v is not None and k != "version"
+        },
+        passed=bool(comparison),
     )

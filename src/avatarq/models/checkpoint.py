@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -11,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from avatarq.core.files import atomic_path
 from avatarq.errors import AvatarqError
 from avatarq.models.config import DAMConfig
 from avatarq.models.dam import DeepAppearanceModel
 
 DDP_PREFIX = "module."
 _BLOCK_KEY = re.compile(r"^dec\.texture_decoder\.upsample\.(\d+)\.")
-_WARP_BLOCK_KEY = re.compile(r"^warp\.upsample\.(\d+)\.")
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,15 +140,5 @@ def save_checkpoint(model: DeepAppearanceModel, path: str | Path, ddp_prefix: bo
     """Save ``model.state_dict()`` as Multiface does (keys prefixed ``module.`` by default)."""
     prefix = DDP_PREFIX if ddp_prefix else ""
     state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -14,7 +14,8 @@ CONFIG_VERSION = 1
 # Channels of the texture decoder's deconvs at full size (8 deconvs, 4 -> 1024); smaller
 # textures drop deconvs from the start of the tail (the first block keeps cin = chidden = z).
 _TEX_DECODER_TAIL = (64, 64, 32, 32, 16, 16, 3)
-# Warp field decoder: [256, 2, 2] -> 4 blocks -> [16, 512, 512] at full size.
+# Warp field decoder: [256, 2, 2] -> 4 blocks -> [16, 512, 512] at Multiface's sizes (512 and
+# 1024, then resized to T); smaller textures drop blocks from the start of the tail.
 _WARP_TAIL = (128, 128, 128, 64, 64, 32, 32, 16)
 _ENCODER_CHANNELS = (16, 32, 64, 128)
 
@@ -82,7 +83,13 @@ class DAMConfig:
 
     @property
     def n_warp_blocks(self) -> int:
+        """ConvUpsample blocks of the warp decoder: 4 at T = 512 and 1024 (Multiface)."""
         return int(math.log2(self.tex_size // 2)) // 2
+
+    @property
+    def warp_field_size(self) -> int:
+        """Side of the warp decoder's last block output (512 at T = 512 and 1024), resized to T."""
+        return 2 * 4**self.n_warp_blocks
 
     def warp_channels(self) -> list[int]:
         n = 2 * self.n_warp_blocks

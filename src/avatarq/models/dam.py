@@ -7,6 +7,9 @@ Module and parameter names follow the public Multiface code so that its checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,11 +75,28 @@ class DeepAppearanceDecoder(nn.Module):
 
 
 class WarpFieldDecoder(nn.Module):
-    """z [B, Z] -> warp field [B, 2, T, T] in normalized grid units (channel 0 = x, 1 = y)."""
+    """Multiface's warp field: resamples the decoded texture at a z-dependent grid.
+
+    ``forward(z [B, Z], texture [B, C, T, T]) -> warped texture [B, C, T, T]``.
+
+    Layout (the checkpoint's keys): ``mlp`` = LinearWN(Z, 256), LReLU, LinearWN(256, 1024),
+    LReLU -> [B, 256, 2, 2]; ``upsample`` = n ConvUpsample blocks (2 -> 2 * 4**n, LReLU after
+    every block), then ``nn.Upsample(size=T, mode="bilinear")`` (no parameters), then a plain
+    ``nn.Conv2d(C, 2, 3, 1, 1)`` at index n + 1 (``upsample.5`` at Multiface's sizes 512 and
+    1024, where n = 4); ``normal_grid`` is a float32 buffer [1, 2, T, T] saved with the weights.
+
+    The sampling grid is ``upsample(...) / T + normal_grid`` (channel 0 = x, 1 = y, in
+    grid_sample's [-1, 1] units), sampled bilinearly with zero padding and
+    ``align_corners=False``, exactly as Multiface calls ``F.grid_sample`` with its defaults.
+    Note that ``normal_grid`` spans [-1, 1] end to end (texel centres under
+    align_corners=True), so even a zero field is not the identity: texel j is read at
+    j * T / (T - 1) - 0.5 texels and the outermost half texel fades toward zero.
+    """
 
     def __init__(self, config: DAMConfig) -> None:
         super().__init__()
         self.tex_size = config.tex_size
+        self.n_blocks = config.n_warp_blocks
         self.mlp = nn.Sequential(
             LinearWN(config.z_dim, 256),
             nn.LeakyReLU(LEAKY_SLOPE),
@@ -87,31 +107,58 @@ class WarpFieldDecoder(nn.Module):
         self.upsample = nn.Sequential(
             *[
                 ConvUpsample(ch[2 * i], ch[2 * i + 1], ch[2 * i + 2], 2 * 4**i)
-                for i in range(config.n_warp_blocks)
-            ]
+                for i in range(self.n_blocks)
+            ],
+            nn.Upsample(size=config.tex_size, mode="bilinear"),
+            nn.Conv2d(ch[-1], 2, 3, 1, 1),
         )
-        self.outconv = nn.Conv2d(ch[-1], 2, 3, 1, 1)
+        self.register_buffer("normal_grid", normal_grid(config.tex_size))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.upsample(self.mlp(z).view(-1, 256, 2, 2))
+    def field(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, Z] -> warp field [B, 2, T, T] in grid units (before ``normal_grid``)."""
+        h = self.upsample[: self.n_blocks](self.mlp(z).view(-1, 256, 2, 2))
         if h.shape[-1] != self.tex_size:
-            h = F.interpolate(h, size=(self.tex_size, self.tex_size), mode="bilinear")
-        return self.outconv(h) / 1024.0
+            # At equal sizes the bilinear resize is the identity; skipping it keeps the
+            # exported graph free of a no-op Resize (Multiface at 512).
+            h = self.upsample[self.n_blocks](h)
+        return self.upsample[self.n_blocks + 1](h) / self.tex_size
+
+    def grid(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, Z] -> sampling grid float32 [B, T, T, 2] (x, y) for ``F.grid_sample``."""
+        return (self.field(z).float() + self.normal_grid).permute(0, 2, 3, 1)
+
+    def forward(self, z: torch.Tensor, texture: torch.Tensor) -> torch.Tensor:
+        # The grid and the sampling run in float32 even inside a float16 decoder (see _apply).
+        warped = F.grid_sample(
+            texture.float(),
+            self.grid(z),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+        return warped.to(texture.dtype)
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> WarpFieldDecoder:
+        """Move ``normal_grid`` with the layers but keep it float32 under ``.half()`` and
+        ``.to(float16)``: float16 values near +-1 are 2**-11 apart, so rounding the grid would
+        move a texel by up to T / 8192 texels (1/8 texel at T = 1024)."""
+        grid = self._buffers.pop("normal_grid")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["normal_grid"] = grid
+        self._buffers["normal_grid"] = grid.to(self.upsample[-1].weight.device)
+        return self
 
 
-def identity_grid(
-    size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """[1, size, size, 2] sampling grid of texel centres in [-1, 1] (x, y), align_corners=False."""
-    coords = ((torch.arange(size, device=device) * 2 + 1) / size - 1).to(dtype)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack((x, y), dim=-1).unsqueeze(0)
-
-
-def apply_warp(texture: torch.Tensor, warp: torch.Tensor) -> torch.Tensor:
-    """Resample texture [B, C, T, T] at identity + warp [B, 2, T, T] (bilinear)."""
-    grid = identity_grid(texture.shape[-1], texture.device, warp.dtype) + warp.permute(0, 2, 3, 1)
-    return F.grid_sample(texture, grid, mode="bilinear", align_corners=False)
+def normal_grid(size: int) -> torch.Tensor:
+    """Multiface's base grid: float32 [1, 2, T, T], channel 0 = x (varies along columns),
+    channel 1 = y (varies along rows), both ``np.linspace(-1, 1, T)`` cast to float32."""
+    line = np.linspace(-1.0, 1.0, size)
+    x, y = np.meshgrid(line, line)
+    return torch.from_numpy(np.stack((x, y))[None].astype(np.float32))
 
 
 class ColorCorrection(nn.Module):
@@ -191,10 +238,14 @@ class DeepAppearanceModel(nn.Module):
     def decode(
         self, z: torch.Tensor, view: torch.Tensor, cams: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z [B,Z], view [B,3]) -> (texture [B,3,T,T], mesh [B,V,3]), normalized units."""
+        """(z [B,Z], view [B,3]) -> (texture [B,3,T,T], mesh [B,V,3]), normalized units.
+
+        As in Multiface, the warp (``warp`` arch) resamples the decoded texture first and the
+        colour correction of ``cams`` (int64 [B]) applies to the warped texture.
+        """
         texture, mesh = self.dec(z, view)
         if self.config.arch == "warp":
-            texture = apply_warp(texture, self.warp(z))
+            texture = self.warp(z, texture)
         if cams is not None:
             texture = self.cc(texture, cams)
         return texture, mesh.view(z.shape[0], -1, 3)

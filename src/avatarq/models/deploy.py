@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avatarq.errors import AvatarqError
-from avatarq.models.dam import DeepAppearanceModel, apply_warp
+from avatarq.models.dam import DeepAppearanceModel
 from avatarq.models.layers import Conv2dWN, ConvTranspose2dWN, DeconvTexelBias, LinearWN
 
 
@@ -147,7 +147,7 @@ class DeployableDecoder(nn.Module):
     def forward(self, z: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture, mesh = self.dec(z, view)
         if self.warp is not None:
-            texture = apply_warp(texture, self.warp(z))
+            texture = self.warp(z, texture)
         texture = texture * self.tex_gain + self.tex_offset
         vertices = mesh.view(z.shape[0], -1, 3) * self.vert_scale + self.vert_offset
         return texture, vertices

@@ -4,6 +4,7 @@ Backends: a pure-torch reference rasterizer with nvdiffrast's conventions (any d
 nvdiffrast itself (CUDA; imported only when an nvdiffrast backend is created).
 """
 
+from avatarq.core.topology import Topology
 from avatarq.render.renderer import (
     BACKENDS,
     CAPTURE_RESOLUTION,
@@ -14,7 +15,6 @@ from avatarq.render.renderer import (
     resolve_backend,
     visible_texels,
 )
-from avatarq.render.topology import Topology
 
 __all__ = [
     "BACKENDS",

@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
+from avatarq.core.topology import Topology
 from avatarq.errors import AvatarqError
 from avatarq.render.raster_nvdiffrast import INSTALL_HINT, NvdiffrastRaster, nvdiffrast_available
 from avatarq.render.raster_torch import TorchRaster
-from avatarq.render.topology import Topology
 
 RENDER_CONFIG_VERSION = 1
 CAPTURE_RESOLUTION = (2048, 1334)

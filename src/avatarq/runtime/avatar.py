@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from avatarq.bench.latency import LatencyStats
 from avatarq.engines.base import Runner, RunOptions
 from avatarq.engines.registry import open_runner, resolve_backend
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, Manifest, open_bundle
+from avatarq.measure.latency import LatencyStats
 
 
 class AvatarRuntime:

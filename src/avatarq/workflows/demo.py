@@ -7,13 +7,11 @@ synth -> calibrate (POCA) -> export fp32 / fp16 / int8 -> build (what this machi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
-
-Say = Callable[[str], None]
 
 
 @dataclass
@@ -30,10 +28,11 @@ class DemoResult:
     passed: bool = True
 
 
-def _calibration(avatar, out: Path, say: Say, config) -> Path:
+def _calibration(avatar, out: Path, say: Progress, config) -> Path:
     """Calibrate once; reuse the artifact while the checkpoint and settings are unchanged."""
     from avatarq.calibration.from_files import calibrate_decoder
-    from avatarq.models.checkpoint import file_sha256, load_checkpoint
+    from avatarq.core.hashing import file_sha256
+    from avatarq.models.checkpoint import load_checkpoint
 
     stamp = {"checkpoint": file_sha256(avatar.checkpoint), "config": config.to_dict()}
     stamp_path = out / "demo_stamp.json"
@@ -51,36 +50,38 @@ def _calibration(avatar, out: Path, say: Say, config) -> Path:
 
 def _cached_bundle(bundle: Path, checkpoint: Path, options) -> object | None:
     """The manifest of ``bundle`` if it was exported from this checkpoint with these options."""
-    from dataclasses import asdict
-
+    from avatarq.core.hashing import file_sha256
     from avatarq.export import open_bundle
-    from avatarq.models.checkpoint import file_sha256
 
     try:
         manifest = open_bundle(bundle).manifest
     except AvatarqError:
         return None
     same_source = manifest.source_checkpoint_sha256 == file_sha256(checkpoint)
-    same_options = manifest.validation.get("export_options") == asdict(options)
+    same_options = manifest.export_options == options
     if options.calib is not None:
         calib_json = Path(options.calib) / "calib.json"
         digest = file_sha256(calib_json) if calib_json.is_file() else None
         same_options = same_options and manifest.calib_sha256 == digest
-    return manifest if same_source and same_options and manifest.validation.get("passed") else None
+    passed = manifest.validation is not None and manifest.validation.passed
+    return manifest if same_source and same_options and passed else None
 
 
-def _validation_line(validation: dict) -> str:
-    if not validation:
+def _validation_line(validation) -> str:  # noqa: ANN001 - a ValidationRecord or None
+    if validation is None:
         return "not validated"
-    psnr = validation["texture_psnr_db"]
-    psnr = psnr if isinstance(psnr, str) else f"{psnr:.1f}"
-    return (
-        f"vs {validation['reference']}: texture max|err| {validation['texture_max_abs_error']:.3g}, "
-        f"PSNR {psnr} dB"
+    line = (
+        f"vs {validation.reference}: texture max|err| {validation.texture_max_abs_error:.3g}, "
+        f"PSNR {validation.texture_psnr_db:.1f} dB"
     )
+    if validation.vs_fp32 is not None:
+        line += f"; vs FP32 PSNR {validation.vs_fp32.texture_psnr_db:.1f} dB"
+    return line
 
 
-def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None) -> DemoResult:
+def run_demo(
+    workdir: str | Path, train_iters: int = 400, progress: Progress | None = None
+) -> DemoResult:
     """Run the demo in ``workdir``; returns paths and one-line summaries of each step."""
     from avatarq.bench.harness import bench_bundle
     from avatarq.bench.results import BenchConfig
@@ -91,11 +92,11 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     from avatarq.engines import BuildOptions, available_backends, build_engine
     from avatarq.export import ExportOptions, export_bundle
 
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     workdir = Path(workdir)
     say("synthetic avatar")
     avatar = make_synthetic_avatar(
-        workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), say=say
+        workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), progress=say
     )
     result = DemoResult(avatar.checkpoint, avatar.capture_root)
     calib = _calibration(avatar, workdir / "calib", say, CalibrationConfig())
@@ -111,11 +112,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
             exported = export_bundle(avatar.checkpoint, bundle, avatar.capture_root, options)
             manifest = exported.bundle.manifest
         result.bundles[name] = bundle
-        line = _validation_line(manifest.validation)
-        vs_fp32 = manifest.validation.get("vs_fp32")
-        if vs_fp32:
-            line += f"; vs FP32 PSNR {vs_fp32['texture_psnr_db']:.1f} dB"
-        result.validations[name] = line
+        result.validations[name] = _validation_line(manifest.validation)
     int8 = result.bundles["int8"]
     for backend in ("onnxruntime", "tensorrt-rtx"):
         if backend not in available_backends():
@@ -128,7 +125,7 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
             result.engines[backend] = f"not built: {exc}"
             continue
         result.engines[backend] = (
-            f"{record.path} ({record.settings.get('size_bytes', 0) / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
+            f"{record.path} ({record.size_bytes / 1e6:.1f} MB, {record.build_seconds:.1f} s)"
         )
     say("bench: INT8 runners against the FP32 bundle")
     bench, paths = bench_bundle(

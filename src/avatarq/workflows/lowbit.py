@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 
-Say = Callable[[str], None]
 TEXTURE_PEAK = 255.0
 HOLDOUTS = ("frames", "segment", "none")
 METRICS = ("psnr_seen", "tde_seen", "j_seen", "psnr_all", "tde_all", "bytes", "seconds")
@@ -176,7 +176,7 @@ def lowbit_study(
     n_random: int = 64,
     max_frames: int = 32,
     threads: int = 0,
-    say: Say | None = None,
+    progress: Progress | None = None,
     done: LowbitStudy | None = None,
     on_row: Callable[[LowbitRow], None] | None = None,
     holdout: str = "frames",
@@ -201,20 +201,20 @@ def lowbit_study(
     import onnx
     import torch
 
-    from avatarq.bench.metrics import compare_sequences
-    from avatarq.bench.sequences import sequence_from_capture
+    from avatarq.bench.sequences import BenchSequence, sequence_from_capture
     from avatarq.calibration.masks import visibility_masks
     from avatarq.calibration.pipeline import calibrate
     from avatarq.calibration.samples import CalibrationSamples, samples_from_capture
+    from avatarq.core.ort import make_session
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
     from avatarq.export.onnx_export import export_onnx, save_onnx
     from avatarq.export.qdq import quantize_onnx
-    from avatarq.export.validate import onnx_session
+    from avatarq.measure import compare_sequences
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
 
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     methods = list(methods) if methods is not None else default_methods()
     if len({m.name for m in methods}) != len(methods):
         raise AvatarqError("every compared method needs its own name")
@@ -243,27 +243,16 @@ def lowbit_study(
         if not calibration_capture.frames:
             raise AvatarqError(f"holdout {holdout!r} leaves no frame to calibrate on")
     clip = sequence_from_capture(capture, segment, checkpoint, max_frames=max_frames * step)
-    clip = dataclasses.replace(
-        clip,
-        z=clip.z[::step],
-        view=clip.view[::step],
-        M=None if clip.M is None else clip.M[::step],
-        ids=clip.ids[::step],
-        source=clip.source + (", even frames" if step == 2 else ""),
-    )
-    clip_samples = CalibrationSamples(
-        torch.from_numpy(clip.z),
-        torch.from_numpy(clip.view),
-        tuple(tuple(i.split("/")) for i in clip.ids),
-        M=torch.from_numpy(clip.M),
-        topology=capture.topology,
-        resolution=capture.image_size,
-    )
+    if step == 2:
+        even = clip.inputs.subset(range(0, len(clip.inputs), 2))
+        even = dataclasses.replace(even, source=even.source + ", even frames")
+        clip = BenchSequence(even, clip.capture_root)
+    clip_samples = CalibrationSamples(clip.inputs, capture.topology)
     with torch.no_grad():
         seen = visibility_masks(decoder, clip_samples).numpy()[:, None]
     z = np.ascontiguousarray(clip.z, dtype=np.float32)
     view = np.ascontiguousarray(clip.view, dtype=np.float32)
-    reference = _decode(onnx_session(fp32_path, threads), z, view)
+    reference = _decode(make_session(fp32_path, "cpu", threads), z, view)
 
     rows = list(done.rows) if done is not None else []
     finished = {(r.bits, r.method, r.seed) for r in rows}
@@ -292,7 +281,7 @@ def lowbit_study(
             graph = quantize_onnx(fp32_model, artifact)
             path = workdir / "quantized.onnx"
             save_onnx(graph, path)
-            test = _decode(onnx_session(path, threads), z, view)
+            test = _decode(make_session(path, "cpu", threads), z, view)
             everywhere = compare_sequences(reference, test, compute_ssim=False)
             visible = compare_sequences(reference, test, mask=seen, compute_ssim=False)
             row = LowbitRow(

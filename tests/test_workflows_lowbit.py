@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from avatarq.bench.lowbit import LowbitMethod, LowbitRow, LowbitStudy, lowbit_study
 from avatarq.errors import AvatarqError
+from avatarq.workflows.lowbit import LowbitMethod, LowbitRow, LowbitStudy, lowbit_study
 
 
 @pytest.fixture(scope="module")

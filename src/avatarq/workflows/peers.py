@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from avatarq.calibration.config import CalibrationConfig
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
-
-Say = Callable[[str], None]
 
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 #: The layer ops avatarq quantizes; ONNX Runtime's default set also quantizes Add, Mul,
@@ -49,6 +48,9 @@ class PeerMethod:
         ort_symmetric: symmetric activations (ORT's ``ActivationSymmetric``; TensorRT's form).
         ort_layer_ops_only: quantize only `LAYER_OPS` inputs (avatarq's placement) instead of
             ORT's default op set.
+        data_free: calibrate avatarq's way on samples drawn from the latent prior
+            (`avatarq.calibration.samples.samples_from_prior`: no capture, no visibility)
+            instead of the capture's samples.
     """
 
     name: str
@@ -56,6 +58,7 @@ class PeerMethod:
     ort_method: str = "MinMax"
     ort_symmetric: bool = False
     ort_layer_ops_only: bool = False
+    data_free: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration is None and self.ort_method not in ORT_METHODS:
@@ -70,7 +73,7 @@ class PeerMethod:
 
     def settings(self) -> dict[str, Any]:
         if self.calibration is not None:
-            return self.calibration.to_dict()
+            return {**self.calibration.to_dict(), "data_free": self.data_free}
         return {
             "method": self.ort_method,
             "quant_format": "QDQ",
@@ -269,7 +272,7 @@ def _count_quantize_nodes(path: Path) -> int:
 
 
 def _measure(reference: np.ndarray, test: np.ndarray, seen: np.ndarray) -> tuple[Any, Any]:
-    from avatarq.bench.metrics import compare_sequences
+    from avatarq.measure import compare_sequences
 
     everywhere = compare_sequences(reference, test, compute_ssim=False)
     visible = compare_sequences(reference, test, mask=seen[:, None], compute_ssim=False)
@@ -287,7 +290,7 @@ def compare_calibrations(
     camera: str | None = None,
     max_frames: int = 32,
     threads: int = 0,
-    say: Say | None = None,
+    progress: Progress | None = None,
 ) -> PeerStudy:
     """Calibrate and quantize ``checkpoint``'s decoder with each of ``methods`` and measure
     every Q/DQ graph against the FP32 graph on one ordered clip.
@@ -307,16 +310,16 @@ def compare_calibrations(
     from avatarq.calibration.from_files import load_samples
     from avatarq.calibration.masks import visibility_masks
     from avatarq.calibration.pipeline import calibrate
-    from avatarq.calibration.samples import CalibrationSamples
+    from avatarq.calibration.samples import CalibrationSamples, samples_from_prior
+    from avatarq.core.ort import make_session
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
     from avatarq.export.onnx_export import export_onnx, save_onnx
     from avatarq.export.qdq import quantize_onnx
-    from avatarq.export.validate import onnx_session
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
 
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     methods = list(methods) if methods is not None else default_methods()
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -336,14 +339,7 @@ def compare_calibrations(
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
     segment = segment or next(capture.clips())[0]
     clip = sequence_from_capture(capture, segment, checkpoint, camera=camera, max_frames=max_frames)
-    clip_samples = CalibrationSamples(
-        torch.from_numpy(clip.z),
-        torch.from_numpy(clip.view),
-        tuple(tuple(i.split("/")) for i in clip.ids),
-        M=torch.from_numpy(clip.M),
-        topology=capture.topology,
-        resolution=capture.image_size,
-    )
+    clip_samples = CalibrationSamples(clip.inputs, capture.topology)
     say("rasterizing visibility masks (calibration samples and clip)")
     start = time.perf_counter()
     with torch.no_grad():
@@ -353,7 +349,7 @@ def compare_calibrations(
 
     z = np.ascontiguousarray(clip.z, dtype=np.float32)
     view = np.ascontiguousarray(clip.view, dtype=np.float32)
-    reference = _decode(onnx_session(fp32_path, threads), z, view, batch=4)
+    reference = _decode(make_session(fp32_path, "cpu", threads), z, view, batch=4)
 
     rows = []
     for index, method in enumerate(methods):
@@ -364,13 +360,18 @@ def compare_calibrations(
             if not ort_input.is_file():
                 ort_pre_process(fp32_path, ort_input)
             ort_quantize_static(ort_input, path, samples.z.numpy(), samples.view.numpy(), method)
+        elif method.data_free:
+            prior = samples_from_prior(decoder.config.z_dim, n_random, seed=seed)
+            artifact = calibrate(decoder, prior, method.calibration)
+            save_onnx(quantize_onnx(fp32_model, artifact), path)
         else:
             artifact = calibrate(decoder, samples, method.calibration, visibility=visibility)
             save_onnx(quantize_onnx(fp32_model, artifact), path)
         seconds = time.perf_counter() - start
-        if method.calibration is not None and method.calibration.method == "poca":
+        poca = method.calibration is not None and method.calibration.method == "poca"
+        if poca and not method.data_free:
             seconds += mask_seconds
-        test = _decode(onnx_session(path, threads), z, view, batch=4)
+        test = _decode(make_session(path, "cpu", threads), z, view, batch=4)
         everywhere, visible = _measure(reference, test, seen)
         rows.append(
             PeerRow(

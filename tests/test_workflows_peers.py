@@ -7,12 +7,6 @@ import math
 import pytest
 import torch
 
-from avatarq.bench.peers import (
-    PeerMethod,
-    compare_calibrations,
-    default_methods,
-    replace_marked_block,
-)
 from avatarq.calibration.config import CalibrationConfig
 from avatarq.calibration.from_files import load_samples
 from avatarq.calibration.masks import visibility_masks
@@ -22,6 +16,12 @@ from avatarq.data.encode import capture_normalization
 from avatarq.errors import AvatarqError
 from avatarq.models.checkpoint import load_checkpoint
 from avatarq.models.deploy import DeployableDecoder
+from avatarq.workflows.peers import (
+    PeerMethod,
+    compare_calibrations,
+    default_methods,
+    replace_marked_block,
+)
 
 ORT_MINMAX = PeerMethod("ORT MinMax", ort_method="MinMax")
 AVATARQ_MAX = PeerMethod("avatarq max", CalibrationConfig(method="max"))

@@ -16,14 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from avatarq.core.documents import json_float
 from avatarq.errors import AvatarqError
-
-
-def _json_float(x: float) -> float | str:
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -84,7 +78,7 @@ class LatencyStats:
         )
 
     def gate_values(self) -> dict[str, float]:
-        """Latency metrics by gate name (see `avatarq.bench.metrics.GATE_METRICS`)."""
+        """Latency metrics by gate name (see `avatarq.measure.gates.GATE_METRICS`)."""
         return {
             "p50_ms": self.p50_ms,
             "p90_ms": self.p90_ms,
@@ -104,7 +98,7 @@ class LatencyStats:
             elif isinstance(v, int):
                 out[f.name] = v
             else:
-                out[f.name] = _json_float(v)
+                out[f.name] = json_float(v)
         return out
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Latency statistics and timers of avatarq.bench.latency."""
+"""Latency statistics and timers of avatarq.measure.latency."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from avatarq.bench.latency import CudaEventTimer, LatencyStats, time_callable
-from avatarq.bench.metrics import GATE_METRICS
 from avatarq.errors import AvatarqError
+from avatarq.measure import GATE_METRICS
+from avatarq.measure.latency import CudaEventTimer, LatencyStats, time_callable
 
 
 def test_stats_of_a_known_list():

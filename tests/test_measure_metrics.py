@@ -1,4 +1,4 @@
-"""Fidelity, temporal-stability and gate metrics of avatarq.bench.metrics."""
+"""Fidelity, temporal-stability and gate metrics of avatarq.measure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatarq.bench.metrics import (
+from avatarq.errors import AvatarqError
+from avatarq.measure import (
     GATE_METRICS,
     Gate,
     SequenceAccumulator,
@@ -21,7 +22,6 @@ from avatarq.bench.metrics import (
     psnr,
     ssim,
 )
-from avatarq.errors import AvatarqError
 
 T, C, H, W = 8, 3, 16, 16
 

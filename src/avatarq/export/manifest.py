@@ -1,0 +1,360 @@
+"""The bundle's manifest.json and the records in it, as typed documents.
+
+Every type here is a dataclass validated by `avatarq.core.documents` (strict JSON, no
+unknown keys); `docs/schemas/manifest.schema.json` is generated from `Manifest`. Paths in
+a manifest are relative to the bundle and are checked to stay inside it when the bundle
+is opened (`avatarq.export.bundle.open_bundle`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
+from avatarq.errors import AvatarqError
+from avatarq.export.options import ExportOptions
+
+SCHEMA_VERSION = 2
+BUILD_OPTIONS_VERSION = 1
+DTYPES = ("float32", "float16")
+# a bundle's precision: fp32, fp16, mixed, "int8" (bundles written before formats), or one
+# quantized format of `avatarq.calibration.formats` (w8a8, w4a8, fp8, ...)
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+
+
+def _check_precision(value: str) -> None:
+    if value in PRECISIONS:
+        return
+    from avatarq.calibration.formats import parse_format
+
+    parse_format(value, "manifest precision")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AvatarqError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output.
+
+    Attributes:
+        name: the graph's tensor name.
+        dtype: ``float32`` or ``float16``.
+        shape: dimensions; the string ``"batch"`` marks the dynamic batch dimension.
+        meaning: what the tensor holds, with units.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise AvatarqError("a tensor spec needs a name")
+        if self.dtype not in DTYPES:
+            raise AvatarqError(
+                f"tensor {self.name}: dtype must be one of {DTYPES}, got {self.dtype!r}"
+            )
+        for d in self.shape:
+            if isinstance(d, str) and d != "batch" or isinstance(d, int) and d < 1:
+                raise AvatarqError(
+                    f"tensor {self.name}: dimensions are positive integers or 'batch', got {d!r}"
+                )
+
+
+@dataclass
+class NormalizationRecord:
+    """How the outputs relate to Multiface's normalization.
+
+    Attributes:
+        folded: texture = t * tex_std + tex_mean (0..255) and vertices = v * vert_std +
+            vert_mean are computed inside the graph.
+        note: one line for people.
+        tex_std, vert_std: the scalars, when known.
+        arrays: bundle file holding tex_mean float32 [3, T, T], tex_std, vert_mean float32
+            [V * 3], vert_std (`normalization.npz`), whenever they are known (folded or not).
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    folded: bool
+    note: str
+    tex_std: float | None = None
+    vert_std: float | None = None
+    arrays: str | None = None
+
+
+@dataclass
+class ValidationRecord:
+    """A comparison of the bundle's graph with a reference (`avatarq.measure.compare`).
+
+    Texture errors are in the texture's own units; ``texture_psnr_db`` is the PSNR of the
+    error over all inputs together with ``peak`` as the peak.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    reference: str
+    inputs: str
+    n_samples: int
+    peak: float
+    texture_max_abs_error: JsonFloat
+    texture_mean_abs_error: JsonFloat
+    texture_psnr_db: JsonFloat
+    texture_psnr_min_db: JsonFloat
+    vertices_max_abs_error: JsonFloat
+    tolerances: dict[str, float]
+    passed: bool
+    vs_fp32: ValidationRecord | None = None
+
+
+@dataclass
+class LayerStorage:
+    """What the graph stores for one quantizable layer (read from model.onnx itself).
+
+    Attributes:
+        weight: element type of the stored weight: "int4" (packed two per byte), "int8",
+            "float8e4m3fn", "float16" or "float32".
+        scales: "per-channel", "per-tensor", "blocks of B" or "none" (float weights).
+        activation: the quantizer on the layer's input: "int8", "uint8", "int4 (in int8)"
+            (a clipped grid inside the 8-bit container), "float8e4m3fn"; or "float16" /
+            "float32" without one.
+        rotated: the input is rotated (Hadamard) before its quantizer.
+        weight_bytes: bytes of the weight, its scales and zero points, bias and rotation.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    weight: str
+    scales: str
+    activation: str
+    rotated: bool
+    weight_bytes: int
+
+
+@dataclass
+class ReferenceRecord:
+    """The FP32 graph a quantized or FP16 bundle is judged against (``reference/model.onnx``),
+    so bench, compare and the runtime need nothing outside the bundle."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How an engine is built (recorded in the manifest, so a build can be repeated).
+
+    Attributes:
+        min_batch, opt_batch, max_batch: the optimization profile of the batch dimension
+            (TensorRT); the runner preallocates for max_batch.
+        optimization_level: TensorRT builder optimization level, 0 (fastest build) .. 5.
+        compute_capabilities: TensorRT-RTX targets such as ``("sm86", "sm89")``; empty =
+            the library's default (portable to Ampere and later: 8.0, 8.6, 8.9, 12.x).
+        timing_cache: keep a TensorRT timing cache beside the engine and reuse it.
+        ort_rewrite: ONNX Runtime: rewrite ConvTranspose layers into phase convolutions
+            (`avatarq.export.rewrite_ort`), the INT8 CPU path for Q/DQ graphs.
+        calibration_latents: ONNX Runtime: a latent file whose steps are the inputs of the
+            build's check of the engine against model.onnx (None: the bundle's smooth
+            clip). The rewrite itself uses only the graph's own scales.
+        version: schema version.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    optimization_level: int = 3
+    compute_capabilities: tuple[str, ...] = ()
+    timing_cache: bool = True
+    ort_rewrite: bool = True
+    calibration_latents: str | None = None
+    version: int = BUILD_OPTIONS_VERSION
+
+    def __post_init__(self) -> None:
+        if self.calibration_latents is not None:
+            object.__setattr__(self, "calibration_latents", str(self.calibration_latents))
+        if self.version != BUILD_OPTIONS_VERSION:
+            raise AvatarqError(
+                f"build options version {self.version!r} is not supported (expected "
+                f"{BUILD_OPTIONS_VERSION})"
+            )
+        for name in ("min_batch", "opt_batch", "max_batch"):
+            _positive_int(name, getattr(self, name))
+        if self.max_batch > 4096:
+            raise AvatarqError(f"max_batch must be at most 4096, got {self.max_batch}")
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise AvatarqError(
+                f"batch profile must satisfy min <= opt <= max, got {self.min_batch}, "
+                f"{self.opt_batch}, {self.max_batch}"
+            )
+        _positive_int("optimization_level", self.optimization_level, 0)
+        if self.optimization_level > 5:
+            raise AvatarqError(f"optimization_level must be 0..5, got {self.optimization_level}")
+        caps = tuple(str(c).lower() for c in self.compute_capabilities)
+        bad = [c for c in caps if not (c.startswith("sm") and c[2:].isdigit())]
+        if bad:
+            raise AvatarqError(
+                f"compute capabilities are written like sm86 or sm120, got {', '.join(bad)}"
+            )
+        object.__setattr__(self, "compute_capabilities", caps)
+
+
+@dataclass
+class LayerRewriteRecord:
+    """What the ONNX Runtime build did to one layer of the graph."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    node: str
+    mode: str
+    reason: str = ""
+    output_scale: float | None = None
+
+
+@dataclass
+class OrtRewriteRecord:
+    """The ONNX Runtime graph rewrite: its options (JSON) and what became of each layer."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    config: str
+    layers: list[LayerRewriteRecord]
+    folded_weight_dq: int = 0
+
+
+@dataclass
+class _EngineFile:
+    """What every engine record holds: the file (bundle path, sha256, size), the library
+    and target it was built with and for, the build time and options."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    path: str
+    library_version: str
+    target: str
+    sha256: str
+    size_bytes: int
+    build_seconds: float
+    options: BuildOptions
+
+
+@dataclass
+class OnnxRuntimeEngineRecord(_EngineFile):
+    """An ONNX Runtime engine: the graph ONNX Runtime runs (``engines/onnxruntime-cpu.onnx``),
+    its check against model.onnx, and what the rewrite did to each layer."""
+
+    check: ValidationRecord = None  # type: ignore[assignment]  # always set by the builder
+    rewrite: OrtRewriteRecord | None = None
+    backend: Literal["onnxruntime"] = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        if self.check is None:
+            raise AvatarqError("an onnxruntime engine record needs its check")
+
+
+@dataclass
+class TensorRTEngineRecord(_EngineFile):
+    """A serialized TensorRT or TensorRT-RTX engine and the files built beside it.
+
+    Attributes:
+        io: tensor name -> {"mode": input|output, "dtype", "shape" (-1 dynamic)} as the
+            network declared it.
+        timing_cache, layers, inspector: bundle paths of the timing cache, the layer list
+            (precision per layer, known before any GPU sees the engine) and the engine
+            inspector's JSON (only when built on a GPU), or None.
+    """
+
+    backend: Literal["tensorrt", "tensorrt-rtx"] = "tensorrt"
+    io: dict[str, dict[str, str | list[int]]] = field(default_factory=dict)
+    strongly_typed: bool = True
+    timing_cache: str | None = None
+    layers: str | None = None
+    inspector: str | None = None
+
+
+EngineRecord = Annotated[
+    OnnxRuntimeEngineRecord | TensorRTEngineRecord, Field(discriminator="backend")
+]
+
+
+def engine_files(record: OnnxRuntimeEngineRecord | TensorRTEngineRecord) -> list[str]:
+    """Every bundle path a record names (the engine first)."""
+    paths = [record.path]
+    if isinstance(record, TensorRTEngineRecord):
+        paths += [p for p in (record.timing_cache, record.layers, record.inspector) if p]
+    return paths
+
+
+@dataclass
+class Manifest:
+    """What a runtime in any language needs to know about a bundle (docs/bundle.md).
+
+    Attributes:
+        arch, z_dim, tex_size, n_vertices: the decoder.
+        inputs, outputs: the graph's I/O.
+        precision: ``fp32``, ``fp16``, the one format of a quantized graph (``w8a8``,
+            ``w4a8``, ``fp8``, ...; ``int8`` in bundles written before formats) or ``mixed``.
+        layer_precision: module name -> format of each quantizable layer.
+        layer_storage: module name -> what model.onnx stores for it (`LayerStorage`).
+        size_bytes: bytes by role: "model.onnx" (the file), "initializers" (their stored
+            bytes) = "layer_weights" + "texel_biases" + "other", and "fp32_initializers"
+            (the FP32 graph's, for the compression ratio).
+        normalization: folded or not, and where the arrays are.
+        model_sha256: sha256 of model.onnx (checked before an engine is built from it).
+        reference: the FP32 graph a non-FP32 bundle is judged against, or None.
+        source_checkpoint_sha256: the checkpoint file the graph was made from.
+        versions: avatarq, torch, onnx, onnxruntime at export.
+        calib_sha256: sha256 of calib/calib.json for quantized bundles.
+        camera: the camera whose colour correction is folded in, or None.
+        validation: the export's check of the graph, or None (``--no-validate``).
+        export_options: the options the bundle was exported with.
+        engines: one record per built engine.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    arch: str
+    z_dim: int
+    tex_size: int
+    n_vertices: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    precision: str
+    layer_precision: dict[str, str]
+    normalization: NormalizationRecord
+    model_sha256: str
+    source_checkpoint_sha256: str
+    versions: dict[str, str]
+    export_options: ExportOptions
+    reference: ReferenceRecord | None = None
+    calib_sha256: str | None = None
+    camera: int | None = None
+    validation: ValidationRecord | None = None
+    engines: list[EngineRecord] = field(default_factory=list)
+    layer_storage: dict[str, LayerStorage] = field(default_factory=dict)
+    size_bytes: dict[str, int] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise AvatarqError(
+                f"schema_version is {self.schema_version!r}; this avatarq reads "
+                f"{SCHEMA_VERSION} (re-export the bundle with this avatarq)"
+            )
+        _check_precision(self.precision)
+        for name in ("z_dim", "tex_size", "n_vertices"):
+            _positive_int(name, getattr(self, name))
+        if len(self.model_sha256) != 64:
+            raise AvatarqError("model_sha256 must be a sha256 hex digest")

@@ -1,0 +1,45 @@
+"""avatarq.measure: the measurement layer under every stage.
+
+Metrics on values in [0, 1] (`images`: PSNR, SSIM), sequences and temporal stability
+(`sequence`: tDE, jitter ratio J, flicker excess FE), thresholds (`tolerances`, `gates`),
+latency statistics and timers (`latency`), and the one comparator (`compare`) that export
+validation, engine checks, ``avatarq compare``, the runtime and bench all use. It imports
+no stage; numpy only (torch only inside the CUDA timer).
+"""
+
+from avatarq.measure.compare import Comparison, Decoder, OutputError, compare
+from avatarq.measure.gates import (
+    GATE_METRICS,
+    Gate,
+    GateResult,
+    canonical_metric,
+    evaluate_gates,
+    parse_gates,
+)
+from avatarq.measure.images import psnr, psnr_from_mse, ssim
+from avatarq.measure.latency import CudaEventTimer, LatencyStats, time_callable
+from avatarq.measure.sequence import SequenceAccumulator, SequenceComparison, compare_sequences
+from avatarq.measure.tolerances import Tolerances
+
+__all__ = [
+    "GATE_METRICS",
+    "Comparison",
+    "CudaEventTimer",
+    "Decoder",
+    "Gate",
+    "GateResult",
+    "LatencyStats",
+    "OutputError",
+    "SequenceAccumulator",
+    "SequenceComparison",
+    "Tolerances",
+    "canonical_metric",
+    "compare",
+    "compare_sequences",
+    "evaluate_gates",
+    "parse_gates",
+    "psnr",
+    "psnr_from_mse",
+    "ssim",
+    "time_callable",
+]
