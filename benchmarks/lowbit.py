@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--holdout", choices=("frames", "segment", "none"), default="frames")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
+    parser.add_argument(
+        "--key", default=None, help="marked block to replace (default lowbit-AVATAR)"
+    )
     args = parser.parse_args(argv)
 
     def say(message: str, done: int = 0, total: int | None = None) -> None:
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     print(block)
     if args.docs is not None:
         text = args.docs.read_text() if args.docs.is_file() else ""
-        args.docs.write_text(replace_marked_block(text, f"lowbit-{args.avatar}", block))
+        key = args.key or f"lowbit-{args.avatar}"
+        args.docs.write_text(replace_marked_block(text, key, block))
         say(f"updated {args.docs}")
     return 0
 

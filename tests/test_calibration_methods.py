@@ -101,6 +101,18 @@ def test_the_hessian_error_equals_the_masked_output_error_of_the_layer():
     assert via_h == pytest.approx(float(direct), rel=1e-4)
 
 
+def test_the_per_phase_hessian_of_a_k4s2p1_deconv_equals_the_stuffed_input_one(monkeypatch):
+    import avatarq.calibration.gptq as gptq
+
+    layer, x, mask = _masked_problem(3)
+    crops, window = x[:, :, :6, :6], (2, 8)  # a crop: output window 8 at offset 2
+    masks = mask[..., :8, :8]
+    fast = layer_hessian(layer, crops, masks, window)
+    monkeypatch.setattr(gptq, "_is_k4s2p1", lambda module: False)
+    stuffed = layer_hessian(layer, crops, masks, window)
+    assert torch.allclose(fast, stuffed, rtol=1e-5, atol=1e-6 * float(stuffed.abs().max()))
+
+
 def test_positions_outside_the_mask_do_not_enter_the_hessian():
     layer, x, mask = _masked_problem(2)
     x2 = x.clone()

@@ -125,6 +125,65 @@ class HessianAccumulator:
         self.h = update if self.h is None else self.h + update
 
 
+# ConvTranspose(k4, s2, p1): output phase (a, b), i.e. the texels (2m + a, 2k + b), is a
+# stride-1 2x2 convolution of the input with the taps TAPS[a] x TAPS[b] and pads (top,
+# left, bottom, right) = (1 - a, 1 - b, a, b) (docs/engines.md, the ONNX Runtime rewrite).
+PHASE_TAPS = ((3, 1), (2, 0))
+
+
+def _is_k4s2p1(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.ConvTranspose2d)
+        and _pair(module.kernel_size) == (4, 4)
+        and _pair(module.stride) == (2, 2)
+        and _pair(module.padding) == (1, 1)
+        and _pair(module.output_padding) == (0, 0)
+        and module.groups == 1
+    )
+
+
+def _phase_hessian(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: tuple[int, int] | None,
+    acc: HessianAccumulator,
+) -> None:
+    """Add one batch of a k4s2p1 ConvTranspose to ``acc``, phase by phase: each phase's
+    4 x Cin columns form one diagonal block of H (the other blocks are 0), so this is the
+    stuffed-input H without multiplying the stuffed zeros. Patches are built from four
+    shifted views (torch's CPU ``unfold`` is several times slower)."""
+    b, c, h, w = x.shape
+    if acc.h is None:
+        acc.h = torch.zeros(16 * c, 16 * c, dtype=torch.float64)
+    for a in (0, 1):
+        for bb in (0, 1):
+            xp = F.pad(x, (1 - bb, bb, 1 - a, a))
+            cols = torch.stack(
+                [xp[:, :, i : i + h, j : j + w] for i in (0, 1) for j in (0, 1)], dim=2
+            )  # [B, C, 4, h, w]: unfold's (channel, i, j) order
+            if window is not None:
+                s, n = window
+                cols = cols[..., s // 2 : (s + n) // 2, s // 2 : (s + n) // 2]
+            cols = cols.reshape(b, c * 4, -1)
+            if mask is not None:
+                m = mask[:, :, a::2, bb::2].reshape(b, 1, -1)
+                cols = cols * m.sqrt()
+                acc.weight += float(m.sum())
+            else:
+                acc.weight += b * cols.shape[-1]
+            block = 2.0 * torch.einsum("bkp,blp->kl", cols, cols).double()
+            # unfold order (channel, i, j) -> W2 columns (tap (TAPS[a][i], TAPS[bb][j]), channel)
+            index = torch.tensor(
+                [
+                    (PHASE_TAPS[a][i] * 4 + PHASE_TAPS[bb][j]) * c + ch
+                    for ch in range(c)
+                    for i in range(2)
+                    for j in range(2)
+                ]
+            )
+            acc.h[index[:, None], index[None, :]] += block
+
+
 def layer_hessian(
     module: nn.Module,
     x: torch.Tensor,
@@ -150,6 +209,11 @@ def layer_hessian(
         xb = x[start : start + HESSIAN_BATCH]
         if rotate is not None:
             xb = rotate(xb)
+        mb = None if mask is None else mask[start : start + HESSIAN_BATCH]
+        if _is_k4s2p1(module) and (window is None or window[0] % 2 == 0):
+            acc = acc or HessianAccumulator(16 * xb.shape[1])
+            _phase_hessian(xb, mb, window, acc)
+            continue
         p = patches(module, xb, xb.shape[1] if xb.dim() == 4 else None)
         if acc is None:
             acc = HessianAccumulator(p.shape[1])
@@ -164,8 +228,8 @@ def layer_hessian(
             p = p[:, :, s : s + n, s : s + n]
         rows = p.permute(0, 2, 3, 1).reshape(-1, cols)
         m = None
-        if mask is not None:
-            m = mask[start : start + HESSIAN_BATCH].reshape(-1)
+        if mb is not None:
+            m = mb.reshape(-1)
             keep = m > 0
             rows, m = rows[keep], m[keep]
         acc.add(rows, m)
