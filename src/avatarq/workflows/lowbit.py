@@ -8,6 +8,8 @@ camera sees (metrics.md: PSNR, tDE, jitter ratio J) and over all texels; the gra
 and the calibration's wall time are recorded. `LowbitStudy.summary` gives mean and spread
 (min..max) over the seeds per (format, method); `LowbitStudy.markdown` is the table of
 docs/benchmarks.md ("Low bit widths"). `benchmarks/lowbit.py` runs it from the command line.
+A POCA row's seconds include the visibility masks of its sample set, rasterized once and
+cached in the workdir (keyed by the samples' hash) with the time that took.
 
 Held-out frames (``holdout``): "frames" (default) calibrates on the odd frames of every
 segment and evaluates on the even frames of the first segment (15 fps), so no evaluation
@@ -267,10 +269,17 @@ def lowbit_study(
             continue
         say(f"seed {seed}: samples and visibility masks")
         samples = samples_from_capture(model, calibration_capture, n_random, seed=seed)
+        cache = workdir / f"visibility_{samples.hash[:16]}.npz"
         start = time.perf_counter()
-        with torch.no_grad():
-            visibility = visibility_masks(decoder, samples)
-        mask_seconds = time.perf_counter() - start
+        if cache.is_file():  # rasterized by an earlier run on these very samples
+            with np.load(cache) as data:
+                visibility = torch.from_numpy(data["visibility"])
+                mask_seconds = float(data["seconds"])
+        else:
+            with torch.no_grad():
+                visibility = visibility_masks(decoder, samples)
+            mask_seconds = time.perf_counter() - start
+            np.savez_compressed(cache, visibility=visibility.numpy(), seconds=mask_seconds)
         for bits, method in todo:
             config = method.config(bits, seed)
             start = time.perf_counter()
