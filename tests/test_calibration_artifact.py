@@ -54,13 +54,14 @@ def test_artifact_describes_model_samples_and_every_layer(calibrated):
     assert doc["model"]["hash"] == decoder_hash(decoder)
     assert doc["samples"]["hash"] == samples.hash
     assert doc["samples"]["ids"][0] == ["seg", "0", "cam"]
-    assert (doc["method"], doc["tau"], doc["bits"]) == ("poca", 0.0, 8)
+    assert (doc["method"], doc["tau"], doc["bits"]) == ("poca", 0.0, "w8a8")
     names = [layer["name"] for layer in doc["layers"]]
     assert names[:3] == ["dec.view_fc", "dec.z_fc", "dec.texture_fc"]
     assert names[-1] == "dec.mesh_fc"
     deconv = doc["layers"][3]
     assert deconv["weight_axis"] == 1 and deconv["rounding"] == "nearest"
-    assert deconv["precision"] == "int8" and deconv["input_scale"] > 0
+    assert deconv["precision"] == "w8a8" and deconv["input_scale"] > 0
+    assert (deconv["weight_bits"], deconv["act_bits"], deconv["weight_block"]) == (8, 8, 0)
     with np.load(path / "tensors.npz") as tensors:
         scale = tensors[f"{deconv['name']}/weight_scale"]
     assert scale.dtype == np.float32 and scale.shape == (deconv["weight_shape"][1],)
@@ -157,7 +158,7 @@ def test_config_round_trips_through_json():
         ({"bits": 9}, "bits"),
         ({"method": "gptq"}, "unknown calibration method"),
         ({"precision": {"dec.z_fc": "int4"}}, "precision of 'dec.z_fc'"),
-        ({"version": 2}, "version 2"),
+        ({"version": 3}, "version 3"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -169,11 +170,11 @@ def test_precision_overrides_parse_and_name_unknown_layers():
     names = ["dec.z_fc", "dec.mesh_fc"]
     assert parse_precision("dec.mesh_fc=fp16, dec.z_fc=INT8", names) == {
         "dec.mesh_fc": "fp16",
-        "dec.z_fc": "int8",
+        "dec.z_fc": "w8a8",
     }
     with pytest.raises(AvatarqError, match="unknown layer 'dec.nope'"):
         parse_precision("dec.nope=fp16", names)
-    with pytest.raises(AvatarqError, match="layer=int8"):
+    with pytest.raises(AvatarqError, match="layer=w8a8"):
         parse_precision("dec.z_fc", names)
 
 

@@ -55,7 +55,7 @@ def test_int8_layers_see_inputs_and_weights_on_their_integer_grids(setup):
     fq = FakeQuantDecoder(decoder, artifact)
     name = "dec.texture_decoder.upsample.0.conv2.deconv"
     layer = fq.decoder.get_submodule(name)
-    assert isinstance(layer, QuantizedLayer) and layer.precision == "int8"
+    assert isinstance(layer, QuantizedLayer) and layer.precision == "w8a8"
     seen = []
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(m.quantize_input(i[0])))
     fq(samples.z, samples.view)
@@ -125,8 +125,8 @@ def test_the_budget_keeps_the_most_sensitive_layers_in_fp16_then_overrides_apply
     layers = discover_layers(tiny_decoder())
     names = [info.name for info in layers]
     sens = {name: float(i) for i, name in enumerate(names)}  # the last layer is most sensitive
-    plan = precision_plan(layers, sens, fp16_budget=2, overrides={names[-1]: "int8"})
-    assert plan[names[-1]] == "int8"
+    plan = precision_plan(layers, sens, fp16_budget=2, overrides={names[-1]: "w4a8"})
+    assert plan[names[-1]] == "w4a8"
     assert [n for n, p in plan.items() if p == "fp16"] == names[-3:-1]
 
 

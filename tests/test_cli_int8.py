@@ -41,7 +41,7 @@ def test_calibrate_writes_an_artifact_naming_every_layer(small_avatar, tmp_path)
     result = _calibrate(small_avatar, tmp_path / "calib")
     assert result.exit_code == 0, result.stderr
     printed = json.loads(result.stdout)
-    assert set(printed["precision"].values()) == {"int8"}
+    assert set(printed["precision"].values()) == {"w8a8"}
     assert (tmp_path / "calib" / "calib.json").is_file()
 
 
@@ -62,7 +62,7 @@ def test_export_int8_from_an_artifact_writes_qdq_on_every_layer(small_avatar, tm
     )
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == "int8"
+    assert manifest["precision"] == "w8a8"
     assert manifest["calib_sha256"]
     assert (out / "calib" / "calib.json").is_file()
     model = onnx.load(out / "model.onnx")
@@ -98,7 +98,7 @@ def test_calib_without_int8_is_a_user_error(small_avatar, tmp_path):
         "export", "--model", small_avatar.checkpoint, "--calib", tmp_path, "-o", tmp_path / "x.avq"
     )
     assert result.exit_code == 2
-    assert result.stderr == "error: a calibration artifact (--calib) needs --int8\n"
+    assert result.stderr == "error: a calibration artifact (--calib) needs --int8 or --fp8\n"
 
 
 def test_int8_and_fp16_together_are_a_user_error(small_avatar, tmp_path):

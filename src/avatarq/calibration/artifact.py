@@ -3,10 +3,17 @@
 Layout of ``calib/``::
 
     calib.json     format, version, model hash, samples (ids, clips, hash), config, and per
-                   layer (execution order): precision, bits, activation scale and zero point,
-                   weight axis, rounding mode, loss curve, sensitivity
-    tensors.npz    "<layer>/weight_scale" float32 [C_out] per quantized layer, and
-                   "<layer>/weight_int" int8 (weight shape) when the rounding was learned
+                   layer (execution order): format (precision, weight / activation bits),
+                   activation scale and zero point, weight axis and block size, rounding
+                   mode, rotation, loss curve, sensitivity; the smoothing pairs and the
+                   texel-bias storage formats
+    tensors.npz    "<layer>/weight_scale" float32 ([C_out] or blocked) per quantized layer,
+                   "<layer>/weight_int" int8 (stored weight shape) when the rounding was
+                   learned, "<layer>/smoothing" float32 [C_in] per smoothed layer,
+                   "<bias>/bias_scale" float32 [C] per int8 texel bias
+
+Version 2 (formats, blocks, rotations, smoothing, bias formats). Version 1 files load too:
+their "int8" layers with ``bits`` N are the format wNaN.
 
 Writing is deterministic: sorted JSON keys and a zip with fixed timestamps, so the same
 calibration writes the same bytes. Loading validates the format and version, and
@@ -19,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,29 +34,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from avatarq.calibration.layers import PRECISIONS, QuantizedLayer, discover_layers, get_layer
-from avatarq.calibration.quantizers import (
-    MIN_SCALE,
-    activation_range,
-    check_bits,
-    quantize_weight,
-    weight_range,
-)
+from avatarq.calibration.biases import check_bias_format, quantize_bias
+from avatarq.calibration.entry import GraphWeight, LayerCalibration, per_channel_amax_np
+from avatarq.calibration.layers import discover_layers, get_layer
+from avatarq.calibration.smoothing import SmoothingPair, smooth_decoder
 from avatarq.core.files import StagedDirectory, inside
 from avatarq.core.npz import load_npz
 from avatarq.errors import AvatarqError
 
+__all__ = [
+    "ARTIFACT_VERSION",
+    "CalibrationArtifact",
+    "GraphWeight",
+    "LayerCalibration",
+    "decoder_hash",
+    "per_channel_amax_np",
+]
+
 FORMAT = "avatarq-calibration"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 JSON_NAME = "calib.json"
 TENSORS_NAME = "tensors.npz"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-def per_channel_amax_np(w: np.ndarray, axis: int) -> np.ndarray:
-    """max |w| over every axis but ``axis`` (at least MIN_SCALE): float32 [w.shape[axis]]."""
-    dims = tuple(d for d in range(w.ndim) if d != axis)
-    return np.maximum(np.abs(w).max(axis=dims), MIN_SCALE).astype(np.float32)
 
 
 def decoder_hash(decoder: nn.Module) -> str:
@@ -78,127 +84,6 @@ def decoder_hash(decoder: nn.Module) -> str:
 
 
 @dataclass
-class LayerCalibration:
-    """The calibration of one layer.
-
-    Attributes:
-        name, kind, weight_shape, weight_axis: as `LayerInfo`.
-        precision: "int8" (quantized at ``bits`` in the 8-bit container), "fp16" or "fp32".
-        bits: integer bit width (int8 layers).
-        symmetric: symmetric signed activation grid (else asymmetric unsigned).
-        input_scale, input_zero_point: per-tensor activation quantizer (int8 layers).
-        weight_scale: float32 [C_out] per-output-channel weight scales (int8 layers).
-        rounding: "nearest" (integers = clamp(rint(w / s))) or "adaround" (learned).
-        weight_int: int8 weight integers when the rounding was learned, else None.
-        loss: {"initial", "final", "curve", "iters"} of the masked reconstruction loss.
-        sensitivity: output noise-to-signal ratio (or Omega) with this layer alone quantized.
-    """
-
-    name: str
-    kind: str
-    weight_shape: tuple[int, ...]
-    weight_axis: int
-    precision: str
-    bits: int = 8
-    symmetric: bool = True
-    input_scale: float | None = None
-    input_zero_point: int | None = None
-    weight_scale: np.ndarray | None = None
-    rounding: str | None = None
-    weight_int: np.ndarray | None = None
-    loss: dict = field(default_factory=dict)
-    sensitivity: float | None = None
-
-    @classmethod
-    def for_layer(
-        cls, info, precision: str, bits: int, symmetric: bool, **fields
-    ) -> LayerCalibration:
-        """An entry for the layer ``info`` (a `LayerInfo`) with the given plan and results."""
-        return cls(
-            name=info.name,
-            kind=info.kind,
-            weight_shape=info.weight_shape,
-            weight_axis=info.weight_axis,
-            precision=precision,
-            bits=bits,
-            symmetric=symmetric,
-            **fields,
-        )
-
-    @property
-    def quantized(self) -> bool:
-        return self.precision == "int8"
-
-    def integer_weight(self, weight: torch.Tensor) -> np.ndarray:
-        """int8 integers of this layer's weight (the learned ones, or nearest rounding)."""
-        if not self.quantized:
-            raise AvatarqError(
-                f"layer {self.name!r} is {self.precision}, it has no integer weights"
-            )
-        if self.weight_int is not None:
-            return self.weight_int
-        return quantize_weight(
-            weight, torch.from_numpy(self.weight_scale), self.weight_axis, self.bits
-        )
-
-    def graph_weight(
-        self, weight: torch.Tensor | np.ndarray, conv_transpose_axis: int | None = 1
-    ) -> tuple[np.ndarray, np.ndarray, int | None]:
-        """The int8 weight as a Q/DQ graph stores it: (q int8 [weight shape], scale float32
-        [C] or [] for per tensor, axis or None).
-
-        ConvTranspose layers may use another scale axis than the calibrated output axis 1:
-        0 (per input channel) or None (per tensor); their integers are then re-derived from
-        the float weight by max calibration along that axis (a fallback for TensorRT
-        versions that reject axis 1).
-        """
-        w = weight.detach().float().cpu().numpy() if torch.is_tensor(weight) else weight
-        w = np.array(w, np.float32, copy=True)
-        if self.kind != "conv_transpose" or conv_transpose_axis == self.weight_axis:
-            scale = np.asarray(self.weight_scale, np.float32)
-            return self.integer_weight(torch.from_numpy(w)), scale, self.weight_axis
-        qmax = weight_range(self.bits).qmax
-        if conv_transpose_axis is None:
-            scale = np.asarray(max(float(np.abs(w).max()), 1e-12) / qmax, np.float32)
-            return np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8), scale, None
-        scale = torch.from_numpy(per_channel_amax_np(w, conv_transpose_axis) / np.float32(qmax))
-        q = quantize_weight(torch.from_numpy(w), scale, conv_transpose_axis, self.bits)
-        return q, scale.numpy(), conv_transpose_axis
-
-    def module(self, inner: nn.Module, conv_transpose_axis: int | None = 1) -> QuantizedLayer:
-        """``inner`` wrapped with this calibration's numerics (see `graph_weight`)."""
-        if not self.quantized:
-            return QuantizedLayer(inner, self.precision, weight_axis=self.weight_axis)
-        q, scale, axis = self.graph_weight(inner.weight, conv_transpose_axis)
-        return QuantizedLayer(
-            inner,
-            "int8",
-            self.input_scale,
-            self.input_zero_point,
-            activation_range(self.bits, self.symmetric),
-            torch.from_numpy(q),
-            torch.from_numpy(scale),
-            axis,
-        )
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "weight_shape": list(self.weight_shape),
-            "weight_axis": self.weight_axis,
-            "precision": self.precision,
-            "bits": self.bits,
-            "symmetric": self.symmetric,
-            "input_scale": self.input_scale,
-            "input_zero_point": self.input_zero_point,
-            "rounding": self.rounding,
-            "loss": self.loss,
-            "sensitivity": self.sensitivity,
-        }
-
-
-@dataclass
 class CalibrationArtifact:
     """What a calibration produced (see the module docstring for the files).
 
@@ -208,6 +93,11 @@ class CalibrationArtifact:
         samples: the samples record (count, hash, ids, clips, ...).
         config: the `CalibrationConfig` as a dict.
         layers: per-layer calibrations, execution order (coarse to fine).
+        smoothing: the smoothing pairs applied (empty: none).
+        smoothing_scales: {consumer layer: float32 [C_in] scales folded in}.
+        texel_biases: {texel bias parameter: "fp32" | "fp16" | "int8"} (absent: fp32).
+        bias_scales: {texel bias parameter: float32 [C]} of the int8 ones.
+        allocation: the size-budget allocation (`Allocation.to_json`), empty without one.
     """
 
     model_hash: str
@@ -216,6 +106,11 @@ class CalibrationArtifact:
     config: dict
     layers: list[LayerCalibration]
     version: int = ARTIFACT_VERSION
+    smoothing: list[SmoothingPair] = field(default_factory=list)
+    smoothing_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    texel_biases: dict[str, str] = field(default_factory=dict)
+    bias_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LayerCalibration:
         for layer in self.layers:
@@ -229,8 +124,34 @@ class CalibrationArtifact:
 
     @property
     def precision(self) -> dict[str, str]:
-        """The precision plan: {layer: "int8" | "fp16" | "fp32"}."""
+        """The precision plan: {layer: format name ("w8a8", "w4a8", "fp8", "fp16", ...)}."""
         return {layer.name: layer.precision for layer in self.layers}
+
+    # --------------------------------------------------------------------- float changes
+    def smoothed_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The float parameters the smoothing changes, from their FP32 values ``arrays``
+        (name -> float32), pair by pair; returns only the changed names."""
+        from avatarq.calibration.smoothing import apply_smoothing
+
+        current = dict(arrays)
+        changed: dict[str, np.ndarray] = {}
+        for pair in self.smoothing:
+            out = apply_smoothing(current, pair, self.smoothing_scales[pair.consumer])
+            current.update(out)
+            changed.update(out)
+        return changed
+
+    @torch.no_grad()
+    def apply_float_changes(self, decoder: nn.Module) -> None:
+        """Fold the smoothing into ``decoder`` and round its texel biases, in place."""
+        if self.smoothing:
+            smooth_decoder(decoder, self.smoothing, self.smoothing_scales)
+        params = dict(decoder.named_parameters())
+        for name, fmt in self.texel_biases.items():
+            if fmt != "fp32":
+                values = params[name].detach().cpu().numpy()
+                _, _, rounded = quantize_bias(values, fmt, self.bias_scales.get(name))
+                params[name].copy_(torch.from_numpy(rounded))
 
     # --------------------------------------------------------------------- validation
     def validate(self, decoder: nn.Module) -> None:
@@ -259,6 +180,10 @@ class CalibrationArtifact:
                     f"layer {layer.name!r} has weight shape {list(shape)}, the calibration "
                     f"{list(layer.weight_shape)}"
                 )
+        params = dict(decoder.named_parameters())
+        for name in self.texel_biases:
+            if name not in params:
+                raise AvatarqError(f"the calibration names texel bias {name!r}, not in this model")
 
     # --------------------------------------------------------------------- files
     def to_json(self) -> str:
@@ -272,6 +197,9 @@ class CalibrationArtifact:
             "tau": self.config.get("tau"),
             "bits": self.config.get("bits"),
             "layers": [layer.to_json() for layer in self.layers],
+            "smoothing": [pair.to_json() for pair in self.smoothing],
+            "texel_biases": dict(sorted(self.texel_biases.items())),
+            "allocation": self.allocation,
             "tensors": TENSORS_NAME,
         }
         return json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n"
@@ -279,10 +207,11 @@ class CalibrationArtifact:
     def tensors(self) -> dict[str, np.ndarray]:
         out = {}
         for layer in self.layers:
-            if layer.weight_scale is not None:
-                out[f"{layer.name}/weight_scale"] = np.asarray(layer.weight_scale, np.float32)
-            if layer.weight_int is not None:
-                out[f"{layer.name}/weight_int"] = np.asarray(layer.weight_int, np.int8)
+            out.update(layer.tensors())
+        for consumer, scale in self.smoothing_scales.items():
+            out[f"{consumer}/smoothing"] = np.asarray(scale, np.float32)
+        for name, scale in self.bias_scales.items():
+            out[f"{name}/bias_scale"] = np.asarray(scale, np.float32)
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -320,22 +249,37 @@ class CalibrationArtifact:
             raise AvatarqError(f"{doc_path} is not valid JSON ({reason}); recalibrate") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise AvatarqError(f"{doc_path} is not an avatarq calibration (format {FORMAT!r})")
-        if doc.get("version") != ARTIFACT_VERSION:
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS:
             raise AvatarqError(
-                f"{doc_path} has calibration version {doc.get('version')!r}; this avatarq "
-                f"reads version {ARTIFACT_VERSION}; recalibrate"
+                f"{doc_path} has calibration version {version!r}; this avatarq "
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; recalibrate"
             )
         _check_types(doc, doc_path)
         tensors = _read_npz(inside(doc_path.parent, doc.get("tensors", TENSORS_NAME), "tensors"))
         try:
-            layers = [_layer_from_json(entry, tensors) for entry in doc["layers"]]
+            layers = [LayerCalibration.from_json(e, tensors, version) for e in doc["layers"]]
+            smoothing = [SmoothingPair.from_json(p) for p in doc.get("smoothing", [])]
+            biases = {str(k): check_bias_format(v) for k, v in doc.get("texel_biases", {}).items()}
+            config = dict(doc["config"])
+            if version == 1 and isinstance(config.get("bits"), int):
+                config["bits"] = f"w{config['bits']}a{config['bits']}"
             artifact = cls(
                 doc["model"]["hash"],
                 doc["model"]["config"],
                 doc["samples"],
-                doc["config"],
+                config,
                 layers,
-                doc["version"],
+                ARTIFACT_VERSION,
+                smoothing,
+                {p.consumer: _tensor(tensors, f"{p.consumer}/smoothing") for p in smoothing},
+                biases,
+                {
+                    k: _tensor(tensors, f"{k}/bias_scale")
+                    for k, fmt in biases.items()
+                    if fmt == "int8"
+                },
+                dict(doc.get("allocation", {})),
             )
         except AvatarqError as exc:
             raise AvatarqError(f"{doc_path} is malformed: {exc}; recalibrate") from None
@@ -384,7 +328,6 @@ _LAYER_TYPES: dict[str, tuple[type, ...]] = {
     "weight_shape": (list,),
     "weight_axis": (int,),
     "precision": (str,),
-    "bits": (int,),
     "symmetric": (bool,),
     "input_scale": (*_NUMBER, type(None)),
     "input_zero_point": (int, type(None)),
@@ -394,62 +337,13 @@ _LAYER_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _layer_from_json(entry: dict, tensors: dict[str, np.ndarray]) -> LayerCalibration:
-    name = entry["name"]
-    if entry["precision"] not in PRECISIONS:
-        raise ValueError(f"layer {name!r} has unknown precision {entry['precision']!r}")
-    shape = entry["weight_shape"]
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in shape):
-        raise ValueError(f"layer {name!r} has weight_shape {shape!r}")
-    if not 0 <= entry["weight_axis"] < len(shape):
-        raise ValueError(
-            f"layer {name!r} has weight_axis {entry['weight_axis']} for {len(shape)}-d weights"
-        )
-    check_bits(entry["bits"])
-    layer = LayerCalibration(
-        name=name,
-        kind=entry["kind"],
-        weight_shape=tuple(int(s) for s in entry["weight_shape"]),
-        weight_axis=int(entry["weight_axis"]),
-        precision=entry["precision"],
-        bits=int(entry["bits"]),
-        symmetric=bool(entry["symmetric"]),
-        input_scale=entry["input_scale"],
-        input_zero_point=entry["input_zero_point"],
-        rounding=entry["rounding"],
-        loss=entry.get("loss", {}),
-        sensitivity=entry.get("sensitivity"),
-    )
-    if layer.quantized:
-        key = f"{name}/weight_scale"
-        if key not in tensors:
-            raise KeyError(f"tensors.npz lacks {key!r}")
-        if tensors[key].dtype.kind != "f":
-            raise ValueError(f"{key} has dtype {tensors[key].dtype}, expected float32")
-        with np.errstate(over="ignore"):
-            layer.weight_scale = tensors[key].astype(np.float32)
-        if layer.weight_scale.shape != (layer.weight_shape[layer.weight_axis],):
-            raise ValueError(f"{key} has shape {list(layer.weight_scale.shape)}")
-        if not (np.isfinite(layer.weight_scale).all() and (layer.weight_scale > 0).all()):
-            raise ValueError(f"{key} holds non-positive or non-finite scales")
-        scale = layer.input_scale
-        if scale is None or not (math.isfinite(scale) and 0 < scale < 3e38):
-            raise ValueError(f"layer {name!r} has input_scale {layer.input_scale!r}")
-        zero_point = layer.input_zero_point
-        if zero_point is not None and not -128 <= zero_point <= 255:
-            raise ValueError(f"layer {name!r} has input_zero_point {zero_point!r}")
-        if layer.rounding == "adaround":
-            wkey = f"{name}/weight_int"
-            if wkey not in tensors:
-                raise KeyError(f"tensors.npz lacks {wkey!r}")
-            if tensors[wkey].dtype != np.int8:
-                raise ValueError(f"{wkey} has dtype {tensors[wkey].dtype}, expected int8")
-            layer.weight_int = tensors[wkey]
-            if layer.weight_int.shape != layer.weight_shape:
-                raise ValueError(f"{wkey} has shape {list(layer.weight_int.shape)}")
-        elif layer.rounding != "nearest":
-            raise ValueError(f"layer {name!r} has unknown rounding {layer.rounding!r}")
-    return layer
+def _tensor(tensors: dict[str, np.ndarray], key: str) -> np.ndarray:
+    if key not in tensors:
+        raise KeyError(f"tensors.npz lacks {key!r}")
+    value = tensors[key].astype(np.float32)
+    if not (np.isfinite(value).all() and (value > 0).all()):
+        raise ValueError(f"{key} holds non-positive or non-finite values")
+    return value
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

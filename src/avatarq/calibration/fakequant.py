@@ -15,12 +15,14 @@ class FakeQuantDecoder(nn.Module):
     """(z float32 [B, Z], view float32 [B, 3]) -> (texture, vertices) float32, computed the
     way the Q/DQ ONNX of ``artifact`` computes them.
 
-    Each int8 layer quantizes its input per tensor (QuantizeLinear then DequantizeLinear,
-    round half to even, saturating; a b < 8 grid clips first) and multiplies its int8
-    weights by their per-output-channel scales; bias, texel biases and activations stay
-    float32. fp16 layers round their input, weight, bias and output to float16. The
-    remaining differences to an ONNX runtime are float accumulation order, which can move
-    a value across a rounding boundary of the next quantizer.
+    Smoothing scales are folded in and the texel biases rounded to their storage format
+    first. Each quantized layer (rotating its input first when it is rotated) quantizes
+    its input per tensor (QuantizeLinear then DequantizeLinear, round half to even,
+    saturating; an integer grid below 8 bits clips first; FP8 rounds to E4M3) and
+    multiplies its weight codes by their per-output-channel or per-block scales; biases and
+    activations stay float32. fp16 layers round their input, weight, bias and output to
+    float16. The remaining differences to an ONNX runtime are float accumulation order,
+    which can move a value across a rounding boundary of the next quantizer.
 
     ``decoder`` (a `DeployableDecoder`) is copied, never changed; ``artifact`` is validated
     against it first (AvatarqError on a mismatch). ``conv_transpose_axis`` must match the
@@ -36,6 +38,7 @@ class FakeQuantDecoder(nn.Module):
         super().__init__()
         artifact.validate(decoder)
         self.decoder = copy.deepcopy(decoder).eval()
+        artifact.apply_float_changes(self.decoder)
         install(
             self.decoder,
             {

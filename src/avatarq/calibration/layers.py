@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avatarq.calibration.formats import parse_format
 from avatarq.calibration.quantizers import (
-    IntRange,
+    Grid,
     activation_range,
     dequantize_weight,
     fake_quantize,
 )
-from avatarq.errors import InternalError
+from avatarq.errors import AvatarqError, InternalError
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.ConvTranspose2d: "conv_transpose"}
-PRECISIONS = ("int8", "fp16", "fp32")
+FLOAT_PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class LayerInfo:
     @property
     def out_channels(self) -> int:
         return self.weight_shape[self.weight_axis]
+
+    @property
+    def input_axis(self) -> int:
+        """The input-channel axis of the weight (1; 0 for ConvTranspose2d)."""
+        return 1 - self.weight_axis
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[self.input_axis]
 
 
 def _kind(module: nn.Module) -> str:
@@ -153,15 +163,32 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+def is_quantized(precision: str) -> bool:
+    """Whether a precision string names a Q/DQ format (wXaY, fp8, legacy int8)."""
+    return precision not in FLOAT_PRECISIONS
+
+
+def rotate_input(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Apply a channel rotation R float32 [n, Cin] to x: [B, Cin] -> [B, n] (x @ R^T), or
+    [B, Cin, H, W] -> [B, n, H, W] (a 1x1 convolution with R), as the ONNX graph does."""
+    if x.dim() == 2:
+        return x @ rotation.t()
+    return F.conv2d(x, rotation[:, :, None, None])
+
+
 class QuantizedLayer(nn.Module):
     """A quantizable layer with its deployed numerics (what the exported ONNX computes).
 
-    precision "int8": the input goes through a per-tensor Q/DQ with (``input_scale``,
-    ``input_zero_point``) on ``input_range`` (a b < 8 range is clipped inside the 8-bit
-    container); the weight is ``weight_int`` (int8, per-output-channel) times
-    ``weight_scale`` along ``weight_axis``; bias float32. precision "fp16": input, weight
-    and bias are rounded to float16, the output too (a float16 layer between casts).
-    precision "fp32": the layer unchanged. Input and output are float32 in every case.
+    A quantized precision (a format "wXaY" or "fp8"; "int8" is accepted as before): the
+    input goes through a per-tensor Q/DQ with (``input_scale``, ``input_zero_point``) on
+    ``input_range`` (an integer grid clipped inside the 8-bit container, or FP8); the
+    weight is ``weight_int`` (int8 integers, or float32 FP8 values) times ``weight_scale``
+    (per output channel [C] along ``weight_axis``, or full-rank: expanded blocks); bias
+    float32. With ``rotation`` R (float32 [n, Cin]) the input is rotated first (`rotate_input`)
+    and ``weight_int`` holds the rotated weight (n input channels).
+    precision "fp16": input, weight and bias are rounded to float16, the output too (a
+    float16 layer between casts). precision "fp32": the layer unchanged. Input and output
+    are float32 in every case.
     """
 
     def __init__(
@@ -170,25 +197,30 @@ class QuantizedLayer(nn.Module):
         precision: str = "fp32",
         input_scale: float = 1.0,
         input_zero_point: float = 0.0,
-        input_range: IntRange | None = None,
+        input_range: Grid | None = None,
         weight_int: torch.Tensor | None = None,
         weight_scale: torch.Tensor | None = None,
         weight_axis: int | None = 0,
+        rotation: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise InternalError(f"unknown precision {precision!r}")
+        try:
+            parse_format(precision, "precision", legacy="w8a8")
+        except AvatarqError:
+            raise InternalError(f"unknown precision {precision!r}") from None
         self.inner = inner
         self.precision = precision
+        self.quantized = is_quantized(precision)
         self.input_range = input_range or activation_range(8)
         self.register_buffer("input_scale", torch.tensor(float(input_scale), dtype=torch.float32))
         self.register_buffer(
             "input_zero_point", torch.tensor(float(input_zero_point), dtype=torch.float32)
         )
         self.weight_axis = weight_axis
-        if precision == "int8":
+        self.rotation = None if rotation is None else rotation.float()
+        if self.quantized:
             if weight_int is None or weight_scale is None:
-                raise InternalError("an int8 layer needs integer weights and their scales")
+                raise InternalError("a quantized layer needs weight codes and their scales")
             self.register_buffer(
                 "weight_dq", dequantize_weight(weight_int, weight_scale, weight_axis)
             )
@@ -198,6 +230,8 @@ class QuantizedLayer(nn.Module):
             self.weight_dq = None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = rotate_input(x, self.rotation)
         return fake_quantize(x, self.input_scale, self.input_zero_point, self.input_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,20 +10,37 @@ import torch
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration, decoder_hash
+from avatarq.calibration.biases import bias_scale, texel_bias_names
 from avatarq.calibration.cache import CAPTURE_BATCH
 from avatarq.calibration.config import CalibrationConfig, check_layer_names
+from avatarq.calibration.formats import parse_format
+from avatarq.calibration.hadamard import rotated_shape, rotation_matrix
 from avatarq.calibration.layers import (
     LayerInfo,
     QuantizedLayer,
     discover_layers,
     get_layer,
     install,
+    is_quantized,
+    rotate_input,
 )
 from avatarq.calibration.masks import visibility_masks
-from avatarq.calibration.precision import measured_sensitivity, omega_sensitivity, precision_plan
-from avatarq.calibration.quantizers import max_activation_range, weight_scales
-from avatarq.calibration.reconstruct import reconstruct
+from avatarq.calibration.precision import (
+    allocate_formats,
+    measured_sensitivity,
+    omega_sensitivity,
+    precision_plan,
+)
+from avatarq.calibration.quantizers import layer_block, max_activation_range
+from avatarq.calibration.reconstruct import initial_weight_scale, reconstruct
 from avatarq.calibration.samples import CalibrationSamples
+from avatarq.calibration.smoothing import (
+    SmoothingPair,
+    input_channel_amax,
+    smooth_decoder,
+    smoothing_pairs,
+    smoothing_scales,
+)
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 
@@ -36,17 +53,23 @@ def _max_method(
     visibility: torch.Tensor | None,
     config: CalibrationConfig,
     progress: Progress | None,
+    work: nn.Module | None = None,
 ) -> dict[str, LayerCalibration]:
     """Standard PTQ: per-tensor input amax over every calibration value (no masks, one FP32
-    pass), per-channel weight amax, nearest rounding."""
-    todo = [info for info in layers if plan[info.name] == "int8"]
+    pass), per-channel (or per-block) weight amax, nearest rounding."""
+    todo = [info for info in layers if is_quantized(plan[info.name])]
     lo = {info.name: torch.tensor(np.inf) for info in todo}
     hi = {info.name: torch.tensor(-np.inf) for info in todo}
+    rotations = {
+        info.name: rotation_matrix(info.in_channels) if config.hadamard else None for info in todo
+    }
     handles = []
     for info in todo:
 
         def hook(module, inputs, output, name=info.name):
             x = inputs[0].detach()
+            if rotations[name] is not None:
+                x = rotate_input(x, rotations[name])
             lo[name] = torch.minimum(lo[name], x.min())
             hi[name] = torch.maximum(hi[name], x.max())
 
@@ -63,22 +86,32 @@ def _max_method(
             h.remove()
     out = {}
     for info in todo:
+        fmt = parse_format(plan[info.name])
         scale, zp = max_activation_range(
-            torch.stack([lo[info.name], hi[info.name]]), config.bits, config.symmetric
+            torch.stack([lo[info.name], hi[info.name]]), fmt.act_grid, config.symmetric
         )
-        w_scale = weight_scales(
-            get_layer(reference, info.name).weight, info.weight_axis, config.bits
-        )
-        out[info.name] = LayerCalibration.for_layer(
+        entry = LayerCalibration.for_layer(
             info,
-            "int8",
-            config.bits,
+            fmt,
             config.symmetric,
             input_scale=scale,
             input_zero_point=int(round(zp)),
-            weight_scale=w_scale.numpy().astype(np.float32),
+            weight_block=layer_block(
+                rotated_shape(info.weight_shape, info.input_axis)[info.input_axis]
+                if rotations[info.name] is not None
+                else info.in_channels,
+                config.weight_block,
+            ),
             rounding="nearest",
+            rotation=0 if rotations[info.name] is None else int(rotations[info.name].shape[0]),
         )
+        weight = entry.stored_weight(get_layer(reference, info.name).weight)
+        entry.weight_scale = (
+            initial_weight_scale(weight, entry.layout, fmt, config.weight_search)
+            .numpy()
+            .astype(np.float32)
+        )
+        out[info.name] = entry
     return out
 
 
@@ -90,9 +123,11 @@ def _poca_method(
     visibility: torch.Tensor | None,
     config: CalibrationConfig,
     progress: Progress | None,
+    work: nn.Module | None = None,
 ) -> dict[str, LayerCalibration]:
-    """POCA: masked grid search, then sequential masked reconstruction (reconstruct.py)."""
-    work = copy.deepcopy(reference)
+    """POCA: masked grid search, then sequential masked reconstruction (reconstruct.py).
+    ``work``: the decoder later layers' inputs come from (texel biases as stored)."""
+    work = copy.deepcopy(reference if work is None else work)
     install(
         work,
         {
@@ -130,12 +165,14 @@ def calibrate(
 ) -> CalibrationArtifact:
     """Calibrate ``decoder`` (a `DeployableDecoder`, left unchanged) on ``samples``.
 
-    Steps: list the quantizable layers (execution order); measure per-layer sensitivity
-    (``config.sensitivity``); choose the precision plan (``fp16_budget`` most sensitive
-    layers in FP16, then ``config.precision`` overrides); compute visibility masks when the
-    samples carry cameras and ``config.visibility``; calibrate the int8 layers with
-    ``config.method`` ("poca": masked grid search + sequential masked reconstruction;
-    "max": plain max calibration).
+    Steps: list the quantizable layers (execution order); with ``config.smooth``, fold
+    smoothing scales into a copy of the decoder (smoothing.py); measure per-layer
+    sensitivity (``config.sensitivity``); choose the precision plan (the exact allocation
+    under ``config.size_budget``, or the ``fp16_budget`` most sensitive layers in FP16 and
+    the rest in ``config.bits``; then ``config.precision`` overrides); compute visibility
+    masks when the samples carry cameras and ``config.visibility``; calibrate the quantized
+    layers with ``config.method`` ("poca": masked grid search + sequential masked
+    reconstruction, GPTQ / AdaRound / Hadamard as configured; "max": plain max calibration).
 
     Args:
         progress: called as progress(description, done, total) while working.
@@ -148,7 +185,8 @@ def calibrate(
 
     Raises:
         AvatarqError: samples that do not fit the decoder, an unknown layer in the overrides,
-            or visibility requested on a decoder without de-normalization.
+            a size budget no allocation fits, or visibility requested on a decoder without
+            de-normalization.
     """
     _check(decoder, samples)
     reference = copy.deepcopy(decoder).float().cpu().eval()
@@ -157,20 +195,28 @@ def calibrate(
     layers = discover_layers(reference)
     names = [info.name for info in layers]
     check_layer_names(config.precision, names)
+    say = progress or (lambda *_: None)
 
+    pairs, scales = _smooth(reference, layers, samples, config, say)
+    n = min(config.sensitivity_samples, len(samples))
+    z, view = samples.z[:n], samples.view[:n]
+    allocation = None
+    if config.size_budget is not None:
+        allocation = allocate_formats(reference, layers, z, view, config, say)
+        plan = {**allocation.formats, **config.precision}
     sensitivity: dict[str, float] | None = None
     if config.sensitivity != "none":
-        if progress is not None:
-            progress("measuring sensitivity", 0, 1)
-        n = min(config.sensitivity_samples, len(samples))
-        z, view = samples.z[:n], samples.view[:n]
+        say("measuring sensitivity", 0, 1)
         if config.sensitivity == "omega":
             sensitivity = omega_sensitivity(reference, layers, z, view, config.bits)
         else:
             sensitivity = measured_sensitivity(
                 reference, layers, z, view, config.bits, config.symmetric
             )
-    plan = precision_plan(layers, sensitivity, config.fp16_budget, config.precision)
+    if allocation is None:
+        plan = precision_plan(
+            layers, sensitivity, config.fp16_budget, config.precision, config.bits
+        )
 
     if not (config.visibility and config.method == "poca" and samples.M is not None):
         visibility = None
@@ -181,29 +227,70 @@ def calibrate(
                 f"visibility masks are {list(visibility.shape)}, the samples need {list(expected)}"
             )
     else:
-        if progress is not None:
-            progress("rasterizing visibility", 0, len(samples))
+        say("rasterizing visibility", 0, len(samples))
         with torch.no_grad():
             visibility = visibility_masks(reference, samples, CAPTURE_BATCH, progress)
 
-    calibrated = METHODS[config.method](
-        reference, layers, plan, samples, visibility, config, progress
-    )
-    entries = []
-    for info in layers:
-        entry = calibrated.get(info.name) or LayerCalibration.for_layer(
-            info, plan[info.name], config.bits, config.symmetric
-        )
-        if sensitivity is not None:
-            entry.sensitivity = float(sensitivity[info.name])
-        entries.append(entry)
-    return CalibrationArtifact(
+    texel = texel_bias_names(reference) if config.bias_format != "fp32" else []
+    params = dict(reference.named_parameters())
+    bias_scales = {
+        name: bias_scale(params[name].detach().numpy())
+        for name in texel
+        if config.bias_format == "int8"
+    }
+    artifact = CalibrationArtifact(
         model_hash=decoder_hash(decoder),
         model_config=dict(sorted(_config_dict(decoder).items())),
         samples=samples.describe(),
         config=config.to_dict(),
-        layers=entries,
+        layers=[],
+        texel_biases={name: config.bias_format for name in texel},
+        bias_scales=bias_scales,
     )
+    work = copy.deepcopy(reference)
+    artifact.apply_float_changes(work)  # texel biases as the graph stores them
+    calibrated = METHODS[config.method](
+        reference, layers, plan, samples, visibility, config, progress, work
+    )
+    for info in layers:
+        entry = calibrated.get(info.name) or LayerCalibration.for_layer(
+            info, plan[info.name], config.symmetric
+        )
+        if sensitivity is not None:
+            entry.sensitivity = float(sensitivity[info.name])
+        artifact.layers.append(entry)
+    artifact.smoothing, artifact.smoothing_scales = pairs, scales
+    if allocation is not None:
+        artifact.allocation = allocation.to_json()
+    return artifact
+
+
+def _smooth(
+    reference: nn.Module,
+    layers: list[LayerInfo],
+    samples: CalibrationSamples,
+    config: CalibrationConfig,
+    say: Progress,
+) -> tuple[list[SmoothingPair], dict[str, np.ndarray]]:
+    """With ``config.smooth``: the pairs whose consumer is not overridden to a float format,
+    their scales from the calibration samples' input maxima, folded into ``reference``."""
+    if not config.smooth:
+        return [], {}
+    say("smoothing", 0, 1)
+    floats = {n for n, p in config.precision.items() if not is_quantized(p)}
+    pairs = [p for p in smoothing_pairs(reference) if p.consumer not in floats]
+    amax = input_channel_amax(reference, [p.consumer for p in pairs], samples.z, samples.view)
+    scales = {
+        p.consumer: smoothing_scales(
+            amax[p.consumer],
+            get_layer(reference, p.consumer).weight,
+            p.consumer_axis,
+            config.smooth_alpha,
+        )
+        for p in pairs
+    }
+    smooth_decoder(reference, pairs, scales)
+    return pairs, scales
 
 
 def _config_dict(decoder: nn.Module) -> dict:

@@ -2,16 +2,24 @@
 
 Conventions (all of avatarq uses these; `avatarq.export.qdq` writes the same numbers):
 
-- Symmetric signed b-bit (TensorRT's only form): zero point 0, ``q = clamp(round(x / s),
-  qmin, qmax)``, ``x_hat = q * s``. Activations use the full signed range
+- Symmetric signed b-bit (TensorRT's only integer form): zero point 0, ``q = clamp(round(x
+  / s), qmin, qmax)``, ``x_hat = q * s``. Activations use the full signed range
   ``[-2^(b-1), 2^(b-1) - 1]`` ([-128, 127] at 8 bits, what QuantizeLinear saturates to);
   weights use the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` ([-127, 127]) so that
   ``-w`` quantizes to ``-q`` (TensorRT's recommendation). ``s = amax / (2^(b-1) - 1)``.
 - Asymmetric unsigned b-bit (ONNX Runtime targets only): ``q = clamp(round(x / s) + zp,
   0, 2^b - 1)``, ``x_hat = (q - zp) * s`` with ``s = (max - min) / (2^b - 1)`` and
   ``zp = clamp(round(-min / s), 0, 2^b - 1)``.
-- b < 8 keeps the 8-bit container with a clipped integer range (6 bits: [-32, 31]
-  activations, [-31, 31] weights). The ONNX graph clips activations before QuantizeLinear.
+- FP8 E4M3 (``bits="fp8"``, `FloatGrid`): ``x_hat = fp8(clamp(x / s, -448, 448)) * s``,
+  rounding to the nearest FP8 value, ties to even (QuantizeLinear with saturate=1);
+  ``s = amax / 448``. Symmetric only.
+- Integer activations of b < 8 keep the 8-bit container with a clipped range (6 bits:
+  [-32, 31]); the ONNX graph clips before QuantizeLinear. Integer weights of b <= 4 bits
+  are stored as packed INT4, 5..8 bits in INT8 (see `avatarq.calibration.formats`).
+- Weight scales are per output channel (float32 [C] along the output axis) or, with a
+  block size B (`WeightLayout`), per block of B input channels: float32 of the weight's
+  rank with the input-channel axis shortened to ceil(Cin / B) (ONNX's blocked
+  DequantizeLinear layout; one scale per output channel, kernel tap and input block).
 - Rounding is half to even (``torch.round``, ``np.rint``, ONNX QuantizeLinear) and the
   division is a true float32 division ``x / s`` as QuantizeLinear specifies.
 - Scales are float32 and never below `MIN_SCALE` (a zero scale would make Q divide by 0).
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from avatarq.calibration.formats import FP8_MAX
 from avatarq.errors import AvatarqError
 
 MIN_SCALE = 1e-12
@@ -34,12 +43,18 @@ GRID_POWER = 2.4
 GRID_MAX_VALUES = 1 << 20
 RANGE_INITS = ("max", "mean")
 MIN_BITS, MAX_BITS = 2, 8
+FP8 = "fp8"
+WEIGHT_SEARCH_CANDIDATES = 40  # shrink factors 1, 0.99, ... of the weight MSE search
 
 
-def check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+def check_bits(bits: int | str) -> int | str:
+    """An integer bit width in 2..8 (8-bit container) or "fp8"."""
+    if bits == FP8:
+        return bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise AvatarqError(
-            f"bits must be an integer in {MIN_BITS}..{MAX_BITS} (8-bit container), got {bits!r}"
+            f"bits must be an integer in {MIN_BITS}..{MAX_BITS} (8-bit container) or 'fp8', "
+            f"got {bits!r}"
         )
     return bits
 
@@ -56,25 +71,45 @@ class IntRange:
         return self.qmax - self.qmin
 
 
-def activation_range(bits: int, symmetric: bool = True) -> IntRange:
-    """[-2^(b-1), 2^(b-1) - 1] (symmetric, int8 container) or [0, 2^b - 1] (uint8)."""
+@dataclass(frozen=True)
+class FloatGrid:
+    """The FP8 E4M3 (FLOAT8E4M3FN) grid, saturating at +-``qmax``; zero point 0."""
+
+    qmax: float = FP8_MAX
+
+    @property
+    def qmin(self) -> float:
+        return -self.qmax
+
+
+Grid = IntRange | FloatGrid
+
+
+def activation_range(bits: int | str, symmetric: bool = True) -> Grid:
+    """[-2^(b-1), 2^(b-1) - 1] (symmetric, int8 container), [0, 2^b - 1] (uint8) or FP8."""
     check_bits(bits)
+    if bits == FP8:
+        if not symmetric:
+            raise AvatarqError("FP8 activations are symmetric only (zero point 0)")
+        return FloatGrid()
     if symmetric:
         return IntRange(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return IntRange(0, 2**bits - 1)
 
 
-def weight_range(bits: int) -> IntRange:
-    """Narrow symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+def weight_range(bits: int | str) -> Grid:
+    """Narrow symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1], or the FP8 grid."""
     check_bits(bits)
+    if bits == FP8:
+        return FloatGrid()
     q = 2 ** (bits - 1) - 1
     return IntRange(-q, q)
 
 
-def symmetric_scale(amax: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """scale = amax / (2^(b-1) - 1), float32, clamped to >= MIN_SCALE."""
+def symmetric_scale(amax: torch.Tensor | float, bits: int | str) -> torch.Tensor:
+    """scale = amax / (2^(b-1) - 1) (amax / 448 for FP8), float32, >= MIN_SCALE."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return (amax / float(2 ** (bits - 1) - 1)).clamp_min(MIN_SCALE)
+    return (amax / float(weight_range(bits).qmax)).clamp_min(MIN_SCALE)
 
 
 def asymmetric_params(
@@ -98,19 +133,31 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """The nearest FLOAT8E4M3FN value (ties to even) of clamp(x, -448, 448), as x's dtype."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | float,
-    qrange: IntRange,
+    qrange: Grid,
     ste: bool = False,
 ) -> torch.Tensor:
-    """Quantize-dequantize ``x``: ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``.
+    """Quantize-dequantize ``x``: ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` on an
+    integer grid, ``fp8(clamp(x / s)) * s`` on the FP8 grid.
 
     ``scale`` / ``zero_point`` broadcast against ``x`` (a scalar for per-tensor, a shaped
     tensor for per-channel). With ``ste`` the rounding passes gradients straight through,
     and the gradient with respect to ``scale`` is LSQ's.
     """
+    if isinstance(qrange, FloatGrid):
+        y = x / scale
+        q = fp8_round(y)
+        if ste:
+            q = y.clamp(qrange.qmin, qrange.qmax) + (q - y.clamp(qrange.qmin, qrange.qmax)).detach()
+        return q * scale
     rounded = round_ste(x / scale) if ste else torch.round(x / scale)
     q = torch.clamp(rounded + zero_point, qrange.qmin, qrange.qmax)
     return (q - zero_point) * scale
@@ -123,15 +170,163 @@ def channel_shape(ndim: int, axis: int) -> list[int]:
     return shape
 
 
+# ------------------------------------------------------------------ weight scale layouts
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where a weight's scales vary.
+
+    Attributes:
+        axis: the output-channel axis (0; 1 for ConvTranspose [Cin, Cout, kH, kW]).
+        in_axis: the input-channel axis (1; 0 for ConvTranspose).
+        block: 0 for one scale per output channel (float32 [Cout]); B > 0 for one scale per
+            block of B input channels, per output channel and kernel tap (float32 with the
+            weight's rank, ``in_axis`` shortened to ceil(Cin / B); ONNX's blocked layout).
+    """
+
+    axis: int
+    in_axis: int
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block < 0:
+            raise AvatarqError(f"weight block size must be >= 0, got {self.block}")
+
+    @classmethod
+    def for_weight(cls, axis: int, ndim: int, block: int = 0) -> WeightLayout:
+        """The layout of a weight with output axis ``axis`` (its input axis is the other of 0, 1)."""
+        if ndim < 2:
+            raise AvatarqError(f"a layer weight has rank >= 2, got {ndim}")
+        return cls(axis, 1 - axis, block)
+
+    def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not self.block:
+            return (weight_shape[self.axis],)
+        shape = list(weight_shape)
+        shape[self.in_axis] = -(-shape[self.in_axis] // self.block)
+        return tuple(shape)
+
+    def expand(self, scale: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """``scale`` (compact) broadcast to the full weight shape (float32)."""
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if not self.block:
+            return scale.reshape(channel_shape(len(weight_shape), self.axis)).expand(weight_shape)
+        size = weight_shape[self.in_axis]
+        full = scale.repeat_interleave(self.block, dim=self.in_axis)
+        return full.narrow(self.in_axis, 0, size)
+
+    def amax(self, weight: torch.Tensor) -> torch.Tensor:
+        """max |w| per scale entry: float32 of `scale_shape`."""
+        w = weight.detach().abs().float()
+        if not self.block:
+            dims = [d for d in range(w.dim()) if d != self.axis]
+            return w.amax(dim=dims)
+        size = w.shape[self.in_axis]
+        pad = -size % self.block
+        if pad:
+            pad_shape = list(w.shape)
+            pad_shape[self.in_axis] = pad
+            w = torch.cat([w, w.new_zeros(pad_shape)], dim=self.in_axis)
+        shape = list(w.shape)
+        shape[self.in_axis : self.in_axis + 1] = [shape[self.in_axis] // self.block, self.block]
+        return w.reshape(shape).amax(dim=self.in_axis + 1)
+
+
+def layer_block(in_channels: int, block: int) -> int:
+    """The block size a layer with ``in_channels`` (stored) input channels uses: ``block``
+    when it divides them into whole blocks, else 0 (per channel). TensorRT accepts only whole
+    blocks ("the quantization axis must divide into whole blocks")."""
+    return block if block and in_channels % block == 0 else 0
+
+
+def _full_scale(scale: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-channel [C] scale viewed along ``axis``, or an already full-rank scale as is."""
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    if scale.dim() == weight.dim():
+        return scale
+    return scale.view(channel_shape(weight.dim(), axis))
+
+
 def per_channel_amax(weight: torch.Tensor, axis: int) -> torch.Tensor:
     """max |w| over every axis but ``axis``: float32 [weight.shape[axis]]."""
     dims = [d for d in range(weight.dim()) if d != axis]
     return weight.detach().abs().amax(dim=dims).float()
 
 
-def weight_scales(weight: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
-    """Per-output-channel max calibration: float32 [C], C = weight.shape[axis]."""
-    return symmetric_scale(per_channel_amax(weight, axis), bits)
+def weight_scales(
+    weight: torch.Tensor, axis: int, bits: int | str, layout: WeightLayout | None = None
+) -> torch.Tensor:
+    """Max calibration of a weight: float32 [C] per output channel (``layout`` None or
+    per-channel), or the blocked scales of ``layout``."""
+    amax = per_channel_amax(weight, axis) if layout is None else layout.amax(weight)
+    return symmetric_scale(amax, bits)
+
+
+def mse_weight_scales(
+    weight: torch.Tensor,
+    layout: WeightLayout,
+    bits: int | str,
+    candidates: int = WEIGHT_SEARCH_CANDIDATES,
+) -> torch.Tensor:
+    """Per scale entry, the shrink (1 - 0.01 i) * amax, i < ``candidates``, whose rounding
+    error sum((w - Q(w))^2) over the entry's weights is smallest (the first on ties)."""
+    w = weight.detach().float()
+    base = symmetric_scale(layout.amax(w), bits)
+    grid = weight_range(bits)
+    best_scale = base.clone()
+    best_err = torch.full_like(base, math.inf)
+    for i in range(candidates):
+        scale = (base * (1.0 - GRID_STEP * i)).clamp_min(MIN_SCALE)
+        full = layout.expand(scale, tuple(w.shape))
+        err = (fake_quantize(w, full, 0.0, grid) - w) ** 2
+        per_entry = _reduce_like(err, layout)
+        better = per_entry < best_err
+        best_err = torch.where(better, per_entry, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def _reduce_like(values: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """Sum of a full-shape tensor over each scale entry's weights (compact shape)."""
+    if not layout.block:
+        dims = [d for d in range(values.dim()) if d != layout.axis]
+        return values.sum(dim=dims)
+    size = values.shape[layout.in_axis]
+    pad = -size % layout.block
+    if pad:
+        pad_shape = list(values.shape)
+        pad_shape[layout.in_axis] = pad
+        values = torch.cat([values, values.new_zeros(pad_shape)], dim=layout.in_axis)
+    shape = list(values.shape)
+    shape[layout.in_axis : layout.in_axis + 1] = [
+        shape[layout.in_axis] // layout.block,
+        layout.block,
+    ]
+    return values.reshape(shape).sum(dim=layout.in_axis + 1)
+
+
+def as_float_tensor(value: torch.Tensor | np.ndarray | float) -> torch.Tensor:
+    """A float32 CPU tensor of ``value`` (a copy of numpy data, never a view of it)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().float()
+    return torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
+
+
+def weight_codes(
+    weight: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray, axis: int, bits: int | str
+) -> np.ndarray:
+    """Round-to-nearest codes of a weight: int8 integers (same shape as ``weight``), or for
+    FP8 float32 values that are exact FLOAT8E4M3FN numbers.
+
+    ``scale`` is per output channel ([C] along ``axis``) or full-rank (blocked, already
+    expanded, or broadcastable). Computed in float32: ``clamp(rint(w / s), ...)``.
+    """
+    w = as_float_tensor(weight)
+    s = _full_scale(as_float_tensor(scale), w, axis)
+    grid = weight_range(bits)
+    if isinstance(grid, FloatGrid):
+        return fp8_round(w / s).numpy().astype(np.float32)
+    q = torch.clamp(torch.round(w / s), grid.qmin, grid.qmax)
+    return q.numpy().astype(np.int8)
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, bits: int) -> np.ndarray:
@@ -140,34 +335,30 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int, bits: 
     ``q = clamp(rint(w / s_c), -(2^(b-1)-1), 2^(b-1)-1)`` computed in float32, the value
     every consumer (fake-quant model, ONNX export) uses for the ``nearest`` rounding mode.
     """
-    w = weight.detach().float().cpu().numpy()
-    s = np.asarray(scale.detach().cpu() if torch.is_tensor(scale) else scale, np.float32)
-    s = s.reshape(channel_shape(w.ndim, axis))
-    r = weight_range(bits)
-    q = np.clip(np.rint(w / s), r.qmin, r.qmax)
-    return q.astype(np.int8)
+    return weight_codes(weight, scale, axis, bits)
 
 
 def dequantize_weight(
     q: np.ndarray | torch.Tensor, scale: torch.Tensor, axis: int | None
 ) -> torch.Tensor:
-    """float32 ``q * s_c`` (what DequantizeLinear computes); ``axis`` None: one scale."""
-    q = torch.as_tensor(np.asarray(q)).float()
+    """float32 ``q * s`` (what DequantizeLinear computes); ``axis`` None: one scale; a
+    full-rank ``scale`` (expanded blocks) multiplies elementwise."""
+    q = as_float_tensor(q)
     s = torch.as_tensor(scale, dtype=torch.float32)
     if axis is None:
         return q * s.reshape(())
-    return q * s.view(channel_shape(q.dim(), axis))
+    return q * _full_scale(s, q, axis)
 
 
 # ------------------------------------------------------------------ activation range search
-def _power_error(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, r: IntRange) -> float:
+def _power_error(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, r: Grid) -> float:
     return float((fake_quantize(values, scale, zp, r) - values).abs().pow(GRID_POWER).mean())
 
 
 def search_activation_range(
     x: torch.Tensor,
     mask: torch.Tensor | None,
-    bits: int,
+    bits: int | str,
     symmetric: bool = True,
     candidates: int = GRID_CANDIDATES,
     init: str = "max",
@@ -177,7 +368,8 @@ def search_activation_range(
     Args:
         x: float32 [N, ...] calibration activations, one row per sample.
         mask: broadcastable to ``x``; nonzero marks the positions that count (None: all).
-        bits: bit width; symmetric: signed zero-point-0 grid (else unsigned asymmetric).
+        bits: bit width or "fp8"; symmetric: signed zero-point-0 grid (else unsigned
+            asymmetric).
         candidates: number of shrunk ranges (1 - 0.01 i) * initial, i = 0..candidates-1.
 
     The initial range (``init``): "max", the masked max |x| (symmetric) or masked min / max
@@ -236,7 +428,9 @@ def search_activation_range(
     return best
 
 
-def max_activation_range(x: torch.Tensor, bits: int, symmetric: bool = True) -> tuple[float, float]:
+def max_activation_range(
+    x: torch.Tensor, bits: int | str, symmetric: bool = True
+) -> tuple[float, float]:
     """Plain max calibration over every value of ``x``: (scale, zero_point)."""
     x = x.detach().float()
     if symmetric:
@@ -258,8 +452,10 @@ def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
 
 
 def adaround_init(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    """alpha such that h(alpha) equals the fractional part of w / s (start at the float value)."""
-    w = weight.detach().float() / scale.view(channel_shape(weight.dim(), axis))
+    """alpha such that h(alpha) equals the fractional part of w / s (start at the float value).
+
+    ``scale`` is per channel [C] along ``axis`` or full-rank (expanded blocks)."""
+    w = weight.detach().float() / _full_scale(scale, weight, axis)
     rest = (w - torch.floor(w)).clamp(1e-4, 1 - 1e-4)
     return -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1.0)
 
@@ -273,7 +469,7 @@ def adaround_weight(
     hard: bool = False,
 ) -> torch.Tensor:
     """Soft (or hard: h = 1[alpha >= 0]) rounded weights s * clamp(floor(w/s) + h, qmin, qmax)."""
-    s = scale.view(channel_shape(weight.dim(), axis))
+    s = _full_scale(scale, weight, axis)
     floor = torch.floor(weight.detach().float() / s)
     h = (alpha >= 0).float() if hard else rectified_sigmoid(alpha)
     r = weight_range(bits)
@@ -300,7 +496,7 @@ def adaround_integers(
     weight: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, axis: int, bits: int
 ) -> np.ndarray:
     """Hard AdaRound integers: int8, same shape as ``weight``."""
-    s = scale.view(channel_shape(weight.dim(), axis))
+    s = _full_scale(scale, weight, axis)
     floor = torch.floor(weight.detach().float() / s)
     r = weight_range(bits)
     q = torch.clamp(floor + (alpha >= 0).float(), r.qmin, r.qmax)

@@ -1,13 +1,16 @@
 """Sequential layer-wise reconstruction (POCA / AdaRound / BRECQ style).
 
-For each int8 layer, coarse to fine: take this layer's input x from the decoder with every
-earlier layer already quantized, and its FP32 output y and mask M (masks.py) from the FP32
-decoder (cache.py: crops for fine layers); initialize the activation scale by the masked
-shrinking grid search and the weight scales by per-channel max; minimize the masked MSE
-``sum((layer_q(x) - y)^2 * M) / (C * sum(M))``, divided by the masked mean of y^2 (so the
-loss reads as the layer's output noise-to-signal ratio), with Adam over the log-scales
-(LSQ with straight-through rounding) and, optionally, AdaRound's rounding variables, plus
-an optional temporal term on consecutive clip frames; freeze the layer and move on.
+For each quantized layer, coarse to fine: take this layer's input x from the decoder with
+every earlier layer already quantized, and its FP32 output y and mask M (masks.py) from the
+FP32 decoder (cache.py: crops for fine layers); initialize the activation scale by the
+masked shrinking grid search and the weight scales by per-channel (or per-block) max or
+least-error shrink; optionally pick the weight integers by mask-weighted GPTQ (gptq.py);
+minimize the masked MSE ``sum((layer_q(x) - y)^2 * M) / (C * sum(M))``, divided by the
+masked mean of y^2 (so the loss reads as the layer's output noise-to-signal ratio), with
+Adam over the log-scales (LSQ with straight-through rounding) and, optionally, AdaRound's
+rounding variables, plus an optional temporal term on consecutive clip frames; freeze the
+layer and move on. A rotated layer (Hadamard) does all of this on its rotated input and
+weight.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatarq.calibration import gptq
 from avatarq.calibration.artifact import LayerCalibration
 from avatarq.calibration.cache import (
     GROUP_SLACK,
@@ -32,16 +36,27 @@ from avatarq.calibration.cache import (
     upstream_layers,
 )
 from avatarq.calibration.config import CalibrationConfig
-from avatarq.calibration.layers import LayerInfo, get_layer, install, layer_forward
+from avatarq.calibration.formats import LayerFormat, parse_format
+from avatarq.calibration.hadamard import rotate_weight, rotation_matrix
+from avatarq.calibration.layers import (
+    LayerInfo,
+    get_layer,
+    install,
+    is_quantized,
+    layer_forward,
+    rotate_input,
+)
 from avatarq.calibration.quantizers import (
+    WeightLayout,
     activation_range,
     adaround_beta,
     adaround_init,
     adaround_integers,
     adaround_regularizer,
     adaround_weight,
-    channel_shape,
     fake_quantize,
+    layer_block,
+    mse_weight_scales,
     search_activation_range,
     weight_range,
     weight_scales,
@@ -145,8 +160,21 @@ def masked_temporal(
     return (diff * mask).sum() / (mask.sum() * diff.shape[1]).clamp_min(1.0)
 
 
+def initial_weight_scale(
+    weight: torch.Tensor, layout: WeightLayout, fmt: LayerFormat, search: str
+) -> torch.Tensor:
+    """Compact weight scales before any learning: amax ("max") or least-error shrink ("mse")."""
+    if search == "mse":
+        return mse_weight_scales(weight, layout, fmt.weight_grid)
+    return weight_scales(weight, layout.axis, fmt.weight_grid, layout)
+
+
 class TrainableLayer(nn.Module):
-    """A layer with learnable quantizers: log-scale offsets (LSQ) and AdaRound alphas."""
+    """A layer with learnable quantizers: log-scale offsets (LSQ) and AdaRound alphas.
+
+    ``codes`` fixes the weight integers (GPTQ): only the activation scale is then learned.
+    ``rotation`` R [n, Cin] rotates the input channels and the weight (Hadamard).
+    """
 
     def __init__(
         self,
@@ -155,43 +183,65 @@ class TrainableLayer(nn.Module):
         config: CalibrationConfig,
         input_scale: float,
         input_zero_point: float,
+        fmt: LayerFormat | None = None,
+        codes: torch.Tensor | None = None,
+        rotation: torch.Tensor | None = None,
+        w_scale0: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        fmt = fmt or parse_format(config.bits)
         self.module = module
+        self.fmt = fmt
         self.axis = info.weight_axis
-        self.bits = config.bits
-        self.act_range = activation_range(config.bits, config.symmetric)
-        self.w_range = weight_range(config.bits)
+        self.act_range = activation_range(fmt.act_grid, config.symmetric)
+        self.w_range = weight_range(fmt.weight_grid)
+        self.rotation = rotation
         w = module.weight.detach()
+        if rotation is not None:
+            w = rotate_weight(w, info.input_axis, rotation)
+        block = layer_block(w.shape[info.input_axis], config.weight_block)
+        self.layout = WeightLayout(info.weight_axis, info.input_axis, block)
         self.register_buffer("weight", w.clone())
         self.register_buffer("act_scale0", torch.tensor(input_scale, dtype=torch.float32))
         self.register_buffer("act_zp", torch.tensor(input_zero_point, dtype=torch.float32))
-        self.register_buffer("w_scale0", weight_scales(w, self.axis, config.bits))
+        if w_scale0 is None:
+            w_scale0 = initial_weight_scale(w, self.layout, fmt, config.weight_search)
+        self.register_buffer("w_scale0", w_scale0.float())
+        self.codes = None if codes is None else codes.float()
         self.log_act = nn.Parameter(torch.zeros(()))
-        learn_w = config.learn_weight_scale and not config.adaround
+        learn_w = config.learn_weight_scale and not config.adaround and codes is None
         self.log_w = nn.Parameter(torch.zeros_like(self.w_scale0)) if learn_w else None
         self.alpha = (
-            nn.Parameter(adaround_init(w, self.w_scale0, self.axis)) if config.adaround else None
+            nn.Parameter(adaround_init(w, self.full_scale(self.w_scale0), self.axis))
+            if config.adaround
+            else None
         )
 
     def act_scale(self) -> torch.Tensor:
         return self.act_scale0 * torch.exp(self.log_act)
 
     def w_scale(self) -> torch.Tensor:
+        """The compact weight scale ([C] or blocked)."""
         return self.w_scale0 if self.log_w is None else self.w_scale0 * torch.exp(self.log_w)
+
+    def full_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """A compact scale broadcast to the weight's shape."""
+        return self.layout.expand(scale, tuple(self.weight.shape))
 
     def quant_weight(self, hard: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The fake-quantized weight (only output ``rows`` of a Linear weight if given)."""
-        weight, w_scale0 = self.weight, self.w_scale0
-        alpha = self.alpha
-        scale = self.w_scale()
+        weight, alpha = self.weight, self.alpha
+        if self.codes is not None:
+            q = self.codes * self.full_scale(self.w_scale0)
+            return q if rows is None else q[rows]
+        scale = self.full_scale(self.w_scale())
+        scale0 = self.full_scale(self.w_scale0)
         if rows is not None:
-            weight, w_scale0, scale = weight[rows], w_scale0[rows], scale[rows]
+            weight, scale, scale0 = weight[rows], scale[rows], scale0[rows]
             alpha = None if alpha is None else alpha[rows]
         if alpha is not None:
-            return adaround_weight(weight, w_scale0, alpha, self.axis, self.bits, hard)
-        s = scale.view(channel_shape(weight.dim(), self.axis))
-        return fake_quantize(weight, s, 0.0, self.w_range, ste=not hard)
+            return adaround_weight(weight, scale0, alpha, self.axis, self.fmt.weight_grid, hard)
+        return fake_quantize(weight, scale, 0.0, self.w_range, ste=not hard)
 
     def forward(
         self,
@@ -203,6 +253,8 @@ class TrainableLayer(nn.Module):
         """Quantized output on items ``x``; ``rows`` restricts a Linear layer's outputs (the
         loss of a Linear layer is a sum over output rows, so a random subset of rows is an
         unbiased estimate: it keeps steps on the 21918-row mesh layer cheap)."""
+        if self.rotation is not None:
+            x = rotate_input(x, self.rotation)
         xq = fake_quantize(x, self.act_scale(), self.act_zp, self.act_range, ste=not hard)
         if rows is not None:
             bias = None if self.module.bias is None else self.module.bias[rows]
@@ -210,14 +262,20 @@ class TrainableLayer(nn.Module):
         return cache.output(self.module, xq, self.quant_weight(hard))
 
     def frozen(self) -> tuple[float, np.ndarray, np.ndarray | None]:
-        """(activation scale, float32 weight scales [C], int8 AdaRound weights or None)."""
+        """(activation scale, float32 compact weight scales, int8 learned weights or None)."""
         with torch.no_grad():
             act = float(self.act_scale().float())
             w_scale = self.w_scale().float().numpy().astype(np.float32)
             w_int = None
-            if self.alpha is not None:
+            if self.codes is not None:
+                w_int = self.codes.numpy().astype(np.int8)
+            elif self.alpha is not None:
                 w_int = adaround_integers(
-                    self.weight, self.w_scale0, self.alpha, self.axis, self.bits
+                    self.weight,
+                    self.full_scale(self.w_scale0),
+                    self.alpha,
+                    self.axis,
+                    self.fmt.weight_grid,
                 )
         return act, w_scale, w_int
 
@@ -307,9 +365,15 @@ def optimize(
 
 
 # ------------------------------------------------------------------ the driver
-def _init_activation(cache: LayerCache, config: CalibrationConfig) -> tuple[float, float]:
+def _init_activation(
+    cache: LayerCache,
+    config: CalibrationConfig,
+    fmt: LayerFormat,
+    rotation: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    x = cache.x if rotation is None else rotate_input(cache.x, rotation)
     scale, zp, _ = search_activation_range(
-        cache.x, cache.in_mask, config.bits, config.symmetric, init=config.range_init
+        x, cache.in_mask, fmt.act_grid, config.symmetric, init=config.range_init
     )
     return scale, zp
 
@@ -324,13 +388,13 @@ def reconstruct(
     config: CalibrationConfig,
     progress: Progress | None = None,
 ) -> dict[str, LayerCalibration]:
-    """Calibrate the int8 layers of ``plan`` one after another (POCA).
+    """Calibrate the quantized layers of ``plan`` one after another (POCA).
 
-    ``reference`` is the FP32 decoder; ``work`` a copy whose fp16 layers are already
+    ``reference`` is the FP32 decoder; ``work`` a copy whose float layers are already
     installed; each calibrated layer is installed into ``work`` before later inputs are
-    captured. Returns {layer: calibration} for the int8 layers.
+    captured. Returns {layer: calibration} for the quantized layers.
     """
-    todo = [info for info in layers if plan[info.name] == "int8"]
+    todo = [info for info in layers if is_quantized(plan[info.name])]
     say = progress or (lambda *_: None)
     say("caching FP32 targets", 0, len(todo))
     gen = torch.Generator().manual_seed(config.seed)
@@ -343,7 +407,7 @@ def reconstruct(
     targets = reference_targets(reference, todo, crops, samples, visibility, config)
     upstream = upstream_layers(reference, layers)
     cost = cumulative_cost(layers)
-    final = {name for name, precision in plan.items() if precision != "int8"}
+    final = {name for name, precision in plan.items() if not is_quantized(precision)}
     inputs: dict[str, torch.Tensor] = {}
     out: dict[str, LayerCalibration] = {}
     for index, info in enumerate(todo):
@@ -358,7 +422,8 @@ def reconstruct(
             ]
             inputs.update(capture_inputs(work, group, crops, samples))
         cache = make_cache(inputs.pop(info.name), targets.pop(info.name), crops[info.name], samples)
-        calibration = calibrate_layer(reference, info, cache, config, index)
+        fmt = parse_format(plan[info.name])
+        calibration = calibrate_layer(reference, info, cache, config, index, fmt)
         out[info.name] = calibration
         install(work, {info.name: calibration.module(get_layer(work, info.name))})
         final.add(info.name)
@@ -367,13 +432,60 @@ def reconstruct(
     return out
 
 
+def gptq_codes(
+    module: nn.Module,
+    info: LayerInfo,
+    cache: LayerCache,
+    layer: TrainableLayer,
+    config: CalibrationConfig,
+) -> tuple[torch.Tensor, dict]:
+    """GPTQ integers of ``layer``'s (stored) weight with its initial scales, from the
+    mask-weighted Hessian of ``cache``; and {"nearest", "gptq"}: the masked output error of
+    nearest rounding and of GPTQ on the cache, relative to the masked output energy."""
+    g = cache.geometry
+    window = None if g is None else (g.out_start, g.size)
+    rotate = None
+    if layer.rotation is not None:
+        rotation = layer.rotation
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return rotate_input(x, rotation)
+
+    h = gptq.layer_hessian(module, cache.x, cache.mask, window, rotate)
+    w2 = gptq.to_matrix(layer.weight, info.kind)
+    s2 = gptq.to_matrix(layer.full_scale(layer.w_scale0), info.kind)
+    q2 = gptq.gptq_round(w2, s2, h, layer.w_range, config.gptq_damp, config.gptq_act_order)
+    rtn = gptq.nearest_integers(w2, s2, layer.w_range)
+    norm = max(float(torch.diagonal(h).sum()) / 2.0, 1e-30)
+    errors = {
+        "nearest": gptq.masked_output_error(w2, rtn * s2, h) / norm,
+        "gptq": gptq.masked_output_error(w2, q2 * s2, h) / norm,
+    }
+    return gptq.from_matrix(q2, info.kind, tuple(layer.weight.shape)), errors
+
+
 def calibrate_layer(
-    reference: nn.Module, info: LayerInfo, cache: LayerCache, config: CalibrationConfig, index: int
+    reference: nn.Module,
+    info: LayerInfo,
+    cache: LayerCache,
+    config: CalibrationConfig,
+    index: int,
+    fmt: LayerFormat | None = None,
 ) -> LayerCalibration:
-    """Grid-search init, masked LSQ (+ AdaRound) reconstruction, frozen calibration."""
+    """Grid-search init, optional GPTQ rounding, masked LSQ (+ AdaRound) reconstruction,
+    frozen calibration."""
+    fmt = fmt or parse_format(config.bits)
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-    act_scale, act_zp = _init_activation(cache, config)
-    layer = TrainableLayer(get_layer(reference, info.name), info, config, act_scale, act_zp)
+    module = get_layer(reference, info.name)
+    rotation = rotation_matrix(info.in_channels) if config.hadamard else None
+    act_scale, act_zp = _init_activation(cache, config, fmt, rotation)
+    layer = TrainableLayer(module, info, config, act_scale, act_zp, fmt, rotation=rotation)
+    gptq_errors = None
+    if config.gptq and fmt.kind == "int" and gptq.supported(module):
+        codes, gptq_errors = gptq_codes(module, info, cache, layer, config)
+        layer = TrainableLayer(
+            module, info, config, act_scale, act_zp, fmt, codes, rotation, layer.w_scale0
+        )
     initial, temporal_initial = evaluate(layer, cache)
     start = {k: v.detach().clone() for k, v in layer.named_parameters(recurse=False)}
     curve = optimize(layer, cache, config, gen) if config.iters else []
@@ -400,15 +512,23 @@ def calibrate_layer(
     if temporal_initial is not None:
         loss["temporal_initial"] = temporal_initial
         loss["temporal_final"] = temporal_final
+    if gptq_errors is not None:
+        loss["gptq"] = gptq_errors
+    rounding = "nearest"
+    if layer.codes is not None:
+        rounding = "gptq"
+    elif w_int is not None:
+        rounding = "adaround"
     return LayerCalibration.for_layer(
         info,
-        "int8",
-        config.bits,
+        fmt,
         config.symmetric,
         input_scale=scale,
         input_zero_point=int(round(act_zp)),
         weight_scale=w_scale,
-        rounding="adaround" if w_int is not None else "nearest",
+        weight_block=layer.layout.block,
+        rounding=rounding,
         weight_int=w_int,
+        rotation=0 if rotation is None else int(rotation.shape[0]),
         loss=loss,
     )

@@ -14,13 +14,19 @@ from avatarq.cli.app import ForceOption, JsonOption, app, console, progress_bar,
 @app.command()
 @user_errors
 def info(
-    model: Annotated[Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt).")],
+    model: Annotated[
+        Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt) or a bundle folder.")
+    ],
     as_json: JsonOption = False,
 ) -> None:
-    """What a checkpoint is: arch, sizes and parameter counts.
+    """What a checkpoint is (arch, sizes, parameter counts) or what a bundle holds (format and
+    storage of every layer, real sizes).
 
-    Example: avatarq info dam.pt
+    Example: avatarq info dam.pt; avatarq info dam_int8.avq
     """
+    if model.is_dir():
+        _info_bundle(model, as_json)
+        return
     from avatarq.models.inspect import describe_checkpoint
 
     described = describe_checkpoint(model)
@@ -39,6 +45,56 @@ def info(
         f"  decoder as deployed: {described['deployed_parameters']:,} parameters "
         f"({described['deployed_fp32_mb']:.1f} MB fp32)"
     )
+
+
+def _info_bundle(path: Path, as_json: bool) -> None:
+    from avatarq.core.documents import document_dict
+    from avatarq.export.bundle import open_bundle
+
+    bundle = open_bundle(path)
+    m = bundle.manifest
+    sizes = dict(m.size_bytes)
+    sizes["model.onnx"] = bundle.model_path.stat().st_size
+    if as_json:
+        record = {
+            "bundle": str(bundle.root),
+            "arch": m.arch,
+            "precision": m.precision,
+            "layer_precision": m.layer_precision,
+            "layer_storage": {k: document_dict(v) for k, v in m.layer_storage.items()},
+            "size_bytes": sizes,
+            "engines": [document_dict(e) for e in m.engines],
+        }
+        console.print_json(json.dumps(record))
+        return
+    console.print(
+        f"[bold]{bundle.root}[/bold]: {m.arch} DAM decoder, z {m.z_dim}, texture "
+        f"{m.tex_size}x{m.tex_size}, {m.n_vertices} vertices; precision [bold]{m.precision}[/bold]"
+    )
+    size = sizes["model.onnx"]
+    fp32 = sizes.get("fp32_initializers")
+    ratio = f" ({fp32 / size:.2f}x smaller than the FP32 graph's weights)" if fp32 else ""
+    console.print(f"  model.onnx  {size / 1e6:.3f} MB{ratio}", highlight=False)
+    for role in ("layer_weights", "texel_biases", "other"):
+        if role in sizes:
+            console.print(f"    {role:<14} {sizes[role] / 1e6:9.3f} MB", highlight=False)
+    if m.layer_storage:
+        console.print(
+            f"  {'layer':<46} {'format':<7} {'weights (scales)':<25} {'input':<17} {'bytes':>10}"
+        )
+    for name, precision in m.layer_precision.items():
+        st = m.layer_storage.get(name)
+        if st is None:
+            console.print(f"  {name:<46} {precision}", highlight=False)
+            continue
+        weights = f"{st.weight} ({st.scales})"
+        act = st.activation + (", rotated" if st.rotated else "")
+        console.print(
+            f"  {name:<46} {precision:<7} {weights:<25} {act:<17} {st.weight_bytes:>10,}",
+            highlight=False,
+        )
+    for engine in m.engines:
+        console.print(f"  engine      {engine.backend} {engine.target}: {engine.path}")
 
 
 @app.command()

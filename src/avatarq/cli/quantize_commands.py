@@ -56,7 +56,16 @@ def calibrate(
             "0 measured best on the synthetic avatar, see docs/benchmarks.md)."
         ),
     ] = 0.0,
-    bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
+    bits: Annotated[
+        str,
+        typer.Option(
+            help="Format of the quantized layers: w8a8, w6a6, w4a8, w4a4 (any wXaY, X and Y "
+            "in 2..8; weights of <= 4 bits are stored as packed INT4) or fp8."
+        ),
+    ] = "w8a8",
+    fp8: Annotated[
+        bool, typer.Option("--fp8", help="FP8 E4M3 weights and activations (= --bits fp8).")
+    ] = False,
     iters: Annotated[
         int, typer.Option(min=0, max=1_000_000, help="Adam iterations per layer (upper bound).")
     ] = 100,
@@ -65,6 +74,47 @@ def calibrate(
     ] = 64,
     temporal_weight: Annotated[float, typer.Option(help="Weight of the temporal term.")] = 0.0,
     adaround: Annotated[bool, typer.Option(help="Learn weight rounding (AdaRound).")] = False,
+    gptq: Annotated[
+        bool | None,
+        typer.Option(
+            "--gptq/--no-gptq",
+            help="Second-order weight rounding with the mask-weighted Hessian (default: the "
+            "measured default of --bits).",
+        ),
+    ] = None,
+    smooth: Annotated[
+        bool | None,
+        typer.Option(
+            "--smooth/--no-smooth",
+            help="Activation smoothing folded into the previous layer (default: per --bits).",
+        ),
+    ] = None,
+    smooth_alpha: Annotated[float, typer.Option(help="Smoothing strength in [0, 1].")] = 0.5,
+    hadamard: Annotated[
+        bool | None,
+        typer.Option(
+            "--hadamard/--no-hadamard",
+            help="Rotate each quantized layer's input channels (Walsh-Hadamard; default: per "
+            "--bits).",
+        ),
+    ] = None,
+    weight_block: Annotated[
+        int, typer.Option(help="Input channels per weight scale (0: one per output channel).")
+    ] = 0,
+    weight_search: Annotated[
+        str | None,
+        typer.Option(help="Initial weight scales: max or mse (default: per --bits)."),
+    ] = None,
+    bias_format: Annotated[
+        str, typer.Option(help="Storage of the texel biases: fp32, fp16 or int8.")
+    ] = "fp32",
+    size_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Allocate formats per layer under a size budget: megabytes of model "
+            "initializers (3.5MB) or bits per layer weight (4.5bpp)."
+        ),
+    ] = None,
     asymmetric: Annotated[
         bool, typer.Option(help="Asymmetric activations (ONNX Runtime targets only).")
     ] = False,
@@ -72,7 +122,7 @@ def calibrate(
         int, typer.Option(min=0, max=100_000, help="Most sensitive layers kept in FP16.")
     ] = 0,
     precision: Annotated[
-        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=int8'.")
+        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=w8a8'.")
     ] = None,
     camera: CameraOption = None,
     seed: SeedOption = 0,
@@ -81,23 +131,39 @@ def calibrate(
 ) -> None:
     """Calibrate a decoder with POCA and write the calibration artifact.
 
-    Example: avatarq calibrate --model dam.pt --data capture/ -o calib/
+    Example: avatarq calibrate dam.pt --data capture/ --bits w4a8 -o calib/
     """
     from avatarq.calibration import CalibrationConfig, parse_precision
+    from avatarq.calibration.formats import parse_format
     from avatarq.calibration.from_files import calibrate_decoder
     from avatarq.core.progress import PhaseTimer
     from avatarq.models.checkpoint import load_checkpoint
 
+    if fp8:
+        if parse_format(bits).name not in ("w8a8", "fp8"):
+            raise AvatarqError(f"--fp8 and --bits {bits} disagree; give one of them")
+        bits = "fp8"
+    fmt = parse_format(bits)
+    if not fmt.quantized:
+        raise AvatarqError(f"--bits must be a quantized format (wXaY or fp8), got {bits!r}")
     config = CalibrationConfig(
         method=method,
         tau=tau,
-        bits=bits,
+        bits=fmt.name,
         iters=iters,
         temporal_weight=temporal_weight,
         adaround=adaround,
+        gptq=gptq,
+        smooth=smooth,
+        smooth_alpha=smooth_alpha,
+        hadamard=hadamard,
+        weight_block=weight_block,
+        weight_search=weight_search,
+        bias_format=bias_format,
+        size_budget=size_budget,
         symmetric=not asymmetric,
         fp16_budget=fp16_budget,
-        precision=parse_precision(precision) if precision else {},
+        precision=parse_precision(precision, bits=fmt.name) if precision else {},
         seed=seed,
     )
     _check_output(out, "calib.json", force)
@@ -116,7 +182,7 @@ def calibrate(
         return
     counts = {p: list(plan.values()).count(p) for p in sorted(set(plan.values()))}
     console.print(
-        f"calibration {out}  ({method}, tau {tau}, {bits}-bit; "
+        f"calibration {out}  ({method}, tau {tau}, {config.bits}; "
         + ", ".join(f"{n} {p}" for p, n in counts.items())
         + " layers)"
     )
@@ -159,7 +225,16 @@ def export(
         bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
     ] = False,
     int8: Annotated[
-        bool, typer.Option("--int8", help="INT8/mixed graph with Q/DQ nodes from a calibration.")
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantized graph with Q/DQ nodes in the calibration's formats (w8a8, w4a8, "
+            "..., mixed).",
+        ),
+    ] = False,
+    fp8: Annotated[
+        bool,
+        typer.Option("--fp8", help="FP8 E4M3 Q/DQ graph (an fp8 calibration, or calibrate now)."),
     ] = False,
     calib: Annotated[
         Path | None,
@@ -199,8 +274,8 @@ def export(
         raise AvatarqError(
             f"--conv-transpose-axis must be 1, 0 or tensor, got {conv_transpose_axis!r}"
         )
-    if data is not None and not int8:
-        raise AvatarqError("--data goes with --int8 (it is what the calibration runs on)")
+    if data is not None and not (int8 or fp8):
+        raise AvatarqError("--data goes with --int8 or --fp8 (it is what the calibration runs on)")
     options = ExportOptions(
         fp16=fp16,
         camera=camera,
@@ -208,12 +283,13 @@ def export(
         validate=validate,
         seed=seed,
         int8=int8,
+        fp8=fp8,
         calib=None if calib is None else str(calib),
         calib_data=None if data is None else str(data),
         conv_transpose_axis=axes[conv_transpose_axis],
         reference=reference,
     )
-    kind = "int8" if int8 else "fp16" if fp16 else "fp32"
+    kind = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
     out = out if out is not None else default_bundle_path(model, kind)
     with progress_bar("export") as progress:
         result = export_bundle(model, out, capture, options, progress, force)
@@ -232,13 +308,18 @@ def export(
             )
         )
         return
-    console.print(f"bundle      {result.bundle.root}  ({manifest.precision})")
+    size = manifest.size_bytes.get("model.onnx")
+    fp32 = manifest.size_bytes.get("fp32_initializers")
+    shown = f", model.onnx {size / 1e6:.2f} MB" if size else ""
+    if size and fp32:
+        shown += f", {fp32 / size:.2f}x below FP32"
+    console.print(f"bundle      {result.bundle.root}  ({manifest.precision}{shown})")
     if result.calibration is not None:
         console.print(f"calibration {result.calibration}", highlight=False)
         if result.calibration.startswith("data-free"):
             console.print(f"note        {DATA_FREE_NOTE}", highlight=False, soft_wrap=True)
     if result.validation is not None:
-        reference_name = "fake-quant" if int8 else "PyTorch"
+        reference_name = "fake-quant" if int8 or fp8 else "PyTorch"
         console.print(
             f"validation  ORT vs {reference_name}: {result.validation.summary()}",
             highlight=False,

@@ -31,6 +31,7 @@ from avatarq.export.manifest import (
 )
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
 from avatarq.export.options import ExportOptions
+from avatarq.export.storage import describe_storage, initializer_bytes
 from avatarq.export.validate import validate_against_torch, validation_record
 from avatarq.measure import Comparison, Tolerances
 from avatarq.models.checkpoint import load_checkpoint
@@ -133,41 +134,45 @@ def export_bundle(
         capture.topology  # noqa: B018 - read (and check) the mesh before any work
     decoder = DeployableDecoder(model, normalization, options.camera)
     artifact = samples = None
-    if options.int8:  # read and check the calibration (or its data) before any work
+    quantized = options.int8 or options.fp8
+    if quantized:  # read and check the calibration (or its data) before any work
         artifact, samples = _calibration_inputs(model, decoder, capture_root, options)
     say("tracing to ONNX")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
+    fp32_bytes = sum(initializer_bytes(i) for i in proto.graph.initializer)
     precision = "fp16" if options.fp16 else "fp32"
     layer_precision = {name: precision for name in sorted(layer_nodes(proto))}
     reference = None
     if options.reference and options.fp16:
         reference = export_onnx(decoder, ExportConfig(fp16=False, max_batch=options.max_batch))
-    elif options.reference and options.int8:
+        fp32_bytes = sum(initializer_bytes(i) for i in reference.graph.initializer)
+    elif options.reference and quantized:
         reference = proto
-    if options.int8:
+    if quantized:
         if artifact is None:
             from avatarq.calibration import CalibrationConfig
             from avatarq.calibration.pipeline import calibrate
 
-            say(
-                "calibrating (POCA)"
-                if options.calib_data or capture_root
-                else "calibrating (POCA, data-free)"
-            )
-            artifact = calibrate(
-                decoder, samples, CalibrationConfig(seed=options.seed), progress=say
-            )
+            kind = "POCA, fp8" if options.fp8 else "POCA"
+            data = options.calib_data or capture_root
+            say(f"calibrating ({kind})" if data else f"calibrating ({kind}, data-free)")
+            bits = "fp8" if options.fp8 else "w8a8"
+            config = CalibrationConfig(seed=options.seed, bits=bits)
+            artifact = calibrate(decoder, samples, config, progress=say)
         from avatarq.export.qdq import QDQConfig, quantize_onnx
 
         say("inserting Q/DQ nodes")
         proto = quantize_onnx(proto, artifact, QDQConfig(options.conv_transpose_axis))
         onnx.checker.check_model(proto)
         layer_precision = dict(sorted(artifact.precision.items()))
-        precision = "int8" if set(layer_precision.values()) == {"int8"} else "mixed"
+        formats = set(layer_precision.values())
+        precision = formats.pop() if len(formats) == 1 else "mixed"
+    storage, sizes = describe_storage(proto)
     with BundleWriter(out, force) as writer:
         model_path = writer.path(MODEL_FILE)
         save_onnx(proto, model_path)
+        sizes = {"model.onnx": model_path.stat().st_size, **sizes, "fp32_initializers": fp32_bytes}
         reference_record = None
         if reference is not None:
             save_onnx(reference, writer.path(REFERENCE_FILE))
@@ -241,6 +246,8 @@ def export_bundle(
             camera=options.camera,
             validation=validation,
             calib_sha256=calib_sha,
+            layer_storage=storage,
+            size_bytes=sizes,
         )
         bundle = writer.commit(manifest)
     source = None if artifact is None else str(artifact.samples.get("source", ""))
@@ -254,7 +261,14 @@ def _calibration_inputs(model, decoder: DeployableDecoder, capture_root, options
     from avatarq.calibration.from_files import load_samples
 
     if options.calib is not None:
-        return CalibrationArtifact.load(options.calib, decoder), None
+        artifact = CalibrationArtifact.load(options.calib, decoder)
+        bits = artifact.config.get("bits")
+        if options.fp8 and bits != "fp8":
+            raise AvatarqError(
+                f"--fp8 needs an FP8 calibration (avatarq calibrate --fp8); {options.calib} "
+                f"is {bits}; export it with --int8"
+            )
+        return artifact, None
     capture = None
     if options.calib_data is None and capture_root is not None:
         from avatarq.data.capture import MultifaceCapture

@@ -20,7 +20,17 @@ from avatarq.export.options import ExportOptions
 SCHEMA_VERSION = 2
 BUILD_OPTIONS_VERSION = 1
 DTYPES = ("float32", "float16")
+# a bundle's precision: fp32, fp16, mixed, "int8" (bundles written before formats), or one
+# quantized format of `avatarq.calibration.formats` (w8a8, w4a8, fp8, ...)
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+
+
+def _check_precision(value: str) -> None:
+    if value in PRECISIONS:
+        return
+    from avatarq.calibration.formats import parse_format
+
+    parse_format(value, "manifest precision")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -104,6 +114,30 @@ class ValidationRecord:
     tolerances: dict[str, float]
     passed: bool
     vs_fp32: ValidationRecord | None = None
+
+
+@dataclass
+class LayerStorage:
+    """What the graph stores for one quantizable layer (read from model.onnx itself).
+
+    Attributes:
+        weight: element type of the stored weight: "int4" (packed two per byte), "int8",
+            "float8e4m3fn", "float16" or "float32".
+        scales: "per-channel", "per-tensor", "blocks of B" or "none" (float weights).
+        activation: the quantizer on the layer's input: "int8", "uint8", "int4 (in int8)"
+            (a clipped grid inside the 8-bit container), "float8e4m3fn"; or "float16" /
+            "float32" without one.
+        rotated: the input is rotated (Hadamard) before its quantizer.
+        weight_bytes: bytes of the weight, its scales and zero points, bias and rotation.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    weight: str
+    scales: str
+    activation: str
+    rotated: bool
+    weight_bytes: int
 
 
 @dataclass
@@ -284,8 +318,13 @@ class Manifest:
     Attributes:
         arch, z_dim, tex_size, n_vertices: the decoder.
         inputs, outputs: the graph's I/O.
-        precision: ``fp32``, ``fp16``, ``int8`` or ``mixed``.
-        layer_precision: module name -> precision of each quantizable layer.
+        precision: ``fp32``, ``fp16``, the one format of a quantized graph (``w8a8``,
+            ``w4a8``, ``fp8``, ...; ``int8`` in bundles written before formats) or ``mixed``.
+        layer_precision: module name -> format of each quantizable layer.
+        layer_storage: module name -> what model.onnx stores for it (`LayerStorage`).
+        size_bytes: bytes by role: "model.onnx" (the file), "initializers" (their stored
+            bytes) = "layer_weights" + "texel_biases" + "other", and "fp32_initializers"
+            (the FP32 graph's, for the compression ratio).
         normalization: folded or not, and where the arrays are.
         model_sha256: sha256 of model.onnx (checked before an engine is built from it).
         reference: the FP32 graph a non-FP32 bundle is judged against, or None.
@@ -318,6 +357,8 @@ class Manifest:
     camera: int | None = None
     validation: ValidationRecord | None = None
     engines: list[EngineRecord] = field(default_factory=list)
+    layer_storage: dict[str, LayerStorage] = field(default_factory=dict)
+    size_bytes: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -326,8 +367,7 @@ class Manifest:
                 f"schema_version is {self.schema_version!r}; this avatarq reads "
                 f"{SCHEMA_VERSION} (re-export the bundle with this avatarq)"
             )
-        if self.precision not in PRECISIONS:
-            raise AvatarqError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check_precision(self.precision)
         for name in ("z_dim", "tex_size", "n_vertices"):
             _positive_int(name, getattr(self, name))
         if len(self.model_sha256) != 64:

@@ -23,7 +23,10 @@ class ExportOptions:
         validate: run the graph with ONNX Runtime and compare with PyTorch.
         n_validation: number of (z, view) samples used by the validation (2..4096).
         seed: seed for validation inputs when no capture is given (>= 0).
-        int8: write the calibrated INT8/mixed precision plan as Q/DQ nodes.
+        int8: write the calibration's precision plan (any format: w8a8, w4a8, fp8, mixed)
+            as Q/DQ nodes.
+        fp8: the same for an FP8 calibration: ``calib`` must be one (bits fp8); without
+            it, calibrate on the fly at fp8.
         calib: a calibration artifact directory (`avatarq calibrate`); None with ``int8``
             calibrates on the fly with POCA defaults on ``calib_data``, the capture, or
             data-free (latents drawn from the prior) when neither is given.
@@ -43,6 +46,7 @@ class ExportOptions:
     n_validation: int = 8
     seed: int = 0
     int8: bool = False
+    fp8: bool = False
     calib: str | None = None
     calib_data: str | None = None
     conv_transpose_axis: int | None = 1
@@ -71,13 +75,16 @@ class ExportOptions:
             raise AvatarqError(
                 f"conv_transpose_axis must be 1, 0 or None, got {self.conv_transpose_axis!r}"
             )
-        if self.int8 and self.fp16:
+        quantized = "--fp8" if self.fp8 else "--int8"
+        if (self.int8 or self.fp8) and self.fp16:
             raise AvatarqError(
-                "--int8 and --fp16 are exclusive: FP16 layers of an INT8 plan come from the "
-                "calibration"
+                f"{quantized} and --fp16 are exclusive: FP16 layers of a quantized plan come "
+                "from the calibration"
             )
-        if self.calib is not None and not self.int8:
-            raise AvatarqError("a calibration artifact (--calib) needs --int8")
+        if self.int8 and self.fp8:
+            raise AvatarqError("--int8 and --fp8 are exclusive: the calibration's bits decide")
+        if self.calib is not None and not (self.int8 or self.fp8):
+            raise AvatarqError("a calibration artifact (--calib) needs --int8 or --fp8")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

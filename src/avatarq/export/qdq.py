@@ -1,23 +1,35 @@
-"""Insert the calibration's precision plan into the float ONNX graph: Q/DQ nodes and FP16 casts.
+"""Insert the calibration's precision plan into the float ONNX graph: Q/DQ nodes and casts.
 
-TensorRT 11 is strongly typed, so the graph IS the precision plan (deploy.md):
+TensorRT 11 is strongly typed, so the graph IS the precision plan (deploy.md). Per layer
+(Conv, ConvTranspose, Gemm, MatMul), by its format (`avatarq.calibration.formats`):
 
-- int8 layer (Conv, ConvTranspose, Gemm, MatMul): its data input goes through a per-tensor
-  ``QuantizeLinear -> DequantizeLinear`` (scale float32 scalar, zero point int8 0; uint8
-  with a zero point for asymmetric calibrations, an ONNX Runtime-only form). A grid of
-  b < 8 bits clips the activation first (``Clip`` to the grid's end points), inside the
-  8-bit container. The weight initializer becomes int8 integers behind a per-output-
-  channel ``DequantizeLinear`` (axis 0 for Conv/Gemm weights, 1 for ConvTranspose weights
-  [Cin, Cout, kH, kW]; the ConvTranspose axis is a parameter because TensorRT versions
-  disagree about it). Nothing is quantized on outputs; biases, texel biases and
-  activations stay float32.
-- fp16 layer: ``Cast`` to float16 on the data input, float16 weight and bias, ``Cast``
-  back to float32 on the output.
-- fp32 layer: unchanged.
+- ``wXaY``: the data input goes through a per-tensor ``QuantizeLinear -> DequantizeLinear``
+  (scale float32 scalar, zero point int8 0; uint8 with a zero point for asymmetric
+  calibrations, an ONNX Runtime-only form); Y < 8 clips the activation to the Y-bit grid
+  first (``Clip``), inside the 8-bit container. The weight initializer becomes integer
+  codes behind a ``DequantizeLinear``: INT8 (X = 5..8, with an int8 zero point of zeros)
+  or packed INT4 (X <= 4, two codes per byte, no zero point), per output channel (axis 0
+  for Conv/Gemm weights, 1 for ConvTranspose weights [Cin, Cout, kH, kW]; the ConvTranspose
+  axis is a parameter because TensorRT versions disagree about it) or in blocks of input
+  channels (``axis`` = the input-channel axis, ``block_size``).
+- ``fp8``: the same with FLOAT8E4M3FN: activation Q/DQ with a float8 zero point 0, weights
+  stored as FP8 with per-output-channel scales.
+- a rotated layer (Hadamard): before its input Q/DQ, x' = R x in float (a MatMul with R^T
+  for Gemm/MatMul, a 1x1 Conv with R for Conv/ConvTranspose); its weight codes belong to
+  the rotated weight, which has n >= Cin input channels.
+- ``fp16``: ``Cast`` to float16 on the data input, float16 weight and bias, ``Cast`` back.
+- ``fp32``: unchanged.
 
-Graph inputs and outputs stay float32, the opset must be >= 19, and the IR version is set
-explicitly (<= 10, which ONNX Runtime loads). The same graph and artifact always give the
-same bytes. `avatarq.calibration.FakeQuantDecoder` computes what this graph computes.
+Before that, smoothing scales are folded into the float initializers they change
+(`CalibrationArtifact.smoothed_arrays`), and texel biases take their storage format:
+float16 + Cast, or int8 + per-channel DequantizeLinear (axis 1).
+
+Nothing is quantized on outputs; activations stay float32. Graph inputs and outputs stay
+float32. The opset becomes 21 when INT4 or blocked scales need it (GridSample's mode
+names are updated; graphs with other ops whose meaning changed after 19 are refused), and
+the IR version is set explicitly (10: INT4 needs it and ONNX Runtime 1.2x-1.3x loads it).
+The same graph and artifact always give the same bytes. `avatarq.calibration.
+FakeQuantDecoder` computes what this graph computes. Graph edits use onnx-ir.
 """
 
 from __future__ import annotations
@@ -25,23 +37,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration
-from avatarq.calibration.quantizers import activation_range
+from avatarq.calibration.biases import quantize_bias
+from avatarq.calibration.quantizers import FloatGrid, activation_range
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
 from avatarq.export.onnx_export import layer_nodes
 from avatarq.export.validate import validate_against_torch
 from avatarq.measure import Comparison, Tolerances
 
-QDQ_VERSION = 1
+QDQ_VERSION = 2
 MIN_OPSET = 19
+INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear
 MAX_IR_VERSION = 10
 CONV_TRANSPOSE_AXES = (1, 0, None)
+# Ops whose meaning changed between opset 19 and 21 (GridSample is converted).
+_CHANGED_AFTER_19 = ("DFT", "GroupNormalization")
+_STORAGE = {
+    "int4": (ml_dtypes.int4, ir.DataType.INT4),
+    "int8": (np.int8, ir.DataType.INT8),
+    "float8e4m3fn": (ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN),
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +75,8 @@ class QDQConfig:
             channel, what avatarq calibrates), 0 (per input channel) or None (per tensor).
             0 and None re-quantize the weights from their float values (max calibration
             along the chosen axis): a fallback for TensorRT versions that reject axis 1.
-        ir_version: the ONNX IR version written (<= 10 so ONNX Runtime loads it).
+        ir_version: the ONNX IR version written (10 so that INT4 is legal and ONNX Runtime
+            loads it).
     """
 
     conv_transpose_axis: int | None = 1
@@ -73,13 +96,16 @@ class QDQConfig:
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.taken = {i.name for i in self.graph.initializer}
-        self.taken |= {o for n in self.graph.node for o in n.output}
-        self.taken |= {i.name for i in self.graph.input}
+    """Unique names, registered initializers and named nodes in one onnx-ir graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.taken = set(graph.initializers)
+        self.taken |= {v.name for v in graph.inputs if v.name}
+        for node in graph:
+            self.taken |= {o.name for o in node.outputs if o.name}
+            if node.name:
+                self.taken.add(node.name)
 
     def name(self, base: str) -> str:
         name, k = base, 1
@@ -88,17 +114,24 @@ class _Builder:
         self.taken.add(name)
         return name
 
-    def const(self, base: str, value: np.ndarray) -> str:
+    def const(self, base: str, value: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
         name = self.name(base)
-        init = numpy_helper.from_array(np.asarray(value), name)
-        self.graph.initializer.append(init)
-        self.inits[name] = init
-        return name
+        tensor = ir.tensor(np.asarray(value), dtype=dtype, name=name)
+        v = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype))
+        v.shape = ir.Shape(tensor.shape)
+        self.graph.register_initializer(v)
+        return v
+
+    def node(self, op: str, inputs: list[ir.Value | None], base: str, out: str, **attrs) -> ir.Node:
+        node = ir.node(op, inputs, attrs or None, name=self.name(base))
+        node.outputs[0].name = self.name(out)
+        return node
 
     def array(self, name: str) -> np.ndarray:
-        if name not in self.inits:
+        value = self.graph.initializers.get(name)
+        if value is None or value.const_value is None:
             raise AvatarqError(f"layer weight {name!r} is not an initializer of the graph")
-        return numpy_helper.to_array(self.inits[name])
+        return value.const_value.numpy()
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -109,39 +142,59 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _activation_nodes(
-    b: _Builder, layer: LayerCalibration, source: str
-) -> tuple[list[onnx.NodeProto], str]:
-    """Clip (b < 8) -> QuantizeLinear -> DequantizeLinear of ``source``; returns the DQ output."""
-    grid = activation_range(layer.bits, layer.symmetric)
-    scale = np.float32(layer.input_scale)
-    zp_type = np.int8 if layer.symmetric else np.uint8
-    zp = int(layer.input_zero_point or 0)
+    b: _Builder, layer: LayerCalibration, source: ir.Value, conv: bool
+) -> tuple[list[ir.Node], ir.Value]:
+    """[rotation] -> [Clip] -> QuantizeLinear -> DequantizeLinear of ``source``."""
     base = layer.name
-    s_name = b.const(f"{base}.input_scale", np.asarray(scale, np.float32))
-    z_name = b.const(f"{base}.input_zero_point", np.asarray(zp, zp_type))
-    nodes = []
-    full = np.iinfo(zp_type)
+    nodes: list[ir.Node] = []
     x = source
-    if grid.qmin > full.min or grid.qmax < full.max:
-        lo = b.const(f"{base}.input_clip_min", np.float32((grid.qmin - zp) * scale))
-        hi = b.const(f"{base}.input_clip_max", np.float32((grid.qmax - zp) * scale))
-        clipped = b.name(f"{base}.input_clipped")
-        nodes.append(helper.make_node("Clip", [x, lo, hi], [clipped], name=b.name(f"{base}/Clip")))
-        x = clipped
-    q = b.name(f"{base}.input_quantized")
-    dq = b.name(f"{base}.input_dequantized")
-    nodes.append(
-        helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=b.name(f"{base}/Q"))
-    )
-    nodes.append(
-        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=b.name(f"{base}/DQ"))
-    )
-    return nodes, dq
+    rotation = layer.rotation_matrix()
+    if rotation is not None:
+        # the entries are +-1/sqrt(n): stored as int8 signs times one float32 scale, which
+        # DequantizeLinear turns into exactly the float32 matrix the fake-quant model uses
+        r = rotation.numpy().astype(np.float32)
+        signs = np.sign(r).astype(np.int8)
+        signs = signs[:, :, None, None] if conv else np.ascontiguousarray(signs.T)
+        q = b.const(f"{base}.input_rotation", np.ascontiguousarray(signs))
+        s = b.const(f"{base}.input_rotation_scale", np.float32(np.abs(r).max()))
+        dq = b.node("DequantizeLinear", [q, s], f"{base}/Rotation_DQ", f"{base}.rotation")
+        rot = b.node(
+            "Conv" if conv else "MatMul",
+            [x, dq.outputs[0]],
+            f"{base}/Rotate",
+            f"{base}.input_rotated",
+        )
+        nodes += [dq, rot]
+        x = rot.outputs[0]
+    fmt = layer.format
+    grid = activation_range(fmt.act_grid, layer.symmetric)
+    scale = np.float32(layer.input_scale)
+    s = b.const(f"{base}.input_scale", np.asarray(scale, np.float32))
+    if isinstance(grid, FloatGrid):
+        zp = b.const(
+            f"{base}.input_zero_point",
+            np.asarray(0, ml_dtypes.float8_e4m3fn),
+            ir.DataType.FLOAT8E4M3FN,
+        )
+    else:
+        zp_type = np.int8 if layer.symmetric else np.uint8
+        zp_value = int(layer.input_zero_point or 0)
+        zp = b.const(f"{base}.input_zero_point", np.asarray(zp_value, zp_type))
+        full = np.iinfo(zp_type)
+        if grid.qmin > full.min or grid.qmax < full.max:
+            lo = b.const(f"{base}.input_clip_min", np.float32((grid.qmin - zp_value) * scale))
+            hi = b.const(f"{base}.input_clip_max", np.float32((grid.qmax - zp_value) * scale))
+            nodes.append(b.node("Clip", [x, lo, hi], f"{base}/Clip", f"{base}.input_clipped"))
+            x = nodes[-1].outputs[0]
+    nodes.append(b.node("QuantizeLinear", [x, s, zp], f"{base}/Q", f"{base}.input_quantized"))
+    q = nodes[-1].outputs[0]
+    nodes.append(b.node("DequantizeLinear", [q, s, zp], f"{base}/DQ", f"{base}.input_dequantized"))
+    return nodes, nodes[-1].outputs[0]
 
 
 def _weight_nodes(
     b: _Builder, layer: LayerCalibration, weight_name: str, config: QDQConfig
-) -> tuple[list[onnx.NodeProto], str]:
+) -> tuple[list[ir.Node], ir.Value]:
     weight = b.array(weight_name)
     if weight.dtype != np.float32:
         raise AvatarqError(
@@ -152,25 +205,103 @@ def _weight_nodes(
             f"layer {layer.name!r}: graph weight {list(weight.shape)}, calibration "
             f"{list(layer.weight_shape)}; the calibration is for another model"
         )
-    q, scale, axis = layer.graph_weight(weight, config.conv_transpose_axis)
+    g = layer.graph_weight(weight, config.conv_transpose_axis)
+    np_type, ir_type = _STORAGE[g.container]
     base = layer.name
-    q_name = b.const(f"{base}.weight_quantized", q)
-    s_name = b.const(f"{base}.weight_scale", scale)
-    z_name = b.const(f"{base}.weight_zero_point", np.zeros(scale.shape, np.int8))
-    out = b.name(f"{base}.weight_dequantized")
-    attrs = {} if axis is None else {"axis": int(axis)}
-    node = helper.make_node(
-        "DequantizeLinear",
-        [q_name, s_name, z_name],
-        [out],
-        name=b.name(f"{base}/weight_DQ"),
-        **attrs,
+    q = b.const(f"{base}.weight_quantized", np.asarray(g.codes).astype(np_type), ir_type)
+    s = b.const(f"{base}.weight_scale", g.scale)
+    inputs: list[ir.Value | None] = [q, s]
+    if g.container == "int8":
+        inputs.append(b.const(f"{base}.weight_zero_point", np.zeros(g.scale.shape, np.int8)))
+    attrs = {} if g.axis is None else {"axis": int(g.axis)}
+    if g.block:
+        attrs["block_size"] = int(g.block)
+    node = b.node(
+        "DequantizeLinear", inputs, f"{base}/weight_DQ", f"{base}.weight_dequantized", **attrs
     )
-    return [node], out
+    return [node], node.outputs[0]
 
 
-def _fp16_const(b: _Builder, name: str) -> str:
-    return b.const(f"{name}.fp16", b.array(name).astype(np.float16))
+def _fp16_layer(b: _Builder, node: ir.Node, name: str) -> None:
+    """Cast in -> float16 weight and bias -> Cast out, around ``node``."""
+    cast_in = b.node(
+        "Cast", [node.inputs[0]], f"{name}/Cast_in", f"{name}.input_fp16", to=ir.DataType.FLOAT16
+    )
+    b.graph.insert_before(node, cast_in)
+    node.replace_input_with(0, cast_in.outputs[0])
+    for i in range(1, len(node.inputs)):
+        value = node.inputs[i]
+        if value is not None:
+            node.replace_input_with(
+                i, b.const(f"{value.name}.fp16", b.array(value.name).astype(np.float16))
+            )
+    result = node.outputs[0]
+    result.type = ir.TensorType(ir.DataType.FLOAT16)
+    cast_out = b.node(
+        "Cast", [result], f"{name}/Cast_out", f"{name}.output_fp32", to=ir.DataType.FLOAT
+    )
+    b.graph.insert_after(node, cast_out)
+    # the layer's old output name stays the name of the float32 tensor
+    old = result.name
+    result.replace_all_uses_with(cast_out.outputs[0], replace_graph_outputs=True)
+    cast_out.replace_input_with(0, result)
+    result.name = b.name(f"{name}.output_fp16")
+    cast_out.outputs[0].name = old
+
+
+def _smoothing(b: _Builder, artifact: CalibrationArtifact) -> None:
+    """Fold the smoothing scales into the float initializers they change."""
+    if not artifact.smoothing:
+        return
+    names = {n for n in b.graph.initializers}
+    arrays = {n: b.array(n) for n in names if n.endswith((".weight", ".bias"))}
+    for name, value in artifact.smoothed_arrays(arrays).items():
+        if name not in b.graph.initializers:
+            raise AvatarqError(f"smoothing changes {name!r}, which the graph does not hold")
+        old = b.graph.initializers[name]
+        tensor = ir.tensor(value.astype(np.float32), name=name)
+        old.const_value = tensor
+
+
+def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> None:
+    """Store each texel bias in its format: float16 + Cast, or int8 + DequantizeLinear."""
+    for name, fmt in sorted(artifact.texel_biases.items()):
+        if fmt == "fp32":
+            continue
+        value = b.graph.initializers.get(name)
+        if value is None:
+            raise AvatarqError(f"the graph has no texel bias {name!r}")
+        stored, scale, _ = quantize_bias(
+            value.const_value.numpy(), fmt, artifact.bias_scales.get(name)
+        )
+        if fmt == "fp16":
+            q = b.const(f"{name}.fp16", stored)
+            node = b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)
+        else:
+            q = b.const(f"{name}.quantized", stored)
+            s = b.const(f"{name}.scale", scale)
+            node = b.node("DequantizeLinear", [q, s], f"{name}/DQ", f"{name}.dequantized", axis=1)
+        users = [u.node for u in value.uses()]
+        b.graph.insert_before(users[0], node)
+        value.replace_all_uses_with(node.outputs[0])
+
+
+def _raise_opset(graph: ir.Graph, opset: int) -> None:
+    """Import ``opset`` (> 19) for the default domain, converting GridSample's mode names."""
+    for node in graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _CHANGED_AFTER_19:
+            raise AvatarqError(
+                f"raising the opset to {opset} would change the meaning of {node.op_type} "
+                f"(node {node.name!r})"
+            )
+        if node.op_type == "GridSample" and "mode" in node.attributes:
+            mode = node.attributes["mode"].value
+            renamed = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+            node.attributes["mode"] = ir.AttrString("mode", renamed)
+        node.version = None
+    graph.opset_imports[""] = opset
 
 
 def quantize_onnx(
@@ -185,14 +316,10 @@ def quantize_onnx(
         AvatarqError: opset < 19, a layer missing on either side, a weight-shape mismatch,
             a graph that is not float32.
     """
-    if _opset(model) < MIN_OPSET:
-        raise AvatarqError(
-            f"Q/DQ insertion needs opset >= {MIN_OPSET}, the graph has {_opset(model)}"
-        )
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    b = _Builder(out)
-    nodes = layer_nodes(out)
+    opset = _opset(model)
+    if opset < MIN_OPSET:
+        raise AvatarqError(f"Q/DQ insertion needs opset >= {MIN_OPSET}, the graph has {opset}")
+    nodes = layer_nodes(model)
     for name in nodes:
         if name not in artifact.layer_names:
             raise AvatarqError(
@@ -201,88 +328,60 @@ def quantize_onnx(
     for layer in artifact.layers:
         if layer.name not in nodes:
             raise AvatarqError(f"the graph has no node for calibrated layer {layer.name!r}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    m = ir.from_proto(copy)
+    graph = m.graph
+    b = _Builder(graph)
+    _smoothing(b, artifact)
     by_node = {nodes[layer.name].name: layer for layer in artifact.layers}
-    weight_of = {layer.name: f"{layer.name}.weight" for layer in artifact.layers}
-
-    rebuilt: list[onnx.NodeProto] = []
-    dequantized_weight: dict[str, str] = {}
-    for node in list(out.graph.node):
+    needs = opset
+    for node in list(graph):
         layer = by_node.get(node.name)
         if layer is None or layer.precision == "fp32":
-            rebuilt.append(node)
             continue
-        if layer.precision == "int8":
-            act_nodes, dq = _activation_nodes(b, layer, node.input[0])
-            w_nodes, w_dq = _weight_nodes(b, layer, weight_of[layer.name], config)
-            dequantized_weight[weight_of[layer.name]] = w_dq
-            rebuilt += act_nodes + w_nodes
-            node.input[0] = dq
-            rebuilt.append(node)
+        if layer.precision == "fp16":
+            _fp16_layer(b, node, layer.name)
             continue
-        if layer.precision != "fp16":
+        if not layer.quantized:
             raise InternalError(f"unknown precision {layer.precision!r}")
-        half_in = b.name(f"{layer.name}.input_fp16")
-        rebuilt.append(
-            helper.make_node(
-                "Cast",
-                [node.input[0]],
-                [half_in],
-                to=TensorProto.FLOAT16,
-                name=b.name(f"{layer.name}/Cast_in"),
-            )
-        )
-        node.input[0] = half_in
-        for i in range(1, len(node.input)):
-            if node.input[i]:
-                node.input[i] = _fp16_const(b, node.input[i])
-        result = node.output[0]
-        half_out = b.name(f"{layer.name}.output_fp16")
-        node.output[0] = half_out
-        rebuilt.append(node)
-        rebuilt.append(
-            helper.make_node(
-                "Cast",
-                [half_out],
-                [result],
-                to=TensorProto.FLOAT,
-                name=b.name(f"{layer.name}/Cast_out"),
-            )
-        )
-    # every consumer of a quantized weight (the layer node itself, or a Transpose in front
-    # of a MatMul) reads the dequantized weight instead
-    for node in rebuilt:
-        for i, name in enumerate(node.input):
-            if name in dequantized_weight and node.op_type != "DequantizeLinear":
-                node.input[i] = dequantized_weight[name]
-    del out.graph.node[:]
-    out.graph.node.extend(rebuilt)
-    _drop_unused_initializers(out)
-    out.ir_version = config.ir_version
-    _set_metadata(out, artifact, config)
-    return out
+        weight = graph.initializers[f"{layer.name}.weight"]
+        conv = node.op_type in ("Conv", "ConvTranspose")
+        act_nodes, dq = _activation_nodes(b, layer, node.inputs[0], conv)
+        w_nodes, w_dq = _weight_nodes(b, layer, weight.name, config)
+        graph.insert_before(node, act_nodes + w_nodes)
+        node.replace_input_with(0, dq)
+        # every consumer of the float weight (the layer itself, or a Transpose in front of
+        # a MatMul) reads the dequantized weight instead
+        weight.replace_all_uses_with(w_dq)
+        if layer.format.weight_container == "int4" or layer.weight_block:
+            needs = max(needs, INT4_OPSET)
+    _texel_biases(b, artifact)
+    if needs > opset:
+        _raise_opset(graph, needs)
+    for name in [
+        n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()
+    ]:
+        graph.initializers.pop(name)
+    m.ir_version = config.ir_version
+    _set_metadata(m, artifact, config)
+    return ir.to_proto(m)
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    used |= {o.name for o in model.graph.output}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def _set_metadata(model: onnx.ModelProto, artifact: CalibrationArtifact, config: QDQConfig) -> None:
+def _set_metadata(model: ir.Model, artifact: CalibrationArtifact, config: QDQConfig) -> None:
     entries = {
         "avatarq.qdq_version": str(QDQ_VERSION),
         "avatarq.calibration.model_hash": artifact.model_hash,
         "avatarq.calibration.samples_hash": str(artifact.samples.get("hash", "")),
         "avatarq.calibration.method": str(artifact.config.get("method", "")),
+        "avatarq.calibration.bits": str(artifact.config.get("bits", "")),
         "avatarq.qdq.conv_transpose_axis": str(config.conv_transpose_axis),
     }
-    kept = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    kept = {k: v for k, v in model.metadata_props.items() if k not in entries}
+    model.metadata_props.clear()
+    model.metadata_props.update(kept)
     for key in sorted(entries):
-        model.metadata_props.add(key=key, value=entries[key])
+        model.metadata_props[key] = entries[key]
 
 
 # Agreement of ONNX Runtime on the Q/DQ graph with the torch fake-quant model: both round the

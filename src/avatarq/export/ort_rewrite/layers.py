@@ -159,6 +159,8 @@ def _weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return "its weight is not an int8 constant with float32 scales"
     if zp is not None and np.any(zp != 0):
         return "its weight zero point is not 0"
+    if attr(dq, "block_size", 0):
+        return "its weight scales are blocked"
     axis = _weight_axis(node)
     cout = q.shape[axis]
     if scale.size == 1:
