@@ -6,6 +6,8 @@ benchmarks/test_subject.py); the behaviours are the same.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,23 @@ def test_the_default_subject_is_full_size_with_fine_detail():
     config = SubjectConfig()
     assert (config.train.tex_size, config.train.z_dim) == (1024, 256)
     assert config.capture.texture_size == 1024 and config.capture.detail == "fine"
+
+
+def test_the_peer_study_evaluates_on_the_held_out_clip(subject, tmp_path):
+    from avatarq.calibration.config import CalibrationConfig
+    from avatarq.workflows.peers import PeerMethod, compare_calibrations
+
+    clip = subject.heldout_sequence()
+    study = compare_calibrations(
+        subject.checkpoint,
+        subject.capture_root,
+        tmp_path,
+        [PeerMethod("avatarq max", CalibrationConfig(method="max"))],
+        n_random=4,
+        max_frames=4,
+        threads=1,
+        clip=clip,
+    )
+    assert study.setup["clip"] == {"source": clip.source, "frames": 4}
+    (row,) = study.rows
+    assert 20 < row.psnr < math.inf
