@@ -139,7 +139,14 @@ class BenchConfig:
             )
         if self.device not in DEVICES:
             raise AvatarqError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        object.__setattr__(self, "frame_rate", self.perceptual_config(validate=True).fps)
+        # validates the perceptual settings even when no metric is asked for
+        settings = PerceptualConfig(
+            self.perceptual or "fvvdp",
+            self.perceptual_display,
+            self.frame_rate,
+            self.perceptual_size,
+        )
+        object.__setattr__(self, "frame_rate", settings.fps)
         texts = (self.gates,) if isinstance(self.gates, str) else tuple(self.gates)
         gates = [g for text in texts for g in parse_gates(text)] if texts else []
         object.__setattr__(self, "gates", tuple(str(g) for g in gates))
@@ -155,18 +162,13 @@ class BenchConfig:
                 "screen-space gates need rendering; use gate_space texture or a render backend"
             )
 
-    def perceptual_config(self, validate: bool = False) -> PerceptualConfig | None:
-        """The `PerceptualConfig` of this run (None when no perceptual metric is asked for;
-        with ``validate`` the settings are checked even then)."""
-        if self.perceptual is None and not validate:
+    def perceptual_config(self) -> PerceptualConfig | None:
+        """The `PerceptualConfig` of this run, or None when no perceptual metric is asked for."""
+        if self.perceptual is None:
             return None
-        config = PerceptualConfig(
-            metric=self.perceptual or "fvvdp",
-            display=self.perceptual_display,
-            fps=self.frame_rate,
-            max_size=self.perceptual_size,
+        return PerceptualConfig(
+            self.perceptual, self.perceptual_display, self.frame_rate, self.perceptual_size
         )
-        return config if self.perceptual is not None or validate else None
 
     def parsed_gates(self) -> list[Gate]:
         return parse_gates(",".join(self.gates)) if self.gates else []
