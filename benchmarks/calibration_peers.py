@@ -53,19 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args(argv)
 
-    def say(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    def say(message: str, done: int = 0, total: int | None = None) -> None:
+        if total is None or done in (0, total) or done % max(1, total // 10) == 0:
+            counted = "" if total is None else f" [{done}/{total}]"
+            print(f"[{time.strftime('%H:%M:%S')}] {message}{counted}", flush=True)
 
     clip = None
     if args.avatar == "subject":
         subject_config = SubjectConfig()
         train = subject_config.train
-        avatar = make_test_subject(args.cache, subject_config, say=say)
+        avatar = make_test_subject(args.cache, subject_config, progress=say)
         clip = avatar.heldout_sequence(max_frames=args.frames)
     else:
         train = AVATARS[args.avatar]
         avatar = make_synthetic_avatar(
-            args.cache / f"synth_{args.avatar}", train_config=train, say=say
+            args.cache / f"synth_{args.avatar}", train_config=train, progress=say
         )
     workdir = args.workdir or args.cache / f"peers_{args.avatar}"
     methods = default_methods(
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         max_frames=args.frames,
         threads=args.threads,
-        say=say,
+        progress=say,
         clip=clip,
     )
     (workdir / "study.json").write_text(study.to_json())

@@ -23,10 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("out/bench"), help="cache folder")
     args = parser.parse_args(argv)
 
-    def say(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    def say(message: str, done: int = 0, total: int | None = None) -> None:
+        if total is None or done in (0, total) or done % 10 == 0:
+            counted = "" if total is None else f" [{done}/{total}]"
+            print(f"[{time.strftime('%H:%M:%S')}] {message}{counted}", flush=True)
 
-    subject = make_test_subject(args.cache, SubjectConfig(), say=say)
+    subject = make_test_subject(args.cache, SubjectConfig(), progress=say)
     say(f"test subject {subject.root} ({'reused' if subject.reused else 'made'})")
     record = {k: subject.record[k] for k in ("key", "training", "heldout")}
     print(json.dumps(record, indent=2))

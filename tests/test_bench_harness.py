@@ -6,7 +6,6 @@ test; wrapped runners add errors with known temporal statistics.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -270,18 +269,14 @@ def test_default_runners_are_model_onnx_plus_the_engines_built_into_the_bundle(b
 
 def _with_missing_engine(bundle, tmp_path):
     """A copy of the bundle whose manifest lists an onnxruntime engine file that is gone."""
+    from avatarq.engines import build_engine
+
     copy = tmp_path / "engine.avq"
     shutil.copytree(bundle.root, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["engines"] = [
-        {
-            "backend": "onnxruntime",
-            "path": "engines/onnxruntime-cpu.onnx",
-            "library_version": "1",
-            "target": "cpu",
-        }
-    ]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for old in (copy / "engines").glob("*"):
+        old.unlink()
+    record = build_engine(copy, "onnxruntime")
+    (copy / record.path).unlink()
     return copy
 
 

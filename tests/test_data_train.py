@@ -32,8 +32,8 @@ def uninterrupted(capture):
 def test_an_interrupted_training_resumes_to_the_same_weights_and_losses(
     capture, uninterrupted, tmp_path
 ):
-    def stop_after_step_5(step, total, loss):
-        if step == 5:
+    def stop_after_step_5(phase, done=0, total=None):
+        if done == 5:
             raise Stop
 
     state = tmp_path / "state.pt"

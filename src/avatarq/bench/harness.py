@@ -48,7 +48,7 @@ import contextlib
 import datetime
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,14 +66,14 @@ from avatarq.bench.results import (
     environment,
 )
 from avatarq.bench.sequences import BenchSequence
-from avatarq.errors import AvatarqError
+from avatarq.core.progress import Progress
+from avatarq.errors import AvatarqError, InternalError
 from avatarq.measure import PerceptualClip, SequenceAccumulator, evaluate_gates, psnr
 from avatarq.measure.latency import LatencyStats
 from avatarq.measure.perceptual import require as require_perceptual
 
 TEXTURE_PEAK = 255.0
 _REF_KEY = "<reference>"  # cannot clash with a backend name
-Progress = Callable[[str, int, int], None]
 
 
 class BenchRunner(Protocol):
@@ -183,13 +183,21 @@ def open_reference(
         )
         runner = open_runner(bundle, "torch", options)
         return _labelled(runner, f"FP32 PyTorch decoder of {Path(checkpoint).name}")
-    if m.precision != "fp32":
-        raise AvatarqError(
-            f"bundle {bundle.root} is {m.precision}, so it cannot be its own FP32 reference; "
-            "pass the checkpoint it was exported from (--checkpoint dam.pt, with --capture "
-            "when its de-normalization is folded in) or an FP32 bundle (--reference fp32.avq)"
+    if m.precision == "fp32":
+        return _labelled(
+            open_runner(bundle, "onnx", options), f"FP32 {bundle.root.name}/model.onnx"
         )
-    return _labelled(open_runner(bundle, "onnx", options), f"FP32 {bundle.root.name}/model.onnx")
+    path = bundle.reference_path()
+    if path is None:
+        raise AvatarqError(
+            f"bundle {bundle.root} is {m.precision} and was exported without its FP32 reference "
+            "graph; pass the checkpoint it came from (--checkpoint dam.pt) or an FP32 bundle "
+            "(--reference fp32.avq), or re-export it with its reference"
+        )
+    from avatarq.engines.onnxruntime import OnnxModelRunner
+
+    runner = OnnxModelRunner.for_graph(bundle, path, options)
+    return _labelled(runner, f"FP32 {bundle.root.name}/{path.relative_to(bundle.root)}")
 
 
 def _labelled(runner: Any, what: str) -> Any:
@@ -216,6 +224,10 @@ class _Denorm:
     tex_std: float = 1.0
     vert_mean: np.ndarray | None = None  # float32 [V, 3]
     vert_std: float = 1.0
+    # texture units per 1.0: 255 for 0..255 textures; None until measured for a bundle whose
+    # normalization is unknown (then the reference's first-frame range, as the comparator)
+    peak: float | None = TEXTURE_PEAK
+    units: str = "0..255 texels / 255"
 
     def texture(self, tex: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         """[B, 3, T, T] decoder units -> [0, 1] units, a new array of ``dtype``."""
@@ -223,7 +235,9 @@ class _Denorm:
         if self.tex_mean is not None:
             x *= self.tex_std
             x += self.tex_mean
-        x /= TEXTURE_PEAK
+        if self.peak is None:
+            raise InternalError("texture peak used before it was measured")
+        x /= self.peak
         return x
 
     def vertices(self, vert: np.ndarray) -> np.ndarray:
@@ -233,14 +247,21 @@ class _Denorm:
 
 
 def _denorm_for(bundle: Any, capture_root: Path | None) -> _Denorm:
+    """Folded: identity; else the bundle's normalization arrays, else the capture's; with
+    neither, metrics are taken in normalized units (peak measured on the reference)."""
     m = bundle.manifest
     if m.normalization.folded:
         return _Denorm()
-    if capture_root is None:
-        raise AvatarqError(
-            f"bundle {bundle.root} outputs Multiface-normalized textures and vertices; pass "
-            "the capture (--capture CAPTURE) so they can be de-normalized before measuring"
+    arrays = bundle.normalization_arrays()
+    if arrays is not None:
+        return _Denorm(
+            arrays["tex_mean"].astype(np.float32),
+            float(arrays["tex_std"]),
+            arrays["vert_mean"].reshape(-1, 3).astype(np.float32),
+            float(arrays["vert_std"]),
         )
+    if capture_root is None:
+        return _Denorm(peak=None, units="Multiface-normalized units / reference first-frame range")
     import torch
 
     from avatarq.data.capture import MultifaceCapture
@@ -509,6 +530,8 @@ def run_bench(
     capture_root = Path(capture) if capture is not None else sequence.capture_root
     denorm = _denorm_for(bundle, capture_root)
     setup, render_note = _setup_render(bundle, sequence, config)
+    if setup is not None and denorm.peak is None:
+        setup, render_note = None, "the bundle's normalization is unknown (export with --capture)"
     if (
         setup is None
         and config.gate_space == "screen"
@@ -534,6 +557,11 @@ def run_bench(
         if capture_root is not None:
             extra["capture"] = str(capture_root)
         for n in names:
+            if n == "torch" and m.precision != "fp32":
+                raise AvatarqError(
+                    f"runner torch runs the FP32 checkpoint, not this {m.precision} bundle; it "
+                    "is the reference with --checkpoint, or bench an FP32 bundle with it"
+                )
             options = _run_options(config, n, **(extra if n == "torch" else {}))
             try:
                 planned.append((n, open_runner(bundle, n, options), optional))
@@ -569,6 +597,10 @@ def run_bench(
         screen_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         worst = {n: (_Worst("texture"), _Worst("screen")) for n in names}
         clips = {n: PerceptualClip(perceptual) for n in names} if perceptual else {}
+        if denorm.peak is None:
+            first, _ = ref.decode(sequence.z[:1], sequence.view[:1])
+            span = float(first.max() - first.min())
+            denorm.peak = span if span > 0 and math.isfinite(span) else 1.0
         _fidelity_pass(
             ref,
             dict(zip(names, active, strict=True)),
@@ -611,7 +643,11 @@ def run_bench(
     return BenchResult(
         config=config,
         bundle=bundle_record(bundle),
-        sequence=sequence.describe(),
+        sequence={
+            **sequence.describe(),
+            "texture_units": denorm.units,
+            "texture_peak": denorm.peak,
+        },
         render=render_record,
         reference=RunnerResult("reference", ref_label, ref_latency),
         runners=results,

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from avatarq.bench.results import BenchResult, FrameStrip, RunnerResult
-from avatarq.core.documents import read_json_object
-from avatarq.core.files import atomic_write_text
+from avatarq.bench.report_document import ReportDocument
+from avatarq.bench.results import REPORT_SCHEMA_VERSION, BenchResult, FrameStrip, RunnerResult
+from avatarq.core.documents import document_dict, load_document, read_json_object
+from avatarq.core.files import StagedDirectory, atomic_write_text
 from avatarq.errors import AvatarqError
 
 JSON_FILE = "report.json"
@@ -53,7 +54,13 @@ def load_report(path: str | Path) -> BenchResult:
         path = path / JSON_FILE
     if not path.is_file():
         raise AvatarqError(f"bench report not found: {path}")
-    return BenchResult.from_dict(read_json_object(path))
+    version = read_json_object(path).get("schema_version")
+    if version != REPORT_SCHEMA_VERSION:
+        raise AvatarqError(
+            f"bench report schema_version is {version!r}; this avatarq reads {REPORT_SCHEMA_VERSION}"
+        )
+    document = load_document(path, ReportDocument, f"bench report {path}")
+    return BenchResult.from_dict(document_dict(document))
 
 
 # --------------------------------------------------------------------------- figures
@@ -555,7 +562,8 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
 def write_report(
     result: BenchResult, out_dir: str | Path, save_figures: bool = False
 ) -> dict[str, Path]:
-    """Write report.json and report.html into ``out_dir`` (created if needed).
+    """Write report.json and report.html as the folder ``out_dir`` (staged, then moved
+    into place; an existing folder is replaced only when it holds a report or nothing).
 
     Args:
         result: what `run_bench` returned.
@@ -568,16 +576,22 @@ def write_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AvatarqError(f"report directory {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / JSON_FILE).is_file():
+        raise AvatarqError(
+            f"report directory {out} holds files but no {JSON_FILE}; refusing to replace it "
+            "(choose a new or empty folder)"
+        )
     figs = figures(result)
+    with StagedDirectory(out, replace=True) as stage:
+        atomic_write_text(stage.path / JSON_FILE, report_json(result))
+        atomic_write_text(stage.path / HTML_FILE, render_html(result, figs))
+        if save_figures:
+            (stage.path / FIGURES_DIR).mkdir()
+            for name, png in figs.items():
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+                (stage.path / FIGURES_DIR / f"{safe}.png").write_bytes(png)
+        stage.commit()
     paths = {"json": out / JSON_FILE, "html": out / HTML_FILE}
-    atomic_write_text(paths["json"], report_json(result))
-    atomic_write_text(paths["html"], render_html(result, figs))
     if save_figures:
-        fig_dir = out / FIGURES_DIR
-        fig_dir.mkdir(exist_ok=True)
-        for name, png in figs.items():
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            (fig_dir / f"{safe}.png").write_bytes(png)
-        paths["figures"] = fig_dir
+        paths["figures"] = out / FIGURES_DIR
     return paths

@@ -39,6 +39,7 @@ from avatarq.errors import AvatarqError
 
 DEFAULT_CLIP_FRAMES = 32
 DEFAULT_CLIP_SEED = 0
+DEFAULT_CONE_DEG = 25.0  # views of the default clip without a capture
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,7 +326,9 @@ def default_sequence(
     if capture is not None and checkpoint is not None:
         return sequence_from_capture(capture, capture.segments[0], checkpoint, camera, camera_index)
     if capture is None:
-        return BenchSequence(smooth_clip(z_dim, n_frames, DEFAULT_CLIP_SEED))
+        return BenchSequence(
+            smooth_clip(z_dim, n_frames, DEFAULT_CLIP_SEED, cone_deg=DEFAULT_CONE_DEG)
+        )
     cam = _resolve_camera(capture, camera, camera_index)
     seg, frame = capture.frames[0]
     v = capture.view_direction(seg, frame, cam)

@@ -34,6 +34,7 @@ from avatarq.calibration.quantizers import (
     quantize_weight,
     weight_range,
 )
+from avatarq.core.files import StagedDirectory
 from avatarq.errors import AvatarqError
 
 FORMAT = "avatarq-calibration"
@@ -282,13 +283,22 @@ class CalibrationArtifact:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/calib.json`` and ``path/tensors.npz`` (same inputs, same bytes)."""
+        """Write ``path/calib.json`` and ``path/tensors.npz`` (same inputs, same bytes),
+        atomically: the folder appears whole or not at all. An existing folder is replaced
+        only when it holds a calibration."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise AvatarqError(f"calibration output {path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / TENSORS_NAME).write_bytes(_npz_bytes(self.tensors()))
-        (path / JSON_NAME).write_text(self.to_json())
+        if path.is_dir() and any(path.iterdir()) and not (path / JSON_NAME).is_file():
+            raise AvatarqError(
+                f"calibration output {path} is a folder that holds no calibration; refusing to "
+                "replace it (choose another output)"
+            )
+        text = self.to_json()  # fails before anything is written
+        with StagedDirectory(path, replace=True) as stage:
+            (stage.path / TENSORS_NAME).write_bytes(_npz_bytes(self.tensors()))
+            (stage.path / JSON_NAME).write_text(text)
+            stage.commit()
         return path
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from avatarq.calibration.artifact import CalibrationArtifact
@@ -12,7 +11,9 @@ from avatarq.calibration.samples import (
     CalibrationSamples,
     samples_from_capture,
     samples_from_latents,
+    samples_from_prior,
 )
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 from avatarq.models.dam import DeepAppearanceModel
 from avatarq.models.deploy import DeployableDecoder
@@ -20,17 +21,22 @@ from avatarq.models.deploy import DeployableDecoder
 
 def load_samples(
     model: DeepAppearanceModel,
-    data: str | Path,
+    data: str | Path | None,
     capture=None,
     n_random: int = 64,
     n_clips: int = 2,
     clip_length: int = 8,
     seed: int = 0,
 ) -> CalibrationSamples:
-    """Calibration samples from a capture root or a latent-sequence .npz file."""
+    """Calibration samples from a capture root, a latent .npz file, or (``data`` None and
+    no capture) data-free from the latent prior (`samples_from_prior`)."""
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.latents import load_inputs
 
+    if data is None and capture is not None:
+        return samples_from_capture(model, capture, n_random, n_clips, clip_length, seed)
+    if data is None:
+        return samples_from_prior(model.config.z_dim, n_random, n_clips, clip_length, seed)
     path = Path(data)
     if path.is_dir():
         capture = capture or MultifaceCapture(path)
@@ -47,14 +53,15 @@ def load_samples(
 
 def calibrate_decoder(
     model: DeepAppearanceModel,
-    data: str | Path,
+    data: str | Path | None,
     capture_root: str | Path | None,
     config: CalibrationConfig,
     n_random: int = 64,
     camera: int | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[DeployableDecoder, CalibrationArtifact]:
-    """Calibrate the deployable decoder of ``model`` (normalization from ``capture_root``).
+    """Calibrate the deployable decoder of ``model`` (normalization from ``capture_root``)
+    on ``data`` (capture root, latent file, or None: the capture, else data-free).
 
     The decoder is built exactly as `export_bundle` builds it, so the artifact's model hash
     matches at export time.
@@ -65,7 +72,7 @@ def calibrate_decoder(
     capture = None
     if capture_root is not None:
         capture = MultifaceCapture(capture_root)
-    elif Path(data).is_dir():
+    elif data is not None and Path(data).is_dir():
         capture = MultifaceCapture(data)
     normalization = capture_normalization(capture) if capture is not None else None
     decoder = DeployableDecoder(model, normalization, camera)

@@ -10,12 +10,12 @@ no mask (every value counts).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from avatarq.calibration.samples import CalibrationSamples
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 
 
@@ -24,7 +24,7 @@ def visibility_masks(
     decoder: torch.nn.Module,
     samples: CalibrationSamples,
     batch: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor | None:
     """Texels each sample's camera sees: bool [N, T, T] (None when the samples have no cameras).
 
@@ -51,7 +51,7 @@ def visibility_masks(
             vertices, samples.M[start:stop], samples.topology, samples.resolution, tex_size
         ).cpu()
         if progress is not None:
-            progress(stop, len(samples))
+            progress("rasterizing visibility", stop, len(samples))
     return out
 
 

@@ -24,9 +24,8 @@ from avatarq.calibration.precision import measured_sensitivity, omega_sensitivit
 from avatarq.calibration.quantizers import max_activation_range, weight_scales
 from avatarq.calibration.reconstruct import reconstruct
 from avatarq.calibration.samples import CalibrationSamples
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
-
-Progress = Callable[[str, int, int], None]
 
 
 def _max_method(
@@ -183,10 +182,9 @@ def calibrate(
             )
     else:
         if progress is not None:
-            progress("visibility masks", 0, len(samples))
-        step = None if progress is None else (lambda d, t: progress("visibility masks", d, t))
+            progress("rasterizing visibility", 0, len(samples))
         with torch.no_grad():
-            visibility = visibility_masks(reference, samples, CAPTURE_BATCH, step)
+            visibility = visibility_masks(reference, samples, CAPTURE_BATCH, progress)
 
     calibrated = METHODS[config.method](
         reference, layers, plan, samples, visibility, config, progress

@@ -13,7 +13,6 @@ an optional temporal term on consecutive clip frames; freeze the layer and move 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +47,12 @@ from avatarq.calibration.quantizers import (
     weight_scales,
 )
 from avatarq.calibration.samples import CalibrationSamples
+from avatarq.core.progress import Progress
 
 EVAL_BATCH = 64
 ROW_SAMPLE = 4096  # output rows of a large Linear layer per Adam step
 PLATEAU_REL = 1e-3
 ADAROUND_LR_FACTOR = 10.0
-
-Progress = Callable[[str, int, int], None]
 
 
 # ------------------------------------------------------------------ the cache

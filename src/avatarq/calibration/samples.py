@@ -275,3 +275,51 @@ def samples_from_latents(
         resolution,
         source=f"latent sequence ({t} steps), seed {seed}",
     )
+
+
+#: Views of data-free samples stay within this angle of the front (degrees).
+PRIOR_CONE_DEG = 25.0
+
+
+def samples_from_prior(
+    z_dim: int,
+    n_random: int = 64,
+    n_clips: int = 2,
+    clip_length: int = 8,
+    seed: int = 0,
+    front: Sequence[float] = (0.0, 0.0, 1.0),
+    cone_deg: float = PRIOR_CONE_DEG,
+) -> CalibrationSamples:
+    """Data-free samples: a DAM is a VAE whose latent prior is N(0, I).
+
+    Random samples draw z ~ N(0, I) and a view direction uniformly in yaw and pitch within
+    ``cone_deg`` of ``front``; the clips are smooth trajectories of the same statistics
+    (`avatarq.core.inputs.smooth_clip`), so the temporal term still has ordered frames.
+    There are no cameras, hence no visibility masks.
+    """
+    from avatarq.core.inputs import cone_view, smooth_clip
+
+    _check_counts(n_random, n_clips, clip_length)
+    if n_clips and clip_length < 2:
+        raise AvatarqError(f"clip_length must be >= 2, got {clip_length}")
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_random, z_dim))
+    view = cone_view(rng.uniform(-1.0, 1.0, (n_random, 2)), front, cone_deg)
+    zs, views, clips = [z], [view], []
+    for k in range(n_clips):
+        clip = smooth_clip(
+            z_dim, clip_length, seed=seed * 1000 + k + 1, front=front, cone_deg=cone_deg
+        )
+        start = n_random + k * clip_length
+        clips.append(tuple(range(start, start + clip_length)))
+        zs.append(clip.z)
+        views.append(clip.view)
+    n = n_random + n_clips * clip_length
+    ids = tuple(("prior", f"{k:06d}", "") for k in range(n))
+    return CalibrationSamples.of(
+        np.concatenate(zs).astype(np.float32),
+        np.concatenate(views).astype(np.float32),
+        ids,
+        tuple(clips),
+        source=f"data-free: z ~ N(0, I), views within {cone_deg:g} deg of the front, seed {seed}",
+    )

@@ -260,6 +260,28 @@ def _read_png(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgb[::-1].transpose(2, 0, 1))
 
 
+def resolve_capture_root(path: str | Path) -> Path:
+    """The capture root ``path`` names: the identity folder itself (holding frame_list.txt),
+    or a folder holding exactly one such identity folder (as `avatarq synth` writes
+    OUT/capture/<identity>/)."""
+    root = Path(path)
+    if not root.exists():
+        raise AvatarqError(f"capture root not found: {root}")
+    if not root.is_dir():
+        raise AvatarqError(f"capture root {root} is not a folder")
+    if (root / "frame_list.txt").exists():
+        return root
+    identities = sorted(
+        p for p in root.iterdir() if p.is_dir() and (p / "frame_list.txt").is_file()
+    )
+    if len(identities) == 1:
+        return identities[0]
+    if len(identities) > 1:
+        names = ", ".join(p.name for p in identities[:4])
+        raise AvatarqError(f"{root} holds {len(identities)} captures ({names}); name one of them")
+    return root
+
+
 class MultifaceCapture:
     """Lazy reader of one Multiface identity capture.
 
@@ -272,9 +294,7 @@ class MultifaceCapture:
     """
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise AvatarqError(f"capture root not found: {self.root}")
+        self.root = resolve_capture_root(root)
         for name in REQUIRED_FILES:
             if not (self.root / name).exists():
                 raise AvatarqError(

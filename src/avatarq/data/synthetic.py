@@ -8,11 +8,11 @@ settings it was made with is reused when asked for the same settings again.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from avatarq.core.files import StagedDirectory, atomic_write_text
+from avatarq.core.progress import Progress, or_silent
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
 from avatarq.data.train import TrainConfig, TrainReport, train_dam
@@ -51,13 +51,17 @@ def make_synthetic_avatar(
     capture_config: SyntheticCaptureConfig | None = None,
     train_config: TrainConfig | None = None,
     force: bool = False,
-    say: Callable[[str], None] | None = None,
-    train_progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> SyntheticAvatar:
-    """Write the capture and train the DAM into ``out`` (or reuse a matching cached one)."""
+    """Write the capture and train the DAM into ``out`` (or reuse a matching cached one).
+
+    Everything is built in a staging folder beside ``out`` and moved into place at the
+    end: an interrupted run leaves nothing behind, and an existing ``out`` is replaced
+    only when it holds a synthetic avatar avatarq made.
+    """
     capture_config = capture_config or SyntheticCaptureConfig()
     train_config = train_config or TrainConfig()
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     out = Path(out)
     settings = _settings(capture_config, train_config)
     record_path = out / RECORD_FILE
@@ -77,24 +81,26 @@ def make_synthetic_avatar(
         raise AvatarqError(
             f"{out} is not empty and holds no synthetic avatar; choose another directory"
         )
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    say("writing the synthetic capture")
-    capture_root = write_synthetic_capture(out / CAPTURE_DIR, capture_config)
-    capture = MultifaceCapture(capture_root)
-    say(
-        f"training a {train_config.arch} DAM (z {train_config.z_dim}, texture {train_config.tex_size})"
-    )
-    model, report = train_dam(capture, train_config, train_progress)
-    save_checkpoint(model, out / CHECKPOINT_FILE)
-    record = {
-        "settings": settings,
-        "capture_root": str(capture_root.relative_to(out)),
-        "training": _report_summary(report),
-        "model": asdict(model.config),
-    }
-    record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with StagedDirectory(out, replace=out.exists()) as stage:
+        say("writing the synthetic capture")
+        staged_root = write_synthetic_capture(stage.path / CAPTURE_DIR, capture_config)
+        say(
+            f"training a {train_config.arch} DAM (z {train_config.z_dim}, texture "
+            f"{train_config.tex_size})"
+        )
+        model, report = train_dam(MultifaceCapture(staged_root), train_config, progress)
+        save_checkpoint(model, stage.path / CHECKPOINT_FILE)
+        record = {
+            "settings": settings,
+            "capture_root": str(staged_root.relative_to(stage.path)),
+            "training": _report_summary(report),
+            "model": asdict(model.config),
+        }
+        atomic_write_text(
+            stage.path / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n"
+        )
+        stage.commit()
+    capture_root = out / record["capture_root"]
     return SyntheticAvatar(out, capture_root, out / CHECKPOINT_FILE, False, record)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from avatarq.core.files import atomic_path
+from avatarq.core.progress import Progress
 from avatarq.data.capture import AVERAGE, MultifaceCapture
 from avatarq.data.encode import resize_texture
 from avatarq.errors import AvatarqError
@@ -47,6 +47,27 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.version != 1:
+            raise AvatarqError(f"training config version must be 1, got {self.version!r}")
+        for name, low, high in (
+            ("iters", 1, 10_000_000),
+            ("batch", 1, 4096),
+            ("seed", 0, 2**32 - 1),
+            ("threads", 0, 1024),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise AvatarqError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        for name, positive in (("lr", True), ("kl_weight", False), ("mesh_weight", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and math.isfinite(value)
+            if not ok or value < 0 or (positive and value == 0):
+                kind = "a positive" if positive else "a non-negative"
+                raise AvatarqError(f"{name} must be {kind} finite number, got {value!r}")
+        # the model itself: arch, latent and texture sizes (DAMConfig's own checks)
+        DAMConfig(arch=self.arch, z_dim=self.z_dim, tex_size=self.tex_size, n_vertices=1, n_cams=1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +168,7 @@ def _load_state(path: Path, config: TrainConfig) -> dict | None:
 def train_dam(
     capture: MultifaceCapture,
     config: TrainConfig,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
     *,
     state_path: str | Path | None = None,
     state_every: int = 25,
@@ -214,7 +235,7 @@ def train_dam(
         report.texture_losses.append(tex_loss.item())
         report.mesh_losses.append(mesh_loss.item())
         if progress is not None:
-            progress(step + 1, config.iters, report.losses[-1])
+            progress(f"training (loss {report.losses[-1]:.4f})", step + 1, config.iters)
         done = step + 1
         if state_path is not None and (done % state_every == 0 or done == config.iters):
             report.seconds = time.perf_counter() - start

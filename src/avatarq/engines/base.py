@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import collections
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,13 +30,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from avatarq.core.hashing import file_sha256
+from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import ENGINES_DIR, Bundle, EngineRecord, TensorSpec
 from avatarq.export.manifest import BuildOptions
 
 OPTIONS_VERSION = 1  # RunOptions
 TIMINGS_KEPT = 4096
-Progress = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- options

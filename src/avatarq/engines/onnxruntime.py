@@ -24,10 +24,10 @@ from avatarq.core.files import atomic_path
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.ort import make_session, resolve_device
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,
@@ -155,7 +155,12 @@ class OnnxModelRunner(OnnxRuntimeRunner):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> OnnxRuntimeRunner:
-        return cls._for(bundle, bundle.model_path, options)
+        return cls._for(bundle, bundle.checked_model_path(), options)
+
+    @classmethod
+    def for_graph(cls, bundle: Bundle, path: Path, options: RunOptions = RunOptions()):
+        """Another graph with the bundle's I/O (its FP32 reference graph) under ONNX Runtime."""
+        return cls._for(bundle, path, options)
 
 
 class OnnxRuntimeBuilder(Builder):

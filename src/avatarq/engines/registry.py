@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avatarq.engines.base import Builder, BuildOptions, Progress, Runner, RunOptions
+from avatarq.core.progress import Progress
+from avatarq.engines.base import Builder, BuildOptions, Runner, RunOptions
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, EngineRecord, open_bundle
 

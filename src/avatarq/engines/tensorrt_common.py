@@ -37,10 +37,10 @@ import numpy as np
 
 from avatarq.core.files import atomic_write_bytes
 from avatarq.core.hashing import file_sha256
+from avatarq.core.progress import Progress
 from avatarq.engines.base import (
     Builder,
     BuildResult,
-    Progress,
     Runner,
     RunOptions,
     checked_engine_file,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from avatarq import __version__
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import (
     MODEL_FILE,
@@ -44,8 +44,12 @@ FP16_MIN_PSNR_DB = 50.0
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The written bundle, the export's check (None with validation off), and where the
+    calibration samples came from (None unless calibrated now or from an artifact)."""
+
     bundle: Bundle
     validation: Comparison | None
+    calibration: str | None = None
 
 
 def validation_inputs(
@@ -101,7 +105,7 @@ def export_bundle(
     out: str | Path,
     capture_root: str | Path | None = None,
     options: ExportOptions = ExportOptions(),
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     force: bool = False,
 ) -> ExportResult:
     """Load ``checkpoint``, trace it to ONNX, validate, and write the bundle ``out``.
@@ -111,7 +115,7 @@ def export_bundle(
     uses real latent codes of the capture. An existing ``out`` is replaced only when it is
     an avatarq bundle and ``force`` is set.
     """
-    say = progress or (lambda _msg: None)
+    say = or_silent(progress)
     BundleWriter(out, force).abort()  # refuse a bad output before minutes of work
     model = load_checkpoint(checkpoint)
     capture = normalization = None
@@ -225,7 +229,8 @@ def export_bundle(
             calib_sha256=calib_sha,
         )
         bundle = writer.commit(manifest)
-    return ExportResult(bundle, result)
+    source = None if artifact is None else str(artifact.samples.get("source", ""))
+    return ExportResult(bundle, result, source)
 
 
 def _calibration(model, decoder: DeployableDecoder, capture_root, options: ExportOptions, say):
@@ -236,14 +241,15 @@ def _calibration(model, decoder: DeployableDecoder, capture_root, options: Expor
 
     if options.calib is not None:
         return CalibrationArtifact.load(options.calib, decoder)
-    data = options.calib_data or capture_root
-    if data is None:
-        raise AvatarqError(
-            "--int8 without --calib calibrates on the fly and needs --capture or --data"
-        )
-    say("calibrating (POCA)")
-    samples = load_samples(model, data, seed=options.seed)
-    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed))
+    data = options.calib_data
+    say("calibrating (POCA)" if data or capture_root else "calibrating (POCA, data-free)")
+    capture = None
+    if data is None and capture_root is not None:
+        from avatarq.data.capture import MultifaceCapture
+
+        capture = MultifaceCapture(capture_root)
+    samples = load_samples(model, data, capture, seed=options.seed)
+    return calibrate(decoder, samples, CalibrationConfig(seed=options.seed), progress=say)
 
 
 def _normalization_record(normalization) -> NormalizationRecord:

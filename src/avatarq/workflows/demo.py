@@ -7,13 +7,11 @@ synth -> calibrate (POCA) -> export fp32 / fp16 / int8 -> build (what this machi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
-
-Say = Callable[[str], None]
 
 
 @dataclass
@@ -30,7 +28,7 @@ class DemoResult:
     passed: bool = True
 
 
-def _calibration(avatar, out: Path, say: Say, config) -> Path:
+def _calibration(avatar, out: Path, say: Progress, config) -> Path:
     """Calibrate once; reuse the artifact while the checkpoint and settings are unchanged."""
     from avatarq.calibration.from_files import calibrate_decoder
     from avatarq.core.hashing import file_sha256
@@ -81,7 +79,9 @@ def _validation_line(validation) -> str:  # noqa: ANN001 - a ValidationRecord or
     return line
 
 
-def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None) -> DemoResult:
+def run_demo(
+    workdir: str | Path, train_iters: int = 400, progress: Progress | None = None
+) -> DemoResult:
     """Run the demo in ``workdir``; returns paths and one-line summaries of each step."""
     from avatarq.bench.harness import bench_bundle
     from avatarq.bench.results import BenchConfig
@@ -92,11 +92,11 @@ def run_demo(workdir: str | Path, train_iters: int = 400, say: Say | None = None
     from avatarq.engines import BuildOptions, available_backends, build_engine
     from avatarq.export import ExportOptions, export_bundle
 
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     workdir = Path(workdir)
     say("synthetic avatar")
     avatar = make_synthetic_avatar(
-        workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), say=say
+        workdir / "synth", SyntheticCaptureConfig(), TrainConfig(iters=train_iters), progress=say
     )
     result = DemoResult(avatar.checkpoint, avatar.capture_root)
     calib = _calibration(avatar, workdir / "calib", say, CalibrationConfig())

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from avatarq.calibration.config import CalibrationConfig
+from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
-
-Say = Callable[[str], None]
 
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 #: The layer ops avatarq quantizes; ONNX Runtime's default set also quantizes Add, Mul,
@@ -287,7 +286,7 @@ def compare_calibrations(
     camera: str | None = None,
     max_frames: int = 32,
     threads: int = 0,
-    say: Say | None = None,
+    progress: Progress | None = None,
     clip: Any = None,
 ) -> PeerStudy:
     """Calibrate and quantize ``checkpoint``'s decoder with each of ``methods`` and measure
@@ -320,7 +319,7 @@ def compare_calibrations(
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
 
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     methods = list(methods) if methods is not None else default_methods()
     names = [m.name for m in methods]
     if len(set(names)) != len(names):

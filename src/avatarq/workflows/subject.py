@@ -23,19 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avatarq.core.progress import Progress, or_silent
 from avatarq.data.synthetic_capture import ROOT_NAME, SyntheticCaptureConfig
 from avatarq.data.train import TrainConfig, TrainReport
 from avatarq.errors import AvatarqError
-
-Say = Callable[[str], None]
 
 SUBJECT_PREFIX = "subject_"
 RECORD_FILE = "subject.json"
@@ -150,7 +147,7 @@ class TestSubject:
 def make_test_subject(
     cache: str | Path,
     config: SubjectConfig | None = None,
-    say: Say | None = None,
+    progress: Progress | None = None,
 ) -> TestSubject:
     """Make (or reuse, or finish) the test subject under ``cache`` (see the module docstring).
 
@@ -166,7 +163,7 @@ def make_test_subject(
     from avatarq.models.checkpoint import load_checkpoint, save_checkpoint
 
     config = config or SubjectConfig()
-    say = say or (lambda _m: None)
+    say = or_silent(progress)
     root = Path(cache) / f"{SUBJECT_PREFIX}{config.key()}"
     if root.exists() and not root.is_dir():
         raise AvatarqError(f"{root} exists and is not a directory")
@@ -187,15 +184,7 @@ def make_test_subject(
             f"training a {train.arch} DAM (z {train.z_dim}, texture {train.tex_size}, "
             f"{train.iters} steps of batch {train.batch}); progress is saved to {STATE_FILE}"
         )
-        last = [time.perf_counter()]
-
-        def progress(step: int, total: int, loss: float) -> None:
-            if step % 10 == 0 or step == total:
-                now = time.perf_counter()
-                say(f"step {step}/{total} loss {loss:.4f} ({(now - last[0]) / 10:.1f} s/step)")
-                last[0] = now
-
-        model, report = train_dam(capture, train, progress, state_path=root / STATE_FILE)
+        model, report = train_dam(capture, train, say, state_path=root / STATE_FILE)
         save_checkpoint(model, checkpoint)
     else:
         model = load_checkpoint(checkpoint)
@@ -216,7 +205,7 @@ def make_test_subject(
     return TestSubject(root, train_root, heldout_root, checkpoint, record, False)
 
 
-def _capture(out: Path, config: SyntheticCaptureConfig, what: str, say: Say) -> Path:
+def _capture(out: Path, config: SyntheticCaptureConfig, what: str, say: Progress) -> Path:
     """The capture root under ``out`` made with ``config`` (written when missing)."""
     from avatarq.data.synthetic_capture import write_synthetic_capture
 

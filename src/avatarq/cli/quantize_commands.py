@@ -1,0 +1,248 @@
+"""``avatarq calibrate`` and ``avatarq export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avatarq.cli.app import (
+    CameraOption,
+    CheckpointArgument,
+    ForceOption,
+    JsonOption,
+    SeedOption,
+    app,
+    console,
+    progress_bar,
+    user_errors,
+)
+from avatarq.core.documents import document_dict
+from avatarq.errors import AvatarqError
+
+#: Measured on the demo avatar (docs/benchmarks.md, "Data-free calibration").
+DATA_FREE_NOTE = (
+    "calibrated data-free (no visibility masks); a capture (--capture) or recorded latents "
+    "(--data) calibrate better: see docs/benchmarks.md, section Data-free calibration"
+)
+
+
+def default_bundle_path(model: Path, kind: str) -> Path:
+    """``dam.pt`` -> ``dam_int8.avq`` (or ``_fp16``, ``_fp32``) next to the checkpoint."""
+    return model.with_name(f"{model.stem}_{kind}.avq")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: CheckpointArgument,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration artifact directory.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Capture root or latent .npz; omitted: the capture, else data-free."),
+    ] = None,
+    capture: Annotated[
+        Path | None,
+        typer.Option(help="Capture root for normalization and cameras (default: --data if one)."),
+    ] = None,
+    method: Annotated[str, typer.Option(help="poca or max (standard PTQ, no masks).")] = "poca",
+    tau: Annotated[
+        float,
+        typer.Option(
+            help="Std-mask threshold: fraction of positions dropped (POCA ships 0.9; "
+            "0 measured best on the synthetic avatar, see docs/benchmarks.md)."
+        ),
+    ] = 0.0,
+    bits: Annotated[int, typer.Option(help="Bit width of weights and activations (8 or 6).")] = 8,
+    iters: Annotated[
+        int, typer.Option(min=0, help="Adam iterations per layer (upper bound).")
+    ] = 100,
+    samples: Annotated[int, typer.Option(min=1, help="Random (frame, camera) samples.")] = 64,
+    temporal_weight: Annotated[float, typer.Option(help="Weight of the temporal term.")] = 0.0,
+    adaround: Annotated[bool, typer.Option(help="Learn weight rounding (AdaRound).")] = False,
+    asymmetric: Annotated[
+        bool, typer.Option(help="Asymmetric activations (ONNX Runtime targets only).")
+    ] = False,
+    fp16_budget: Annotated[
+        int, typer.Option(min=0, help="Most sensitive layers kept in FP16.")
+    ] = 0,
+    precision: Annotated[
+        str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=int8'.")
+    ] = None,
+    camera: CameraOption = None,
+    seed: SeedOption = 0,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Calibrate a decoder with POCA and write the calibration artifact.
+
+    Example: avatarq calibrate --model dam.pt --data capture/ -o calib/
+    """
+    from avatarq.calibration import CalibrationConfig, parse_precision
+    from avatarq.calibration.from_files import calibrate_decoder
+    from avatarq.core.progress import PhaseTimer
+    from avatarq.models.checkpoint import load_checkpoint
+
+    config = CalibrationConfig(
+        method=method,
+        tau=tau,
+        bits=bits,
+        iters=iters,
+        temporal_weight=temporal_weight,
+        adaround=adaround,
+        symmetric=not asymmetric,
+        fp16_budget=fp16_budget,
+        precision=parse_precision(precision) if precision else {},
+        seed=seed,
+    )
+    _check_output(out, "calib.json", force)
+    loaded = load_checkpoint(model)
+    with progress_bar("calibrate") as progress:
+        timer = PhaseTimer(progress)
+        _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, timer)
+        artifact.save(out)
+    seconds = timer.stop()
+    plan = artifact.precision
+    source = artifact.samples.get("source", "")
+    if as_json:
+        layers = [layer.to_json() for layer in artifact.layers]
+        record = {"out": str(out), "samples": source, "precision": plan, "seconds": seconds}
+        console.print_json(json.dumps({**record, "layers": layers}))
+        return
+    counts = {p: list(plan.values()).count(p) for p in sorted(set(plan.values()))}
+    console.print(
+        f"calibration {out}  ({method}, tau {tau}, {bits}-bit; "
+        + ", ".join(f"{n} {p}" for p, n in counts.items())
+        + " layers)"
+    )
+    console.print(f"samples     {source}", highlight=False)
+    if source.startswith("data-free"):
+        console.print(f"note        {DATA_FREE_NOTE}", highlight=False, soft_wrap=True)
+
+
+def _check_output(out: Path, marker: str, force: bool) -> None:
+    """Refuse an output folder avatarq did not write, or one it wrote without --force."""
+    if out.exists() and not out.is_dir():
+        raise AvatarqError(f"{out} exists and is not a folder; choose another output")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).is_file():
+            raise AvatarqError(
+                f"{out} exists and was not written by avatarq; refusing to replace it"
+            )
+        if not force:
+            raise AvatarqError(f"{out} exists; pass --force to replace it")
+
+
+@app.command()
+@user_errors
+def export(
+    model: CheckpointArgument,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Bundle directory to write (default: dam_int8.avq etc. beside dam.pt).",
+        ),
+    ] = None,
+    capture: Annotated[
+        Path | None,
+        typer.Option(help="Capture root: folds de-normalization in, adds topology, real codes."),
+    ] = None,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="INT8/mixed graph with Q/DQ nodes from a calibration.")
+    ] = False,
+    calib: Annotated[
+        Path | None,
+        typer.Option(help="Calibration artifact (avatarq calibrate); omitted: calibrate now."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Capture root or latents .npz for on-the-fly calibration."),
+    ] = None,
+    conv_transpose_axis: Annotated[
+        str, typer.Option(help="ConvTranspose weight-scale axis: 1, 0 or tensor.")
+    ] = "1",
+    camera: CameraOption = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=4096, help="Upper bound of the dynamic batch.")
+    ] = 64,
+    validate: Annotated[
+        bool, typer.Option(help="Check the graph against PyTorch with ORT.")
+    ] = True,
+    reference: Annotated[
+        bool, typer.Option(help="Keep the FP32 graph in INT8/FP16 bundles (bench needs it).")
+    ] = True,
+    seed: SeedOption = 0,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Trace a decoder to ONNX and write a validated bundle.
+
+    Without --capture or --data, --int8 calibrates data-free (latents from the prior).
+
+    Example: avatarq export --model dam.pt --int8
+    """
+    from avatarq.export import ExportOptions, export_bundle
+
+    axes = {"1": 1, "0": 0, "tensor": None}
+    if conv_transpose_axis not in axes:
+        raise AvatarqError(
+            f"--conv-transpose-axis must be 1, 0 or tensor, got {conv_transpose_axis!r}"
+        )
+    if data is not None and not int8:
+        raise AvatarqError("--data goes with --int8 (it is what the calibration runs on)")
+    options = ExportOptions(
+        fp16=fp16,
+        camera=camera,
+        max_batch=max_batch,
+        validate=validate,
+        seed=seed,
+        int8=int8,
+        calib=None if calib is None else str(calib),
+        calib_data=None if data is None else str(data),
+        conv_transpose_axis=axes[conv_transpose_axis],
+        reference=reference,
+    )
+    kind = "int8" if int8 else "fp16" if fp16 else "fp32"
+    out = out if out is not None else default_bundle_path(model, kind)
+    with progress_bar("export") as progress:
+        result = export_bundle(model, out, capture, options, progress, force)
+    manifest = result.bundle.manifest
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "bundle": str(result.bundle.root),
+                    "precision": manifest.precision,
+                    "calibration": result.calibration,
+                    "validation": None
+                    if manifest.validation is None
+                    else document_dict(manifest.validation),
+                }
+            )
+        )
+        return
+    console.print(f"bundle      {result.bundle.root}  ({manifest.precision})")
+    if result.calibration is not None:
+        console.print(f"calibration {result.calibration}", highlight=False)
+        if result.calibration.startswith("data-free"):
+            console.print(f"note        {DATA_FREE_NOTE}", highlight=False, soft_wrap=True)
+    if result.validation is not None:
+        reference_name = "fake-quant" if int8 else "PyTorch"
+        console.print(
+            f"validation  ORT vs {reference_name}: {result.validation.summary()}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    validation = manifest.validation
+    if validation is not None and validation.vs_fp32 is not None:
+        console.print(
+            f"vs FP32     texture PSNR {validation.vs_fp32.texture_psnr_db:.1f} dB, "
+            f"max|err| {validation.vs_fp32.texture_max_abs_error:.3g}"
+        )
