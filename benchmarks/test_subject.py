@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from avatarq.bench.results import environment
-from avatarq.workflows.subject import SubjectConfig, make_test_subject
+from avatarq.workflows.subject import SubjectConfig, make_test_subject, training_status
 
 BEGIN, END = "<!-- test-subject:begin -->", "<!-- test-subject:end -->"
 
@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("out/bench"), help="cache folder")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
+    parser.add_argument(
+        "--status", action="store_true", help="print where the training stands; train nothing"
+    )
     args = parser.parse_args(argv)
+    if args.status:
+        print(json.dumps(training_status(args.cache), indent=2))
+        return 0
 
     def say(message: str, done: int = 0, total: int | None = None) -> None:
         if total is None or done in (0, total) or done % 10 == 0:

@@ -20,6 +20,7 @@ from avatarq.workflows.subject import (
     SubjectConfig,
     TestSubject,
     make_test_subject,
+    training_status,
 )
 
 TINY = SubjectConfig(
@@ -132,3 +133,14 @@ def test_the_peer_study_evaluates_on_the_held_out_clip(subject, tmp_path):
     assert study.setup["clip"] == {"source": clip.source, "frames": 4}
     (row,) = study.rows
     assert 20 < row.psnr < math.inf
+
+
+def test_the_training_status_of_a_finished_subject_is_its_record(subject):
+    status = training_status(subject.root.parent, TINY)
+    assert status["finished"] and status["steps"] == status["iters"] == 6
+    assert status["mean_texture_loss"] == subject.record["training"]["mean_texture_loss"]
+
+
+def test_the_training_status_of_an_unstarted_subject_is_an_error(tmp_path):
+    with pytest.raises(AvatarqError, match="no saved training state"):
+        training_status(tmp_path, TINY)

@@ -205,6 +205,26 @@ def make_test_subject(
     return TestSubject(root, train_root, heldout_root, checkpoint, record, False)
 
 
+def training_status(cache: str | Path, config: SubjectConfig | None = None) -> dict[str, Any]:
+    """Where the subject's training stands, without training: the `training_summary` of the
+    last saved state (``steps`` done of ``iters``), or of the finished record.
+
+    Raises:
+        AvatarqError: nothing was saved yet for these settings.
+    """
+    config = config or SubjectConfig()
+    root = Path(cache) / f"{SUBJECT_PREFIX}{config.key()}"
+    record_path = root / RECORD_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("settings") == config.settings():
+            return {"finished": True, "iters": config.train.iters, **record["training"]}
+    report = _saved_report(root / STATE_FILE, config.train)
+    if not report.losses:
+        raise AvatarqError(f"no saved training state for these settings under {root}")
+    return {"finished": False, "iters": config.train.iters, **training_summary(report)}
+
+
 def _capture(out: Path, config: SyntheticCaptureConfig, what: str, say: Progress) -> Path:
     """The capture root under ``out`` made with ``config`` (written when missing)."""
     from avatarq.data.synthetic_capture import write_synthetic_capture
