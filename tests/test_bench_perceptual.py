@@ -130,3 +130,46 @@ def test_a_missing_perceptual_package_stops_the_run_before_decoding(bundle, clip
     config = BenchConfig(runners=("onnx",), render="none", **FAST)
     with pytest.raises(AvatarqError, match=r"pip install 'avatarq\[perceptual\]'"):
         run_bench(bundle, clip, config)
+
+
+@pytest.mark.slow
+def test_the_command_line_reports_the_jod_and_gates_on_it(
+    small_avatar, small_bundle, tmp_path, capsys
+):
+    from avatarq.cli import main
+
+    code = main(
+        [
+            "bench",
+            str(small_bundle),
+            "--sequence",
+            f"{small_avatar.capture_root}:{SEGMENT}",
+            "--checkpoint",
+            str(small_avatar.checkpoint),
+            "--render",
+            "none",
+            "--perceptual",
+            "fvvdp",
+            "--gate",
+            "jod>=9.99",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--no-ssim",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "FovVideoVDP 10.000 JOD (texture)" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["runners"][0]["gates"][0]["gate"] == "jod>=9.99"
+
+
+def test_a_jod_gate_reads_no_space_so_it_needs_no_rendering_for_screen_gates():
+    config = BenchConfig(
+        render="none", gate_space="screen", perceptual="fvvdp", gates=("jod>=9.5", "p99_ms<=9")
+    )
+    assert config.gates == ("jod>=9.5", "p99_ms<=9")

@@ -29,6 +29,7 @@ def uninterrupted(capture):
     return train_dam(capture, CONFIG)
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_to_the_same_weights_and_losses(
     capture, uninterrupted, tmp_path
 ):
@@ -46,6 +47,7 @@ def test_an_interrupted_training_resumes_to_the_same_weights_and_losses(
         assert torch.equal(model.state_dict()[name], value), name
 
 
+@pytest.mark.slow
 def test_a_state_saved_with_other_settings_is_ignored(capture, tmp_path):
     state = tmp_path / "state.pt"
     train_dam(capture, TrainConfig(z_dim=8, tex_size=32, iters=2, batch=2), state_path=state)

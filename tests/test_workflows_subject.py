@@ -115,6 +115,7 @@ def test_the_default_subject_is_full_size_with_fine_detail():
     assert config.capture.texture_size == 1024 and config.capture.detail == "fine"
 
 
+@pytest.mark.slow
 def test_the_peer_study_evaluates_on_the_held_out_clip(subject, tmp_path):
     from avatarq.calibration.config import CalibrationConfig
     from avatarq.workflows.peers import PeerMethod, compare_calibrations

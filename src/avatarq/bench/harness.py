@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from avatarq.bench.results import (
-    LATENCY_METRICS,
+    SPACELESS_METRICS,
     STAGES,
     BenchConfig,
     BenchResult,
@@ -529,13 +529,18 @@ def run_bench(
         require_perceptual(perceptual.metric)  # before any decoding
     capture_root = Path(capture) if capture is not None else sequence.capture_root
     denorm = _denorm_for(bundle, capture_root)
+    if perceptual is not None and denorm.peak is None:
+        raise AvatarqError(
+            f"--perceptual needs textures in display units, but bundle {bundle.root} carries "
+            "no normalization arrays and no capture was given; pass --capture CAPTURE"
+        )
     setup, render_note = _setup_render(bundle, sequence, config)
     if setup is not None and denorm.peak is None:
         setup, render_note = None, "the bundle's normalization is unknown (export with --capture)"
     if (
         setup is None
         and config.gate_space == "screen"
-        and {g.metric for g in gates} - LATENCY_METRICS
+        and {g.metric for g in gates} - SPACELESS_METRICS
     ):
         raise AvatarqError(
             f"screen-space gates need rendering, but nothing is rendered: {render_note}"

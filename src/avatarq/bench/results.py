@@ -31,6 +31,8 @@ GATE_SPACES = ("texture", "screen")
 STAGES = ("decode", "copy", "render", "end_to_end")
 DEVICES = ("auto", "cpu", "cuda")
 LATENCY_METRICS = frozenset({"p50_ms", "p90_ms", "p99_ms", "mean_ms", "fps"})
+#: Gate metrics that read no texture- or screen-space comparison.
+SPACELESS_METRICS = LATENCY_METRICS | {"jod"}
 
 # --------------------------------------------------------------------------- config
 
@@ -157,7 +159,7 @@ class BenchConfig:
             raise AvatarqError(
                 "gate on jod needs a perceptual metric: add --perceptual fvvdp (or cvvdp)"
             )
-        if self.gate_space == "screen" and self.render == "none" and metrics - LATENCY_METRICS:
+        if self.gate_space == "screen" and self.render == "none" and metrics - SPACELESS_METRICS:
             raise AvatarqError(
                 "screen-space gates need rendering; use gate_space texture or a render backend"
             )
