@@ -70,6 +70,42 @@ def markdown(record: dict[str, Any], command: str) -> str:
     )
 
 
+def status_markdown(status: dict[str, Any], command: str) -> str:
+    """The docs block while the training is unfinished: where it stands."""
+    env = environment()
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    curve = " | ".join(
+        f"{c['steps'][0]}-{c['steps'][1]}: {c['texture_loss']:.3f}" for c in status["curve"]
+    )
+    config = SubjectConfig()
+    return "\n".join(
+        [
+            f"**Training unfinished**: {status['steps']} of {status['iters']} steps saved "
+            f"({status['seconds'] / 60:.0f} min on {env['cpu']}, {env['cpu_count']} CPUs shared "
+            f"with other jobs), subject `{config.key()}`. Texture loss (normalized units, seen "
+            f"texels) over the last tenth of the steps: {status['final_texture_loss']:.4f}; "
+            f"predicting the per-texel mean of the training targets: "
+            f"{status['mean_texture_loss']:.4f} (ratio {status['texture_loss_ratio']:.3f}). "
+            "Rerunning the command resumes the training and replaces this block with the "
+            "finished record (training curve, held-out loss).",
+            "",
+            f"Training curve so far (mean texture loss per window of steps): {curve}.",
+            "",
+            f"Measured {datetime.date.today().isoformat()} ({platform.system()}); {versions}. "
+            f"Command: `{command}`.",
+        ]
+    )
+
+
+def _replace_block(docs: Path, body: str) -> None:
+    block = f"{BEGIN}\n{body}\n{END}"
+    text = docs.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{docs} has no {BEGIN} block")
+    docs.write_text(pattern.sub(lambda _m: block, text))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("out/bench"), help="cache folder")
@@ -78,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         "--status", action="store_true", help="print where the training stands; train nothing"
     )
     args = parser.parse_args(argv)
+    command = "python benchmarks/test_subject.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     if args.status:
-        print(json.dumps(training_status(args.cache), indent=2))
+        status = training_status(args.cache)
+        print(json.dumps(status, indent=2))
+        if args.docs is not None and not status["finished"]:
+            _replace_block(args.docs, status_markdown(status, command.strip()))
         return 0
 
     def say(message: str, done: int = 0, total: int | None = None) -> None:
@@ -91,13 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"test subject {subject.root} ({'reused' if subject.reused else 'made'})")
     print(json.dumps({k: subject.record[k] for k in ("key", "training", "heldout")}, indent=2))
     if args.docs is not None:
-        command = "nice -n 10 python benchmarks/test_subject.py " + " ".join(sys.argv[1:])
-        block = f"{BEGIN}\n{markdown(subject.record, command.strip())}\n{END}"
-        text = args.docs.read_text()
-        pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"{args.docs} has no {BEGIN} block")
-        args.docs.write_text(pattern.sub(lambda _m: block, text))
+        _replace_block(args.docs, markdown(subject.record, "nice -n 10 " + command.strip()))
     return 0
 
 
