@@ -12,7 +12,9 @@ with ONNX Runtime on the CPU. Writes study.json and table.md into --workdir and,
 
 "demo" is `make demo`'s avatar (texture 256, z 64, 400 training steps); "full" is the
 Multiface size (texture 1024, z 256) trained 800 steps: about 30 minutes of training on a
-2-core CPU the first time, then cached.
+2-core CPU the first time, then cached. "subject" is the full-size test subject
+(`avatarq.workflows.subject`: fine texture detail; made by benchmarks/test_subject.py, or
+here on first use), evaluated on its held-out clip, which no calibration frame comes from.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from avatarq.bench.results import environment
 from avatarq.data.synthetic import make_synthetic_avatar
 from avatarq.data.train import TrainConfig
 from avatarq.workflows.peers import compare_calibrations, default_methods, replace_marked_block
+from avatarq.workflows.subject import SubjectConfig, make_test_subject
 
 AVATARS = {
     "demo": TrainConfig(),
@@ -37,7 +40,7 @@ AVATARS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--avatar", choices=sorted(AVATARS), default="demo")
+    parser.add_argument("--avatar", choices=[*sorted(AVATARS), "subject"], default="demo")
     parser.add_argument("--cache", type=Path, default=Path("out/bench"), help="avatar cache")
     parser.add_argument("--workdir", type=Path, default=None, help="default: CACHE/peers_AVATAR")
     parser.add_argument("--samples", type=int, default=64, help="random calibration samples")
@@ -55,10 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             counted = "" if total is None else f" [{done}/{total}]"
             print(f"[{time.strftime('%H:%M:%S')}] {message}{counted}", flush=True)
 
-    train = AVATARS[args.avatar]
-    avatar = make_synthetic_avatar(
-        args.cache / f"synth_{args.avatar}", train_config=train, progress=say
-    )
+    clip = None
+    if args.avatar == "subject":
+        subject_config = SubjectConfig()
+        train = subject_config.train
+        avatar = make_test_subject(args.cache, subject_config, progress=say)
+        clip = avatar.heldout_sequence(max_frames=args.frames)
+    else:
+        train = AVATARS[args.avatar]
+        avatar = make_synthetic_avatar(
+            args.cache / f"synth_{args.avatar}", train_config=train, progress=say
+        )
     workdir = args.workdir or args.cache / f"peers_{args.avatar}"
     methods = default_methods(
         taus=[float(t) for t in args.taus.split(",") if t],
@@ -75,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         max_frames=args.frames,
         threads=args.threads,
         progress=say,
+        clip=clip,
     )
     (workdir / "study.json").write_text(study.to_json())
     env = environment()

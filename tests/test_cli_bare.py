@@ -110,3 +110,13 @@ def test_mistakes_are_one_line_with_exit_code_2(args, message, capsys, tmp_path,
 def test_no_arguments_prints_the_help(capsys):
     code, out, _ = run(capsys)
     assert code == 0 and "Commands:" in out and "export" in out
+
+
+def test_a_perceptual_score_needs_display_units(exported, capsys, monkeypatch):
+    monkeypatch.chdir(exported.parent)
+    code, out, err = run(capsys, "bench", "dam_int8.avq", "--perceptual", "fvvdp")
+    assert code == 2
+    assert err == (
+        "error: --perceptual needs textures in display units, but bundle dam_int8.avq carries "
+        "no normalization arrays and no capture was given; pass --capture CAPTURE\n"
+    )

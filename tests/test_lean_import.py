@@ -7,7 +7,7 @@ import sys
 def test_importing_avatarq_pulls_in_no_heavy_optional_module():
     code = (
         "import sys, avatarq, avatarq.cli; "
-        "heavy = [m for m in ('tensorrt', 'tensorrt_rtx', 'nvdiffrast', 'onnxruntime', 'torch') "
+        "heavy = [m for m in ('tensorrt', 'tensorrt_rtx', 'nvdiffrast', 'onnxruntime', 'torch', 'pyfvvdp', 'pycvvdp') "
         "if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

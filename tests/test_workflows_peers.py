@@ -172,4 +172,4 @@ def test_the_benchmark_script_imports_and_lists_its_options():
         [sys.executable, str(script), "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "--avatar {demo,full}" in result.stdout
+    assert "--avatar {demo,full,subject}" in result.stdout

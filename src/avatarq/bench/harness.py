@@ -29,8 +29,14 @@ What is measured, per runner:
   clock read, and ``copy`` and ``render`` are timed with CUDA events. Without rendering
   ``end_to_end`` equals ``decode``. Runners are timed one after the other, or round-robin
   (`BenchConfig.interleave`).
+- optionally a **perceptual** video score in JOD (`BenchConfig.perceptual`:
+  FovVideoVDP or ColorVideoVDP, `avatarq.measure.perceptual`) of the runner's clip
+  against the reference's, on the rendered frames cropped to the FP32 foreground of the
+  first frame (the textures when nothing is rendered), reduced to
+  `BenchConfig.perceptual_size` pixels, on the CPU;
 - **gates** (`avatarq.measure.gates.parse_gates`) on texture- or screen-space metrics
-  (`BenchConfig.gate_space`) and one latency stage (`BenchConfig.gate_stage`).
+  (`BenchConfig.gate_space`), one latency stage (`BenchConfig.gate_stage`) and the
+  perceptual score (``jod``).
 
 The timed iterations decode batches taken cyclically from the sequence; the fidelity pass
 decodes every frame once, untimed.
@@ -54,11 +60,12 @@ from avatarq.bench.frames import (
     Worst,
     cuda_available,
     denorm_for,
+    display_texture,
     render,
     setup_render,
 )
 from avatarq.bench.results import (
-    LATENCY_METRICS,
+    SPACELESS_METRICS,
     BenchConfig,
     BenchResult,
     RunnerResult,
@@ -69,7 +76,14 @@ from avatarq.bench.sequences import BenchSequence
 from avatarq.bench.timing import BenchRunner, time_runners
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
-from avatarq.measure import SequenceAccumulator, check_finite, evaluate_gates, psnr
+from avatarq.measure import (
+    PerceptualClip,
+    SequenceAccumulator,
+    check_finite,
+    evaluate_gates,
+    psnr,
+)
+from avatarq.measure.perceptual import require as require_perceptual
 
 _REF_KEY = "<reference>"  # cannot clash with a backend name
 
@@ -231,15 +245,23 @@ def run_bench(
     m = bundle.manifest
     sequence.check_z_dim(m.z_dim)
     gates = config.parsed_gates()
+    perceptual = config.perceptual_config()
+    if perceptual is not None:
+        require_perceptual(perceptual.metric)  # before any decoding
     capture_root = Path(capture) if capture is not None else sequence.capture_root
     denorm = denorm_for(bundle, capture_root)
+    if perceptual is not None and denorm.peak is None:
+        raise AvatarqError(
+            f"--perceptual needs textures in display units, but bundle {bundle.root} carries "
+            "no normalization arrays and no capture was given; pass --capture CAPTURE"
+        )
     setup, render_note = setup_render(bundle, sequence, config)
     if setup is not None and denorm.peak is None:
         setup, render_note = None, "the bundle's normalization is unknown (export with --capture)"
     if (
         setup is None
         and config.gate_space == "screen"
-        and {g.metric for g in gates} - LATENCY_METRICS
+        and {g.metric for g in gates} - SPACELESS_METRICS
     ):
         raise AvatarqError(
             f"screen-space gates need rendering, but nothing is rendered: {render_note}"
@@ -300,6 +322,7 @@ def run_bench(
         texture_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         screen_acc = {n: SequenceAccumulator(None, config.compute_ssim) for n in names}
         worst = {n: (Worst("texture"), Worst("screen")) for n in names}
+        clips = {n: PerceptualClip(perceptual) for n in names} if perceptual else {}
         if denorm.peak is None:
             first, _ = ref.decode(sequence.z[:1], sequence.view[:1])
             check_finite(first, getattr(ref, "name", "reference"), "texture")
@@ -316,7 +339,13 @@ def run_bench(
             screen_acc,
             worst,
             progress,
+            clips,
         )
+        scores = {}
+        for done, (name, clip) in enumerate(clips.items(), 1):
+            scores[name] = clip.result()
+            if progress is not None:
+                progress(f"perceptual ({perceptual.metric})", done, len(clips))
         ref_label = getattr(ref, "name", "reference")
         timed = {_REF_KEY: ref, **dict(zip(names, active, strict=True))}
         latencies = time_runners(timed, sequence, setup, denorm, config, progress)
@@ -327,6 +356,9 @@ def run_bench(
             texture = texture_acc[name].result()
             screen = screen_acc[name].result() if setup is not None else None
             result = RunnerResult(name, getattr(runner, "name", name), latency, texture, screen)
+            if name in scores:
+                result.perceptual = scores[name]
+                result.perceptual_space = "screen" if setup is not None else "texture"
             if gates:
                 result.gates = evaluate_gates(
                     gates, result.gate_values(config.gate_space, config.gate_stage)
@@ -365,9 +397,12 @@ def _fidelity_pass(
     screen_acc: Mapping[str, SequenceAccumulator],
     worst: Mapping[str, tuple[Worst, Worst]],
     progress: Progress | None,
+    clips: Mapping[str, PerceptualClip] | None = None,
 ) -> None:
     """Decode every frame with the reference and each runner in lock step and accumulate
-    the comparisons; only one batch of frames is held at a time."""
+    the comparisons; only one batch of frames is held at a time (``clips`` keep reduced
+    copies for the perceptual score: screen frames when rendered, else textures)."""
+    clips = clips or {}
     t_len, b = len(sequence), config.batch
     for start in range(0, t_len, b):
         stop = min(start + b, t_len)
@@ -408,6 +443,10 @@ def _fidelity_pass(
                     fi, qi = np.moveaxis(f_img[i], -1, 0), np.moveaxis(q_img[i], -1, 0)
                     screen_acc[name].add(fi, qi, m)
                     worst[name][1].offer(t, fid, psnr(fi, qi, m), f_img[i], q_img[i], f_mask[i])
+                    if name in clips:
+                        clips[name].add(f_img[i], q_img[i], f_mask[i])
+                elif name in clips:
+                    clips[name].add(display_texture(f_tex[i]), display_texture(q_tex[i]))
             if progress is not None:
                 progress(f"fidelity {name}", stop, t_len)
 

@@ -334,6 +334,53 @@ def _fidelity_rows(runners: Sequence[RunnerResult], space: str) -> list[list[str
     return rows
 
 
+def _perceptual_rows(runners: Sequence[RunnerResult]) -> list[list[str]]:
+    rows = []
+    for r in runners:
+        p = r.perceptual
+        if p is None:
+            continue
+        rows.append(
+            [
+                html.escape(r.name),
+                f"<b>{_fmt(p.jod)}</b>",
+                html.escape(f"{p.name} {p.version}"),
+                html.escape(r.perceptual_space or "-"),
+                f"{p.frames} x {p.height}x{p.width}",
+                str(p.downsample),
+                html.escape(p.display),
+                _fmt(p.fps),
+                _fmt(p.seconds_per_frame, 3),
+            ]
+        )
+    return rows
+
+
+def _perceptual_section(result: BenchResult) -> list[str]:
+    rows = _perceptual_rows(result.runners)
+    if not rows:
+        return []
+    first = next(r.perceptual for r in result.runners if r.perceptual is not None)
+    header = [
+        "runner",
+        "JOD",
+        "metric",
+        "space",
+        "frames x HxW",
+        "reduced by",
+        "display",
+        "fps",
+        "s/frame (CPU)",
+    ]
+    return [
+        "<p><b>Perceptual video quality</b> <span class='small'>(JOD: 10 = no visible "
+        "difference from the FP32 clip, one unit less = one just-objectionable difference; "
+        f"display model {html.escape(first.display)}: "
+        f"{html.escape(first.display_description)})</span></p>",
+        _table(header, rows),
+    ]
+
+
 def _latency_rows(result: BenchResult) -> list[list[str]]:
     rows = []
     entries = [(result.reference, "FP32 reference", {})] + [
@@ -432,6 +479,7 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
             f"<p><b>{space} space</b> <span class='small'>({note})</span></p>",
             _table(header, _fidelity_rows(result.runners, space)),
         ]
+    parts += _perceptual_section(result)
     parts += [
         f"<p class='small'>Reference: {html.escape(result.reference.label)}. "
         "tDE = mean |e<sub>t</sub> - e<sub>t-1</sub>| (0 for a constant error); "

@@ -75,6 +75,27 @@ class GateRecord:
 
 
 @dataclass
+class PerceptualRecord:
+    """A `avatarq.measure.perceptual.PerceptualResult` (JOD of the runner's clip)."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    metric: str
+    name: str
+    version: str
+    jod: JsonFloat
+    display: str
+    display_description: str
+    fps: float
+    frames: int
+    height: int
+    width: int
+    downsample: int
+    seconds: float
+    seconds_per_frame: JsonFloat
+
+
+@dataclass
 class RunnerRecord:
     __pydantic_config__ = DOCUMENT_CONFIG
 
@@ -86,6 +107,8 @@ class RunnerRecord:
     gates: list[GateRecord]
     passed: bool
     latency_p50_ratio_vs_reference: dict[str, float] | None = None
+    perceptual: PerceptualRecord | None = None
+    perceptual_space: str | None = None
 
 
 @dataclass

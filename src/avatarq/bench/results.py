@@ -23,6 +23,7 @@ from avatarq.core.documents import DOCUMENT_CONFIG
 from avatarq.errors import AvatarqError
 from avatarq.measure import Gate, GateResult, SequenceComparison, parse_gates
 from avatarq.measure.latency import LatencyStats
+from avatarq.measure.perceptual import PerceptualConfig, PerceptualResult
 
 BENCH_CONFIG_VERSION = 1
 REPORT_SCHEMA_VERSION = 1
@@ -31,6 +32,8 @@ GATE_SPACES = ("texture", "screen")
 STAGES = ("decode", "copy", "render", "end_to_end")
 DEVICES = ("auto", "cpu", "cuda")
 LATENCY_METRICS = frozenset({"p50_ms", "p90_ms", "p99_ms", "mean_ms", "fps"})
+#: Gate metrics that read no texture- or screen-space comparison.
+SPACELESS_METRICS = LATENCY_METRICS | {"jod"}
 
 # --------------------------------------------------------------------------- config
 
@@ -67,6 +70,14 @@ class BenchConfig:
             cache.
         device: where runners run: ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda``.
         threads: ONNX Runtime intra-op threads (0: its default).
+        perceptual: None, or a perceptual video metric scored per runner on the clip in
+            JOD (`avatarq.measure.perceptual`): ``fvvdp`` (FovVideoVDP) or ``cvvdp``
+            (ColorVideoVDP); on the rendered frames (cropped to the FP32 foreground of the
+            first frame) when rendering, else on the textures; needs the optional extra.
+        perceptual_display: the display model the clip is judged on.
+        perceptual_size: longest side (pixels) the frames are reduced to for the metric.
+        frame_rate: frames per second the clip plays at (the perceptual metric's time
+            axis; 30 = Multiface's capture rate).
         version: schema version.
     """
 
@@ -85,6 +96,10 @@ class BenchConfig:
     interleave: bool = False
     device: str = "auto"
     threads: int = 0
+    perceptual: str | None = None
+    perceptual_display: str = "standard_fhd"
+    perceptual_size: int = 256
+    frame_rate: float = 30.0
     version: int = BENCH_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -129,16 +144,36 @@ class BenchConfig:
             )
         if self.device not in DEVICES:
             raise AvatarqError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        # validates the perceptual settings even when no metric is asked for
+        settings = PerceptualConfig(
+            self.perceptual or "fvvdp",
+            self.perceptual_display,
+            self.frame_rate,
+            self.perceptual_size,
+        )
+        object.__setattr__(self, "frame_rate", settings.fps)
         texts = (self.gates,) if isinstance(self.gates, str) else tuple(self.gates)
         gates = [g for text in texts for g in parse_gates(text)] if texts else []
         object.__setattr__(self, "gates", tuple(str(g) for g in gates))
         metrics = {g.metric for g in gates}
         if "ssim" in metrics and not self.compute_ssim:
             raise AvatarqError("gate on ssim needs SSIM: drop the gate or compute SSIM")
-        if self.gate_space == "screen" and self.render == "none" and metrics - LATENCY_METRICS:
+        if "jod" in metrics and self.perceptual is None:
+            raise AvatarqError(
+                "gate on jod needs a perceptual metric: add --perceptual fvvdp (or cvvdp)"
+            )
+        if self.gate_space == "screen" and self.render == "none" and metrics - SPACELESS_METRICS:
             raise AvatarqError(
                 "screen-space gates need rendering; use gate_space texture or a render backend"
             )
+
+    def perceptual_config(self) -> PerceptualConfig | None:
+        """The `PerceptualConfig` of this run, or None when no perceptual metric is asked for."""
+        if self.perceptual is None:
+            return None
+        return PerceptualConfig(
+            self.perceptual, self.perceptual_display, self.frame_rate, self.perceptual_size
+        )
 
     def parsed_gates(self) -> list[Gate]:
         return parse_gates(",".join(self.gates)) if self.gates else []
@@ -202,6 +237,8 @@ class RunnerResult:
         texture: comparison with the reference in texture space (None for the reference).
         screen: comparison in screen space (None when not rendered).
         gates: results of the configured gates.
+        perceptual: the perceptual score of the clip (None when not asked for).
+        perceptual_space: ``screen`` or ``texture``: what ``perceptual`` was scored on.
     """
 
     name: str
@@ -210,6 +247,8 @@ class RunnerResult:
     texture: SequenceComparison | None = None
     screen: SequenceComparison | None = None
     gates: list[GateResult] = field(default_factory=list)
+    perceptual: PerceptualResult | None = None
+    perceptual_space: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -222,6 +261,8 @@ class RunnerResult:
             values.update(comparison.gate_values())
         if stage in self.latency:
             values.update(self.latency[stage].gate_values())
+        if self.perceptual is not None:
+            values.update(self.perceptual.gate_values())
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +274,8 @@ class RunnerResult:
             "screen": None if self.screen is None else self.screen.to_dict(),
             "gates": [g.to_dict() for g in self.gates],
             "passed": self.passed,
+            "perceptual": None if self.perceptual is None else self.perceptual.to_dict(),
+            "perceptual_space": self.perceptual_space,
         }
 
     @classmethod
@@ -252,6 +295,10 @@ class RunnerResult:
                 )
                 for g in d["gates"]
             ],
+            perceptual=(
+                None if d.get("perceptual") is None else PerceptualResult.from_dict(d["perceptual"])
+            ),
+            perceptual_space=d.get("perceptual_space"),
         )
 
 

@@ -113,6 +113,22 @@ def bench(
     ] = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = 0,
+    perceptual: Annotated[
+        str | None,
+        typer.Option(
+            help="Perceptual video metric in JOD, scored on the CPU: fvvdp (FovVideoVDP) or "
+            "cvvdp (ColorVideoVDP); needs pip install 'avatarq[perceptual]'. Gate: 'jod>=9.5'."
+        ),
+    ] = None,
+    perceptual_display: Annotated[
+        str, typer.Option(help="Display model of the perceptual metric.")
+    ] = "standard_fhd",
+    perceptual_size: Annotated[
+        int, typer.Option(help="Longest side (pixels) of the frames the metric scores.")
+    ] = 256,
+    frame_rate: Annotated[
+        float, typer.Option(help="Frames per second the clip plays at (perceptual metric).")
+    ] = 30.0,
     as_json: JsonOption = False,
 ) -> None:
     """Benchmark a bundle: latency, fidelity and temporal stability vs FP32, with gates.
@@ -137,6 +153,10 @@ def bench(
         interleave=interleave,
         device=device,
         threads=threads,
+        perceptual=perceptual,
+        perceptual_display=perceptual_display,
+        perceptual_size=perceptual_size,
+        frame_rate=frame_rate,
     )
     out = out if out is not None else default_report_path(bundle)
     with progress_bar("bench") as progress:
@@ -157,6 +177,8 @@ def bench(
         )
         if s is not None:
             line += f" | screen PSNR {s.psnr_mean:.2f} dB J {s.jitter_ratio:.3f}"
+        if r.perceptual is not None:
+            line += f" | {r.perceptual.name} {r.perceptual.jod:.3f} JOD ({r.perceptual_space})"
         e2e = r.latency["end_to_end"]
         line += f" | p50 {e2e.p50_ms:.3g} ms p99 {e2e.p99_ms:.3g} ms"
         ratio = result.latency_ratios(r).get("decode")

@@ -57,6 +57,7 @@ import numpy as np
 from avatarq.core.files import StagedDirectory
 from avatarq.data.capture import AVERAGE, TEXTURE_DIR, Camera, write_krt
 from avatarq.data.synthetic_face import (
+    DETAILS,
     Mesh,
     TextureModel,
     build_mesh,
@@ -94,6 +95,15 @@ class SyntheticCaptureConfig:
         camera_textures_per_frame: per-camera textures written per frame, cameras taken
             round-robin over frames (0: average textures only; capped at n_cameras: all).
         png_compress_level: zlib level of the written PNGs (1 = fast, 9 = small).
+        detail: texture detail, ``standard`` or ``fine`` (adds texel-scale pores, skin
+            grain, hair strands and expression-driven fine wrinkles:
+            `avatarq.data.synthetic_face.FineDetail`).
+        motion_seed: None (motion from ``seed``) or a seed for the expression and head
+            trajectories alone: the same face, cameras and skin in new motion (a held-out
+            clip of the same avatar).
+
+    ``detail`` and ``motion_seed`` are left out of `to_dict` at their defaults, so that
+    configs (and the files written) from before they existed are unchanged.
     """
 
     version: int = 1
@@ -107,6 +117,8 @@ class SyntheticCaptureConfig:
     mesh_sectors: int = 96
     camera_textures_per_frame: int = 2
     png_compress_level: int = 1
+    detail: str = "standard"
+    motion_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.segment_frames = tuple(int(n) for n in self.segment_frames)
@@ -149,6 +161,16 @@ class SyntheticCaptureConfig:
             )
         if not 0 <= self.png_compress_level <= 9:
             raise AvatarqError(f"png_compress_level must be 0..9, got {self.png_compress_level}")
+        if self.detail not in DETAILS:
+            raise AvatarqError(f"detail must be one of {', '.join(DETAILS)}, got {self.detail!r}")
+        if self.motion_seed is not None and (
+            isinstance(self.motion_seed, bool)
+            or not isinstance(self.motion_seed, int)
+            or self.motion_seed < 0
+        ):
+            raise AvatarqError(
+                f"motion_seed must be None or an integer >= 0, got {self.motion_seed!r}"
+            )
 
     @property
     def n_vertices(self) -> int:
@@ -157,6 +179,10 @@ class SyntheticCaptureConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["segment_frames"] = list(self.segment_frames)
+        if self.detail == "standard":
+            del d["detail"]
+        if self.motion_seed is None:
+            del d["motion_seed"]
         return d
 
     @classmethod
@@ -304,12 +330,16 @@ def write_synthetic_capture(
 
 
 def _write_capture(root: Path, config: SyntheticCaptureConfig) -> None:
-    seeds = np.random.SeedSequence(config.seed).spawn(3)
-    rng_cam, rng_motion, rng_skin = (np.random.default_rng(s) for s in seeds)
+    seeds = np.random.SeedSequence(config.seed).spawn(4)
+    rng_cam, rng_motion, rng_skin, rng_detail = (np.random.default_rng(s) for s in seeds)
+    if config.motion_seed is not None:
+        rng_motion = np.random.default_rng(
+            np.random.SeedSequence([config.seed, config.motion_seed])
+        )
     cams, colour = _make_cameras(config, rng_cam)
     segments = _make_segments(config, rng_motion)
     mesh = build_mesh(config.mesh_bands, config.mesh_sectors)
-    tex_model = TextureModel(config.texture_size, rng_skin)
+    tex_model = TextureModel(config.texture_size, rng_skin, config.detail, rng_detail)
     obj_tail = _obj_static(mesh)
     cam_names = list(cams)
     level = config.png_compress_level

@@ -17,6 +17,8 @@ from avatarq.data.capture import Camera
 _MOUTH_PHI = 2.025  # the line between the lips
 _EYE_THETA, _EYE_PHI = 0.44, 1.30  # eye centres (|theta|, phi) in radians
 _LIGHT_WORLD = np.array([0.35, 0.45, 1.0]) / np.linalg.norm([0.35, 0.45, 1.0])
+#: Texture detail levels of `TextureModel`.
+DETAILS = ("standard", "fine")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,9 +225,21 @@ class TextureModel:
     Arrays are channel-first float32 [3, T, T] (or [T, T]) with row i at uv
     v = (i + 0.5) / T (row 0 = v = 0, the bottom of the PNG on disk) and column j at
     u = (j + 0.5) / T. Colours are 0..255.
+
+    ``detail="fine"`` adds texel-scale content (`FineDetail`: pores, skin grain, hair
+    strands, fine wrinkles that deepen with the expression), drawn from ``detail_rng`` so
+    that everything else is identical to ``detail="standard"``.
     """
 
-    def __init__(self, size: int, rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        size: int,
+        rng: np.random.Generator,
+        detail: str = "standard",
+        detail_rng: np.random.Generator | None = None,
+    ) -> None:
+        if detail not in DETAILS:
+            raise ValueError(f"detail must be one of {', '.join(DETAILS)}, got {detail!r}")
         c = (np.arange(size) + 0.5) / size
         self.th = _theta_of_u(c)  # [T] per column
         self.ph = _phi_of_v(c)  # [T] per row (decreasing: row 0 is the neck)
@@ -293,6 +307,10 @@ class TextureModel:
             rgb += (_rgb(14, 14, 18) - rgb) * (1 - _smoothstep(0.4, 0.5, r))
             self.eye_rgb.append(rgb.astype(np.float32))
             self.eye_mask.append(mask.astype(np.float32))
+        self.fine: FineDetail | None = None
+        if detail == "fine":
+            self.fine = FineDetail(self.th, self.ph, hair, detail_rng or np.random.default_rng(0))
+            self.albedo *= self.fine.static
 
     def expression(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Albedo float32 [3, T, T] (0..255) and specular map [T, T] for weights w [4]."""
@@ -338,6 +356,8 @@ class TextureModel:
             lash = g(ph - lid, 0.003) * (np.abs(eth) < 1.0)
             alb[:, rs, cs] *= 1.0 - 0.45 * lash
             ks[rs, cs] += 0.5 * seen
+        if self.fine is not None:
+            alb *= self.fine.dynamic(smile, brow)
         return alb, ks
 
     def _light(self, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -385,3 +405,74 @@ class TextureModel:
         np.clip(col, 1.0, 255.0, out=col)
         col *= ndv > 0.05
         return np.rint(col).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- fine detail
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (texels) of a [T, T] map; wraps around u, clamps v."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = gauss(np.arange(-r, r + 1, dtype=np.float64), sigma)
+    k /= k.sum()
+    out = np.zeros_like(x)
+    for i, w in enumerate(k):
+        out += w * np.roll(x, i - r, axis=1)
+    padded = np.pad(out, ((r, r), (0, 0)), mode="edge")
+    out = np.zeros_like(x)
+    for i, w in enumerate(k):
+        out += w * padded[i : i + x.shape[0]]
+    return out
+
+
+class FineDetail:
+    """Texel-scale detail of the ``fine`` synthetic face: multiplicative albedo maps.
+
+    ``static`` float32 [T, T]: pores (dark dots ~1 texel wide on the skin, denser on the
+    nose and cheeks), skin grain (noise at 1-2 texels) and hair strands (thin streaks
+    along the hair a few texels apart, with per-strand brightness). ``dynamic(smile,
+    brow)`` float32 [T, T]: fine wrinkles (crow's feet at the eye corners deepening with
+    the smile, fine forehead lines with the brow raise, a few texels apart), 1 where
+    neutral. Spatial sizes are in texels, so a larger texture holds more of it.
+    """
+
+    def __init__(
+        self, th: np.ndarray, ph: np.ndarray, hair: np.ndarray, rng: np.random.Generator
+    ) -> None:
+        size = th.shape[0]
+        thg, phg = th[None, :], ph[:, None]
+        a, g = np.abs(thg), gauss
+        hair = np.broadcast_to(hair, (size, size))
+        skin = 1.0 - np.clip(hair, 0.0, 1.0)
+        # pores: sparse impulses blurred to ~1 texel, denser on the nose and cheeks
+        density = 0.012 * (1.0 + 2.0 * g(a - 0.35, 0.25) * g(phg - 1.70, 0.18))
+        dots = (rng.random((size, size)) < density).astype(np.float64)
+        dots *= rng.uniform(0.5, 1.0, (size, size))
+        pores = _blur(dots, 0.7)
+        pores /= max(pores.max(), 1e-12)
+        grain = _blur(rng.standard_normal((size, size)), 0.8)
+        grain /= max(grain.std(), 1e-12)
+        # hair strands: a streak every ~3 texels along phi, each with its own brightness
+        col = np.arange(size, dtype=np.float64)
+        wobble = 1.5 * np.sin(phg * 9.0 + rng.uniform(0, 2 * math.pi))
+        phase = 2 * math.pi * (col[None, :] + wobble) / 3.1
+        strand_gain = np.repeat(rng.uniform(0.6, 1.4, size // 3 + 2), 3)[:size]
+        strands = 0.5 + 0.5 * np.cos(phase)
+        strands = strands**3 * strand_gain[None, :]
+        static = 1.0 - 0.28 * pores * skin + 0.035 * grain * skin
+        static *= 1.0 + 0.30 * (strands - 0.3) * hair
+        self.static = np.clip(static, 0.3, 1.6).astype(np.float32)
+        # fine wrinkles: lines every ~4 texels (row direction for the forehead, radial
+        # around the outer eye corners for the crow's feet)
+        row = np.arange(size, dtype=np.float64)[:, None]
+        forehead = (0.5 + 0.5 * np.cos(2 * math.pi * row / 4.3)) ** 6
+        forehead = forehead * g(thg, 0.35) * g(phg - 0.92, 0.10)
+        corner_th, corner_ph = _EYE_THETA + 0.13, _EYE_PHI
+        ang = np.arctan2(phg - corner_ph, (a - corner_th) * 0.6)
+        rad = np.hypot(a - corner_th, phg - corner_ph)
+        crow = (0.5 + 0.5 * np.cos(ang * 38.0)) ** 6
+        crow = crow * g(rad - 0.07, 0.035) * (a > corner_th - 0.02)
+        self._forehead = forehead.astype(np.float32)
+        self._crow = crow.astype(np.float32)
+
+    def dynamic(self, smile: float, brow: float) -> np.ndarray:
+        """Wrinkle shading for expression weights in [0, 1]: float32 [T, T] in (0, 1]."""
+        return 1.0 - (0.06 + 0.30 * smile) * self._crow - (0.04 + 0.30 * brow) * self._forehead

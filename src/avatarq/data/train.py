@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from avatarq.core.files import atomic_path
 from avatarq.core.progress import Progress
 from avatarq.data.capture import AVERAGE, MultifaceCapture
 from avatarq.data.encode import resize_texture
@@ -73,10 +75,21 @@ class TrainConfig:
 
 @dataclass
 class TrainReport:
+    """Per-step losses (normalized units) and what they compare with.
+
+    Attributes:
+        losses, texture_losses, mesh_losses: one value per optimizer step.
+        seconds: wall time of the steps (summed over resumed runs).
+        mean_texture_loss: the texture loss of predicting, for every sample, the per-texel
+            mean of all training targets (seen texels only): the best a decoder that ignores
+            its latent code can do. A trained decoder's texture loss must be well below it.
+    """
+
     losses: list[float] = field(default_factory=list)
     texture_losses: list[float] = field(default_factory=list)
     mesh_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    mean_texture_loss: float | None = None
 
 
 class _CaptureTensors:
@@ -117,21 +130,65 @@ class _CaptureTensors:
     def __len__(self) -> int:
         return int(self.tex.shape[0])
 
+    def mean_texture_loss(self, chunk: int = 16) -> float:
+        """Masked MSE of the per-texel mean target against every target (float64 sums)."""
+        n = len(self)
+        total = torch.zeros_like(self.tex[0], dtype=torch.float64)
+        count = torch.zeros_like(self.valid[0], dtype=torch.float64)
+        for i in range(0, n, chunk):
+            m = self.valid[i : i + chunk].double()
+            total += (self.tex[i : i + chunk].double() * m).sum(0)
+            count += m.sum(0)
+        mean = (total / count.clamp(min=1)).float()
+        err = 0.0
+        for i in range(0, n, chunk):
+            d = (self.tex[i : i + chunk] - mean) ** 2 * self.valid[i : i + chunk]
+            err += float(d.double().sum())
+        return err / max(float(count.sum()) * 3, 1.0)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, config: TrainConfig) -> dict | None:
+    """The saved training state at ``path`` when it was made with ``config``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("config") != config.to_dict():
+        return None
+    return state
+
 
 def train_dam(
     capture: MultifaceCapture,
     config: TrainConfig,
     progress: Progress | None = None,
+    *,
+    state_path: str | Path | None = None,
+    state_every: int = 25,
 ) -> tuple[DeepAppearanceModel, TrainReport]:
     """Train a DAM on every (frame, camera) texture of ``capture``; returns it in eval mode.
 
     Loss per sample: masked MSE of the colour-corrected texture against the camera's
     unwrapped texture (texels the camera did not see are ignored) + mesh_weight * MSE of
     the mesh + kl_weight * KL, all in Multiface-normalized units.
+
+    With ``state_path``, the model, optimizer, sampler and report are saved there every
+    ``state_every`` steps (atomically), and a run that finds a state saved with the same
+    ``config`` continues from it: an interrupted long training resumes where it stopped
+    and ends with the same weights as an uninterrupted one. The file is left in place.
     """
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if state_every < 1:
+        raise AvatarqError(f"state_every must be >= 1, got {state_every}")
     data = _CaptureTensors(capture, config.tex_size)
     model_config = DAMConfig(
         arch=config.arch,
@@ -145,8 +202,20 @@ def train_dam(
     optimizer = torch.optim.Adam(params, lr=config.lr)
     report = TrainReport()
     gen = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
-    for step in range(config.iters):
+    first = 0
+    state_path = None if state_path is None else Path(state_path)
+    saved = None if state_path is None else _load_state(state_path, config)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])  # the KL sampling noise
+        report = TrainReport(**saved["report"])
+        first = int(saved["step"])
+    if report.mean_texture_loss is None:
+        report.mean_texture_loss = data.mean_texture_loss()
+    start = time.perf_counter() - report.seconds
+    for step in range(first, config.iters):
         lr = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.iters)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -167,5 +236,20 @@ def train_dam(
         report.mesh_losses.append(mesh_loss.item())
         if progress is not None:
             progress(f"training (loss {report.losses[-1]:.4f})", step + 1, config.iters)
+        done = step + 1
+        if state_path is not None and (done % state_every == 0 or done == config.iters):
+            report.seconds = time.perf_counter() - start
+            _save_state(
+                state_path,
+                {
+                    "config": config.to_dict(),
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "report": asdict(report),
+                },
+            )
     report.seconds = time.perf_counter() - start
     return model.eval(), report

@@ -2,9 +2,11 @@
 
 Metrics on values in [0, 1] (`images`: PSNR, SSIM), sequences and temporal stability
 (`sequence`: tDE, jitter ratio J, flicker excess FE), thresholds (`tolerances`, `gates`),
-latency statistics and timers (`latency`), and the one comparator (`compare`) that export
-validation, engine checks, ``avatarq compare``, the runtime and bench all use. It imports
-no stage; numpy only (torch only inside the CUDA timer).
+latency statistics and timers (`latency`), the one comparator (`compare`) that export
+validation, engine checks, ``avatarq compare``, the runtime and bench all use, and the
+optional perceptual video metric (`perceptual`: JOD with FovVideoVDP / ColorVideoVDP). It
+imports no stage; numpy only (torch only inside the CUDA timer and the perceptual score,
+the perceptual packages only when a score is asked for).
 """
 
 from avatarq.measure.compare import Comparison, Decoder, OutputError, check_finite, compare
@@ -18,6 +20,7 @@ from avatarq.measure.gates import (
 )
 from avatarq.measure.images import psnr, psnr_from_mse, ssim
 from avatarq.measure.latency import CudaEventTimer, LatencyStats, time_callable
+from avatarq.measure.perceptual import PerceptualClip, PerceptualConfig, PerceptualResult
 from avatarq.measure.sequence import SequenceAccumulator, SequenceComparison, compare_sequences
 from avatarq.measure.tolerances import Tolerances
 
@@ -30,6 +33,9 @@ __all__ = [
     "GateResult",
     "LatencyStats",
     "OutputError",
+    "PerceptualClip",
+    "PerceptualConfig",
+    "PerceptualResult",
     "SequenceAccumulator",
     "SequenceComparison",
     "Tolerances",

@@ -20,6 +20,7 @@ GATE_METRICS: dict[str, str] = {
     "jitter_ratio": "jitter ratio J in [0, 2] (alias J)",
     "tde": "temporal difference error, mean |e_t - e_{t-1}|",
     "fe": "flicker excess FE (alias flicker_excess)",
+    "jod": "perceptual video quality in JOD, 10 = identical (needs a perceptual metric)",
     "p50_ms": "median latency, ms",
     "p90_ms": "90th percentile latency, ms",
     "p99_ms": "99th percentile latency, ms",
@@ -35,7 +36,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 }
 _GATE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<)\s*([^<>=!\s]\S*)\s*$")
 _KNOWN_TEXT = (
-    "psnr, psnr_min, ssim, J (jitter_ratio), tde, fe, p50_ms, p90_ms, p99_ms, mean_ms, fps"
+    "psnr, psnr_min, ssim, J (jitter_ratio), tde, fe, jod, p50_ms, p90_ms, p99_ms, mean_ms, fps"
 )
 
 

@@ -291,6 +291,7 @@ def compare_calibrations(
     max_frames: int = 32,
     threads: int = 0,
     progress: Progress | None = None,
+    clip: Any = None,
 ) -> PeerStudy:
     """Calibrate and quantize ``checkpoint``'s decoder with each of ``methods`` and measure
     every Q/DQ graph against the FP32 graph on one ordered clip.
@@ -303,6 +304,9 @@ def compare_calibrations(
             first; ``camera``, default the frontal one; its first ``max_frames`` frames).
         workdir: where the FP32 and quantized graphs are written (kept for inspection).
         threads: ONNX Runtime intra-op threads (0: its default).
+        clip: a `BenchSequence` with a camera to evaluate on instead of a capture segment,
+            e.g. `avatarq.workflows.subject.TestSubject.heldout_sequence()`, whose frames
+            no calibration sample comes from (its first ``max_frames`` frames are used).
     """
     import torch
 
@@ -337,8 +341,18 @@ def compare_calibrations(
 
     say(f"encoding {n_random} calibration samples and the evaluation clip")
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
-    segment = segment or next(capture.clips())[0]
-    clip = sequence_from_capture(capture, segment, checkpoint, camera=camera, max_frames=max_frames)
+    if clip is None:
+        segment = segment or next(capture.clips())[0]
+        clip = sequence_from_capture(
+            capture, segment, checkpoint, camera=camera, max_frames=max_frames
+        )
+    else:
+        from avatarq.bench.sequences import BenchSequence
+
+        if clip.M is None:
+            raise AvatarqError("the evaluation clip needs a camera (M) for its visibility masks")
+        if max_frames is not None and len(clip) > max_frames:
+            clip = BenchSequence(clip.inputs.subset(range(max_frames)), clip.capture_root)
     clip_samples = CalibrationSamples(clip.inputs, capture.topology)
     say("rasterizing visibility masks (calibration samples and clip)")
     start = time.perf_counter()
