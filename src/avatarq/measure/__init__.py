@@ -1,7 +1,7 @@
 """avatarq.measure: the measurement layer under every stage.
 
 Metrics on values in [0, 1] (`images`: PSNR, SSIM), sequences and temporal stability
-(`sequence`: tDE, jitter ratio J, flicker excess FE), thresholds (`tolerances`, `gates`),
+(`sequence`: tDE, jitter ratio J, flicker excess FE, T-Std), thresholds (`tolerances`, `gates`),
 latency statistics and timers (`latency`), the one comparator (`compare`) that export
 validation, engine checks, ``avatarq compare``, the runtime and bench all use, and the
 optional perceptual video metric (`perceptual`: JOD with FovVideoVDP / ColorVideoVDP). It
@@ -21,7 +21,13 @@ from avatarq.measure.gates import (
 from avatarq.measure.images import psnr, psnr_from_mse, ssim
 from avatarq.measure.latency import CudaEventTimer, LatencyStats, time_callable
 from avatarq.measure.perceptual import PerceptualClip, PerceptualConfig, PerceptualResult
-from avatarq.measure.sequence import SequenceAccumulator, SequenceComparison, compare_sequences
+from avatarq.measure.sequence import (
+    SequenceAccumulator,
+    SequenceComparison,
+    TemporalStd,
+    compare_sequences,
+    temporal_std,
+)
 from avatarq.measure.tolerances import Tolerances
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "PerceptualResult",
     "SequenceAccumulator",
     "SequenceComparison",
+    "TemporalStd",
     "Tolerances",
     "canonical_metric",
     "check_finite",
@@ -48,5 +55,6 @@ __all__ = [
     "psnr",
     "psnr_from_mse",
     "ssim",
+    "temporal_std",
     "time_callable",
 ]

@@ -2,7 +2,8 @@
 
 `SequenceAccumulator` streams frames (F_t, Q_t) in temporal order; `compare_sequences`
 does the same on whole sequences; both give a `SequenceComparison` (PSNR, SSIM, tDE, J,
-FE per frame and summarized) whose truth value is pass/fail against `Tolerances`.
+FE per frame and summarized, T-Std of Q and of F) whose truth value is pass/fail against
+`Tolerances`. `TemporalStd` is T-Std alone, on one sequence.
 Conventions (values in [0, 1], masks, layouts) are those of `avatarq.measure.images`.
 """
 
@@ -75,6 +76,10 @@ class SequenceComparison:
         mean_abs_error: mean of `mean_abs_error_per_frame`.
         masked: whether a mask restricted the means.
         tolerances: the thresholds `bool()` checks.
+        psnr_all: PSNR of the squared error of all frames together, dB.
+        t_std: T-Std of Q (`TemporalStd`): how unevenly the output changes from frame to
+            frame; NaN in reports written before it existed.
+        t_std_reference: T-Std of F on the same elements; Q == F gives exactly t_std.
     """
 
     n_frames: int
@@ -96,6 +101,8 @@ class SequenceComparison:
     masked: bool
     tolerances: Tolerances = field(default_factory=Tolerances)
     psnr_all: float = math.nan
+    t_std: float = math.nan
+    t_std_reference: float = math.nan
 
     def __post_init__(self) -> None:
         if self.tolerances.min_ssim is not None and self.ssim_mean is None:
@@ -139,7 +146,8 @@ class SequenceComparison:
         return (
             f"T={self.n_frames} PSNR {self.psnr_mean:.2f} dB (min {self.psnr_min:.2f})"
             f"{ssim_txt} tDE {self.tde:.3g} J {self.jitter_ratio:.3f} "
-            f"FE {self.flicker_excess:.3g} max|e| {self.max_abs_error:.3g} {verdict}"
+            f"FE {self.flicker_excess:.3g} T-Std {self.t_std:.3g} (FP32 "
+            f"{self.t_std_reference:.3g}) max|e| {self.max_abs_error:.3g} {verdict}"
         )
 
     def gate_values(self) -> dict[str, float]:
@@ -178,7 +186,7 @@ class SequenceComparison:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:
-                if f.name == "psnr_all":  # reports written before it existed
+                if f.name in ("psnr_all", "t_std", "t_std_reference"):  # older reports
                     continue
                 raise AvatarqError(f"comparison dict lacks field {f.name!r}")
             v = d[f.name]
@@ -197,6 +205,65 @@ class SequenceComparison:
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
         kwargs["tolerances"] = tolerances
         return SequenceComparison(**kwargs)
+
+
+class TemporalStd:
+    """T-Std of one ordered sequence X_1..X_T, streamed (values in [0, 1], float64).
+
+    With D_t = X_t - X_{t-1} (t = 2..T) and pair weights v_t (the smaller of the two frames'
+    mask weights, 1 without a mask), per element p: W(p) = sum_t v_t(p), the weighted
+    mean m(p) = sum_t v_t(p) D_t(p) / W(p) and std s(p) = sqrt(sum_t v_t(p) (D_t(p) -
+    m(p))^2 / W(p)) (population). T-Std = sum_p W(p) s(p) / sum_p W(p); without a mask the
+    plain mean over elements of the std over time of the frame-to-frame change.
+
+    It is 0 for any motion at constant speed and for a frozen output, and grows when the
+    output changes unevenly: a quantized latent that holds still and then jumps to the next
+    code scores high, the smooth FP32 motion it approximates low. Compare it with the T-Std
+    of the FP32 reference on the same frames (`SequenceComparison.t_std_reference`).
+    """
+
+    def __init__(self) -> None:
+        self._prev: np.ndarray | None = None
+        # weighted Welford running sums: W, mean and M2 = sum v (D - mean)^2 per element
+        self._w: np.ndarray | float = 0.0
+        self._m: np.ndarray | float = 0.0
+        self._m2: np.ndarray | float = 0.0
+        self.n_frames = 0
+
+    def add(self, frame: np.ndarray, pair_weights: np.ndarray | None = None) -> None:
+        """Add X_t (float64); ``pair_weights`` are v_t for the pair (X_{t-1}, X_t)."""
+        if self._prev is not None:
+            d = frame - self._prev
+            v = 1.0 if pair_weights is None else pair_weights
+            w = self._w + v
+            delta = d - self._m
+            step = v / np.where(w > 0, w, 1.0) if pair_weights is not None else v / w
+            mean = self._m + step * delta
+            self._m2 = self._m2 + v * delta * (d - mean)
+            self._w, self._m = w, mean
+        self._prev = frame
+        self.n_frames += 1
+
+    def result(self) -> float:
+        """T-Std of the frames so far (NaN with fewer than 2 frames)."""
+        if self.n_frames < 2:
+            return math.nan
+        w = np.broadcast_to(np.asarray(self._w, np.float64), np.shape(self._m2))
+        total = float(w.sum())
+        if total == 0.0:
+            return math.nan
+        var = np.maximum(self._m2, 0.0) / np.where(w > 0, w, 1.0)
+        return float(np.vdot(w.ravel(), np.sqrt(var).ravel()) / total)
+
+
+def temporal_std(frames: Any) -> float:
+    """T-Std (`TemporalStd`) of an ordered sequence [T, ...] of frames without a mask."""
+    acc = TemporalStd()
+    for frame in _frames(frames):
+        acc.add(_as_float64(frame, f"frame {acc.n_frames}"))
+    if acc.n_frames < 2:
+        raise AvatarqError(f"T-Std needs at least 2 frames, got {acc.n_frames}")
+    return acc.result()
 
 
 class SequenceAccumulator:
@@ -228,6 +295,8 @@ class SequenceAccumulator:
         self._j_den = 0.0
         self._max_abs = 0.0
         self._masked = mask is not None
+        self._t_std_q = TemporalStd()
+        self._t_std_f = TemporalStd()
 
     def add(self, ref_frame: Any, test_frame: Any, mask: Any = None) -> None:
         """Add frame t: F_t = `ref_frame`, Q_t = `test_frame` (same shape as earlier frames).
@@ -267,6 +336,9 @@ class SequenceAccumulator:
             self._ssim.append(_ssim64(f, q, w))
         if self._prev is not None:
             self._add_pair(f, q, e, w)
+        else:
+            self._t_std_f.add(f)
+            self._t_std_q.add(q)
         self._prev = (f, q, e, w)
 
     def _add_pair(self, f: np.ndarray, q: np.ndarray, e: np.ndarray, w: np.ndarray | None) -> None:
@@ -278,6 +350,8 @@ class SequenceAccumulator:
                 f"masks of frames {len(self._psnr) - 2} and {len(self._psnr) - 1} do not "
                 "overlap; temporal metrics need common masked elements"
             )
+        self._t_std_f.add(f, v)
+        self._t_std_q.add(q, v)
         d = e - e0
         d_sq = _sqnorm(d, v)
         self._tde.append(_mean(np.abs(d, out=d), v, vsum))
@@ -326,6 +400,8 @@ class SequenceAccumulator:
             masked=self._masked,
             tolerances=tolerances if tolerances is not None else Tolerances(),
             psnr_all=psnr_from_mse(self._sq_sum / self._weight_sum),
+            t_std=self._t_std_q.result(),
+            t_std_reference=self._t_std_f.result(),
         )
 
     @property
