@@ -29,6 +29,10 @@ What is measured, per runner:
   clock read, and ``copy`` and ``render`` are timed with CUDA events. Without rendering
   ``end_to_end`` equals ``decode``. Runners are timed one after the other, or round-robin
   (`BenchConfig.interleave`).
+- optionally the **latent codec** (`BenchConfig.vq`, `avatarq.bench.codec`): every runner
+  runs a second time as ``NAME+vq`` with z coded and decoded by the codebook before its
+  decoder, against the same reference fed the unquantized z; its result records the
+  codec and its bits per frame;
 - optionally a **perceptual** video score in JOD (`BenchConfig.perceptual`:
   FovVideoVDP or ColorVideoVDP, `avatarq.measure.perceptual`) of the runner's clip
   against the reference's, on the rendered frames cropped to the FP32 foreground of the
@@ -295,7 +299,18 @@ def run_bench(
                 if not optional:
                     raise
                 skipped[n] = str(exc)
+        codecs = {}
+        if config.vq:
+            from avatarq.bench.codec import SUFFIX, LatentCodecRunner, bench_codebook, codec_record
+
+            book, label = bench_codebook(bundle, config.codebook)
+            for n, _, opt in list(planned):
+                options = _run_options(config, n, **(extra if n == "torch" else {}))
+                wrapped = LatentCodecRunner(open_runner(bundle, n, options), book, n + SUFFIX)
+                planned.append((n + SUFFIX, wrapped, opt))
+                codecs[n + SUFFIX] = codec_record(book, label)
     else:
+        codecs = {}
         labels = [getattr(r, "name", f"runner{i}") for i, r in enumerate(runners)]
         if len(set(labels)) != len(labels):
             labels = [f"{n}#{i}" for i, n in enumerate(labels)]
@@ -356,6 +371,7 @@ def run_bench(
             texture = texture_acc[name].result()
             screen = screen_acc[name].result() if setup is not None else None
             result = RunnerResult(name, getattr(runner, "name", name), latency, texture, screen)
+            result.codec = codecs.get(name)
             if name in scores:
                 result.perceptual = scores[name]
                 result.perceptual_space = "screen" if setup is not None else "texture"
@@ -489,6 +505,10 @@ def bench_bundle(
         check_report_dir(Path(out))  # refuse a bad report folder before any decoding
     if config.render in ("torch", "nvdiffrast"):
         opened.topology()  # fail before any decoding when rendering cannot happen
+    if config.vq:
+        from avatarq.bench.codec import bench_codebook
+
+        bench_codebook(opened, config.codebook)  # no codebook: fail before any decoding
     seq = load_sequence(
         sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera
     )

@@ -327,8 +327,11 @@ def _fidelity_rows(runners: Sequence[RunnerResult], space: str) -> list[list[str
                 _fmt(c.tde_rms),
                 _fmt(c.jitter_ratio),
                 _fmt(c.flicker_excess),
+                _fmt(c.t_std),
+                _fmt(c.t_std_reference),
                 _fmt(c.max_abs_error),
                 str(c.n_frames),
+                "" if r.codec is None else str(r.codec["bits_per_frame"]),
             ]
         )
     return rows
@@ -466,8 +469,11 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
         "tDE rms",
         "J",
         "FE",
+        "T-Std",
+        "T-Std FP32",
         "max |e|",
         "frames",
+        "z bits/frame",
     ]
     for space in _spaces(result):
         note = (
@@ -485,7 +491,10 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
         "tDE = mean |e<sub>t</sub> - e<sub>t-1</sub>| (0 for a constant error); "
         "J = jitter ratio in [0, 2] (0 frozen error, 1.41 temporally white, 2 sign flip "
         "every frame); FE = flicker excess, mean |Q<sub>t</sub> - Q<sub>t-1</sub>| - "
-        "mean |F<sub>t</sub> - F<sub>t-1</sub>|. Values in [0, 1] units.</p>",
+        "mean |F<sub>t</sub> - F<sub>t-1</sub>|; T-Std = mean over elements of the std over "
+        "time of the frame-to-frame change Q<sub>t</sub> - Q<sub>t-1</sub> (0 for motion at "
+        "constant speed; T-Std FP32: the same of F). Runners named +vq decode z after the "
+        "latent codec, at the bits per frame shown. Values in [0, 1] units.</p>",
         _img(figs["psnr"], "PSNR per frame"),
         _img(figs["tde"], "tDE per frame"),
         "<h2>Latency</h2>",

@@ -60,6 +60,8 @@ class ComparisonRecord:
     psnr_all: JsonFloat
     passed: bool
     failures: list[str]
+    t_std: JsonFloat | None = None
+    t_std_reference: JsonFloat | None = None
 
 
 @dataclass
@@ -96,6 +98,22 @@ class PerceptualRecord:
 
 
 @dataclass
+class CodecRecord:
+    """The latent codec a runner's z went through before its decoder (``bench --vq``)."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    kind: str
+    codebook: str
+    codebook_size: int
+    stages: int
+    groups: int
+    bits_per_frame: int
+    bytes_per_frame: int
+    source: str
+
+
+@dataclass
 class RunnerRecord:
     __pydantic_config__ = DOCUMENT_CONFIG
 
@@ -109,6 +127,7 @@ class RunnerRecord:
     latency_p50_ratio_vs_reference: dict[str, float] | None = None
     perceptual: PerceptualRecord | None = None
     perceptual_space: str | None = None
+    codec: CodecRecord | None = None
 
 
 @dataclass

@@ -78,6 +78,10 @@ class BenchConfig:
         perceptual_size: longest side (pixels) the frames are reduced to for the metric.
         frame_rate: frames per second the clip plays at (the perceptual metric's time
             axis; 30 = Multiface's capture rate).
+        vq: also run every runner behind the latent codec: z is coded with the bundle's
+            codebook (or ``codebook``) and decoded before the decoder sees it (runner
+            ``NAME+vq``); the reference keeps the unquantized z.
+        codebook: a codebook .npz (``avatarq vq -o``) instead of the bundle's; implies vq.
         version: schema version.
     """
 
@@ -100,6 +104,8 @@ class BenchConfig:
     perceptual_display: str = "standard_fhd"
     perceptual_size: int = 256
     frame_rate: float = 30.0
+    vq: bool = False
+    codebook: str | None = None
     version: int = BENCH_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -131,7 +137,10 @@ class BenchConfig:
         _count("iters", self.iters, 1)
         _count("batch", self.batch, 1)
         _count("threads", self.threads, 0)
-        for name in ("compute_ssim", "interleave"):
+        if self.codebook is not None:
+            object.__setattr__(self, "codebook", str(self.codebook))
+            object.__setattr__(self, "vq", True)
+        for name in ("compute_ssim", "interleave", "vq"):
             if not isinstance(getattr(self, name), bool):
                 raise AvatarqError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gate_space not in GATE_SPACES:
@@ -239,6 +248,9 @@ class RunnerResult:
         gates: results of the configured gates.
         perceptual: the perceptual score of the clip (None when not asked for).
         perceptual_space: ``screen`` or ``texture``: what ``perceptual`` was scored on.
+        codec: the latent codec z went through before this runner's decoder (``vq``):
+            kind, codebook, codebook_size, stages, groups, bits_per_frame,
+            bytes_per_frame, source; None for the plain runners.
     """
 
     name: str
@@ -249,6 +261,7 @@ class RunnerResult:
     gates: list[GateResult] = field(default_factory=list)
     perceptual: PerceptualResult | None = None
     perceptual_space: str | None = None
+    codec: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -276,6 +289,7 @@ class RunnerResult:
             "passed": self.passed,
             "perceptual": None if self.perceptual is None else self.perceptual.to_dict(),
             "perceptual_space": self.perceptual_space,
+            "codec": None if self.codec is None else dict(self.codec),
         }
 
     @classmethod
@@ -299,6 +313,7 @@ class RunnerResult:
                 None if d.get("perceptual") is None else PerceptualResult.from_dict(d["perceptual"])
             ),
             perceptual_space=d.get("perceptual_space"),
+            codec=None if d.get("codec") is None else dict(d["codec"]),
         )
 
 

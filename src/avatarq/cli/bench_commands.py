@@ -129,6 +129,18 @@ def bench(
     frame_rate: Annotated[
         float, typer.Option(help="Frames per second the clip plays at (perceptual metric).")
     ] = 30.0,
+    vq: Annotated[
+        bool,
+        typer.Option(
+            "--vq",
+            help="Also run each runner behind the bundle's latent codebook (avatarq vq): "
+            "z coded and decoded before the decoder, judged against FP32 with the plain z.",
+        ),
+    ] = False,
+    codebook: Annotated[
+        Path | None,
+        typer.Option(help="A codebook file (avatarq vq -o) instead of the bundle's; implies --vq."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Benchmark a bundle: latency, fidelity and temporal stability vs FP32, with gates.
@@ -157,6 +169,8 @@ def bench(
         perceptual_display=perceptual_display,
         perceptual_size=perceptual_size,
         frame_rate=frame_rate,
+        vq=vq,
+        codebook=None if codebook is None else str(codebook),
     )
     out = out if out is not None else default_report_path(bundle)
     with progress_bar("bench") as progress:
@@ -173,8 +187,11 @@ def bench(
         t, s = r.texture, r.screen
         line = (
             f"[bold]{r.name:<12}[/bold] texture PSNR {t.psnr_mean:.2f} dB (min {t.psnr_min:.2f}) "
-            f"tDE {t.tde:.3g} J {t.jitter_ratio:.3f} FE {t.flicker_excess:.3g}"
+            f"tDE {t.tde:.3g} J {t.jitter_ratio:.3f} FE {t.flicker_excess:.3g} "
+            f"T-Std {t.t_std:.3g} (FP32 {t.t_std_reference:.3g})"
         )
+        if r.codec is not None:
+            line += f" | {r.codec['bits_per_frame']} bits/frame"
         if s is not None:
             line += f" | screen PSNR {s.psnr_mean:.2f} dB J {s.jitter_ratio:.3f}"
         if r.perceptual is not None:

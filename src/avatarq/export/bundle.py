@@ -10,6 +10,7 @@ Layout (see docs/bundle.md)::
       reference/model.onnx the FP32 graph non-FP32 bundles are judged against
       calib/               the calibration artifact, when quantized
       engines/             serialized engines, named by backend and target
+      codebook/codebook.npz the latent-stream codebook (``avatarq vq --bundle``), optional
 
 Opening a bundle validates the manifest and checks that every path it names stays inside
 the bundle (no absolute paths, no ``..``, no symbolic links). The graph's sha256 is checked
@@ -30,6 +31,7 @@ from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
 from avatarq.export.manifest import (
     SCHEMA_VERSION,
+    CodebookRecord,
     Manifest,
     OnnxRuntimeEngineRecord,
     TensorRTEngineRecord,
@@ -43,9 +45,11 @@ TOPOLOGY_FILE = "topology.npz"
 NORMALIZATION_FILE = "normalization.npz"
 REFERENCE_FILE = "reference/model.onnx"
 ENGINES_DIR = "engines"
+CODEBOOK_FILE = "codebook/codebook.npz"
 EngineRecord = OnnxRuntimeEngineRecord | TensorRTEngineRecord
 
 __all__ = [
+    "CODEBOOK_FILE",
     "ENGINES_DIR",
     "MANIFEST_FILE",
     "MODEL_FILE",
@@ -136,6 +140,75 @@ class Bundle:
                 raise AvatarqError(f"{path}: {key} holds NaN or infinite values")
         return arrays
 
+    def codebook(self):  # -> avatarq.codec.Codebook
+        """The latent-stream codebook, after checking its sha256 and its shape against the
+        manifest and the decoder's z size.
+
+        Raises:
+            AvatarqError: the bundle has none (train one with ``avatarq vq --bundle``), the
+                file is missing, altered or not a codebook.
+        """
+        from avatarq.codec import load_codebook
+
+        record = self.manifest.codebook
+        if record is None:
+            raise AvatarqError(
+                f"bundle {self.root} has no codebook; train one with avatarq vq --bundle "
+                f"{self.root}"
+            )
+        path = inside(self.root, record.path, "codebook")
+        if not path.is_file() or path.is_symlink():
+            raise AvatarqError(f"bundle {self.root} lists {record.path} but the file is missing")
+        if file_sha256(path) != record.sha256:
+            raise AvatarqError(
+                f"{path} is not the codebook the manifest pins (sha256 differs); retrain it "
+                "with avatarq vq --bundle --force"
+            )
+        book = load_codebook(path)
+        shape = (book.codebook_size, book.stages, book.groups, book.bits_per_frame)
+        if shape != (record.codebook_size, record.stages, record.groups, record.bits_per_frame):
+            raise AvatarqError(f"{path} does not have the shape the manifest records")
+        if book.z_dim != self.manifest.z_dim:
+            raise AvatarqError(
+                f"{path} codes z of {book.z_dim} dimensions, the decoder takes {self.manifest.z_dim}"
+            )
+        return book
+
+    def add_codebook(self, codebook, force: bool = False) -> CodebookRecord:
+        """Write ``codebook`` (`avatarq.codec.Codebook`) into the bundle as `CODEBOOK_FILE`
+        and record it in the manifest (file first, then the manifest, each atomically).
+
+        Raises:
+            AvatarqError: z sizes differ; the bundle already has a codebook and not ``force``.
+        """
+        if codebook.z_dim != self.manifest.z_dim:
+            raise AvatarqError(
+                f"the codebook codes z of {codebook.z_dim} dimensions, bundle {self.root} "
+                f"decodes z of {self.manifest.z_dim}"
+            )
+        if self.manifest.codebook is not None and not force:
+            raise AvatarqError(
+                f"bundle {self.root} already has a codebook; pass --force to replace it"
+            )
+        folder = self.root / CODEBOOK_FILE.split("/")[0]
+        if folder.is_symlink() or folder.exists() and not folder.is_dir():
+            raise AvatarqError(f"{folder} is not a folder avatarq wrote; remove it first")
+        path = codebook.save(self.root / CODEBOOK_FILE)
+        record = CodebookRecord(
+            path=CODEBOOK_FILE,
+            sha256=file_sha256(path),
+            codebook_size=codebook.codebook_size,
+            stages=codebook.stages,
+            groups=codebook.groups,
+            bits_per_frame=codebook.bits_per_frame,
+            frames=codebook.frames,
+            source=codebook.source,
+            train_mse=list(codebook.train_mse),
+        )
+        self.manifest.codebook = record
+        self.save_manifest()
+        return record
+
     def save_manifest(self) -> None:
         """Rewrite manifest.json atomically (used when engines are added)."""
         atomic_write_text(self.root / MANIFEST_FILE, dump_document(self.manifest))
@@ -214,6 +287,8 @@ def open_bundle(path: str | Path) -> Bundle:
         inside(root, manifest.reference.path, "reference graph")
     if manifest.normalization.arrays is not None:
         inside(root, manifest.normalization.arrays, "normalization")
+    if manifest.codebook is not None:
+        inside(root, manifest.codebook.path, "codebook")
     return Bundle(root, manifest)
 
 

@@ -298,6 +298,39 @@ class TensorRTEngineRecord(_EngineFile):
     inspector: str | None = None
 
 
+@dataclass
+class CodebookRecord:
+    """The latent-stream codebook of the bundle (`avatarq.codec.Codebook`), trained by
+    ``avatarq vq``: the file (bundle path, sha256, checked before it is read) and its shape.
+
+    Attributes:
+        path: bundle path of the .npz (``codebook/codebook.npz``).
+        sha256: of that file.
+        codebook_size, stages, groups: K, S and G; z_dim = G * dims per group.
+        bits_per_frame: G * S * ceil(log2 K).
+        frames: training latents; source: where they came from.
+        train_mse: mean squared error of z per dimension on them after each stage.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    path: str
+    sha256: str
+    codebook_size: int
+    stages: int
+    groups: int
+    bits_per_frame: int
+    frames: int
+    source: str
+    train_mse: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "stages", "groups", "bits_per_frame", "frames"):
+            _positive_int(f"codebook {name}", getattr(self, name))
+        if len(self.sha256) != 64:
+            raise AvatarqError("codebook sha256 must be a sha256 hex digest")
+
+
 EngineRecord = Annotated[
     OnnxRuntimeEngineRecord | TensorRTEngineRecord, Field(discriminator="backend")
 ]
@@ -335,6 +368,7 @@ class Manifest:
         validation: the export's check of the graph, or None (``--no-validate``).
         export_options: the options the bundle was exported with.
         engines: one record per built engine.
+        codebook: the latent-stream codebook (``avatarq vq --bundle``), or None.
     """
 
     __pydantic_config__ = DOCUMENT_CONFIG
@@ -359,6 +393,7 @@ class Manifest:
     engines: list[EngineRecord] = field(default_factory=list)
     layer_storage: dict[str, LayerStorage] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
+    codebook: CodebookRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -190,7 +190,9 @@ class SequenceComparison:
                     continue
                 raise AvatarqError(f"comparison dict lacks field {f.name!r}")
             v = d[f.name]
-            if f.name == "tolerances":
+            if f.name in ("t_std", "t_std_reference"):
+                kwargs[f.name] = math.nan if v is None else float(v)
+            elif f.name == "tolerances":
                 kwargs[f.name] = Tolerances.from_dict(v)
             elif f.name in _ARRAY_FIELDS:
                 kwargs[f.name] = None if v is None else np.array([float(x) for x in v])

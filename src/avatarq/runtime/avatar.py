@@ -32,6 +32,7 @@ class AvatarRuntime:
         self.runner = runner
         self._lock = threading.Lock()
         self._renderers: dict[Any, Any] = {}
+        self._codebook: Any = None
 
     @classmethod
     def open(
@@ -87,6 +88,30 @@ class AvatarRuntime:
         if not self.runner.timings_ms:
             raise AvatarqError("no decode call timed yet")
         return LatencyStats.from_samples(list(self.runner.timings_ms))
+
+    @property
+    def codebook(self):  # -> avatarq.codec.Codebook
+        """The bundle's latent-stream codebook (sha256-checked on first use).
+
+        Raises:
+            AvatarqError: the bundle has none (``avatarq vq --bundle``) or it is corrupt.
+        """
+        if self._codebook is None:
+            self._codebook = self.bundle.codebook()
+        return self._codebook
+
+    def encode_latents(self, z: np.ndarray) -> np.ndarray:
+        """Sender side: z float32 [B, Z] -> codes uint16 [B, G, S] of the bundle's codebook
+        (`avatarq.codec.pack_codes` turns them into bits_per_frame bits a frame)."""
+        return self.codebook.encode(z)
+
+    def decode_codes(
+        self, codes: np.ndarray, view: np.ndarray, copy: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Receiver side: codes [B, G, S] (from `encode_latents` or `unpack_codes`) and view
+        float32 [B, 3] -> (texture, vertices) as `decode` returns them for the z the codes
+        stand for."""
+        return self.decode(self.codebook.decode(codes), view, copy=copy)
 
     # -- running
 
