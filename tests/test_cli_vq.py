@@ -198,3 +198,25 @@ def test_bench_vq_reports_bits_per_frame_and_the_codec_cost(vq_bundle, tmp_path)
     assert coded["texture"]["tde"] > 0
     assert plain["texture"]["t_std"] == plain["texture"]["t_std_reference"]
     assert coded["texture"]["t_std_reference"] == plain["texture"]["t_std_reference"]
+
+
+def test_vq_trains_on_a_latent_file(tmp_path):
+    from avatarq.core.inputs import smooth_clip
+    from avatarq.data.latents import save_inputs
+
+    latents = save_inputs(smooth_clip(6, 40, 0), tmp_path / "z.npz")
+    out = tmp_path / "cb.npz"
+    result = _run("vq", "--latents", latents, "--codebook", 8, "--stages", 2, "-o", out)
+    assert result.exit_code == 0, result.output
+    book = load_codebook(out)
+    assert (book.z_dim, book.frames, book.bits_per_frame) == (6, 40, 6)
+    assert book.source == "latent file z.npz (40 steps)"
+
+
+def test_bench_with_a_codebook_of_another_latent_size_is_one_line(small_bundle, tmp_path):
+    from avatarq.codec import VQConfig, train_codebook
+
+    other = train_codebook(np.random.default_rng(0).random((20, 6)), VQConfig(codebook_size=4))
+    path = other.save(tmp_path / "cb6.npz")
+    result = _run("bench", small_bundle, "--codebook", path, "--render", "none")
+    assert "codes z of 6 dimensions, bundle" in _one_error_line(result)

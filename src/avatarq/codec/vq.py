@@ -115,7 +115,9 @@ class Codebook:
                 f"codebook version {self.version!r} is not supported (expected "
                 f"{CODEBOOK_VERSION}); retrain it with this avatarq"
             )
+        c = c.copy()  # the codebook owns its centroids, read-only
         c.setflags(write=False)
+        object.__setattr__(self, "centroids", c)
 
     # -- shape
 

@@ -116,6 +116,8 @@ def train_vq(
             "train on a capture (--model dam.pt --capture CAPTURE) or on a latent file "
             "(--latents z.npz), one of the two"
         )
+    if latents is not None and segments:
+        raise AvatarqError("--segment picks capture segments; a latent file has none")
     if latents is None and (checkpoint is None or capture is None):
         missing = "--capture" if capture is None else "--model"
         raise AvatarqError(
