@@ -1,14 +1,18 @@
 """Regenerate the "VQ latent stream" table of docs/benchmarks.md: bits per frame against the
 decoded texture's PSNR, tDE and T-Std.
 
-Makes (or reuses) a synthetic avatar with four long expression segments, exports its FP32
-bundle, holds one segment out, trains codebooks on the encoder means of the other three
-(`avatarq.codec.train_codebook`, the code behind ``avatarq vq``) and plays the held-out
-segment through each codec before the decoder (`avatarq.bench.codec.LatentCodecRunner`),
-against the FP32 decoder fed the unquantized z (`avatarq.bench.run_bench`, texture space,
-ONNX Runtime on the CPU). Baselines on the same clip: z sent as float16, and per-dimension
-scalar quantizers (G = Z groups of one dimension: Lloyd-Max codebooks per dimension).
-Writes rows.json into the workdir and, with --docs, replaces the marked block.
+Uses the demo avatar (made or reused like the other benchmarks) and writes two more
+captures of the same face, cameras and skin in new motion (`SyntheticCaptureConfig.
+motion_seed`): one to train on, one to play. Both are normalized with the demo capture's
+statistics (its tex_mean.png, tex_var.txt, vert_mean.bin, vert_var.txt are copied over
+theirs), as a live session is normalized with its avatar's capture. Codebooks are trained
+(`avatarq.codec.train_codebook`, the code behind ``avatarq vq``) on the encoder means of
+the demo capture and the training capture, and the held-out clip is played through each
+codec before the decoder (`avatarq.bench.codec.LatentCodecRunner`), against the FP32
+decoder fed the unquantized z (`avatarq.bench.run_bench`, texture space, ONNX Runtime on the
+CPU). Baselines on the same clip: z sent as float16, and per-dimension scalar quantizers
+(G = Z groups of one dimension: a Lloyd-Max codebook per dimension). Writes rows.json into
+the workdir and, with --docs, replaces the marked block.
 
     python benchmarks/vq_stream.py --docs docs/benchmarks.md
 """
@@ -20,6 +24,7 @@ import datetime
 import json
 import platform
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,8 +38,9 @@ from avatarq.bench.harness import run_bench
 from avatarq.bench.results import environment
 from avatarq.bench.sequences import sequence_from_capture
 from avatarq.codec import VQConfig, train_codebook
+from avatarq.data.capture import MultifaceCapture
 from avatarq.data.synthetic import make_synthetic_avatar
-from avatarq.data.synthetic_capture import SyntheticCaptureConfig
+from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
 from avatarq.data.train import TrainConfig
 from avatarq.engines import RunOptions, open_runner
 from avatarq.export import export_bundle
@@ -85,11 +91,32 @@ class Float16Codec:
         return f"float16 z: {self.bits_per_frame} bits/frame"
 
 
+STATISTICS = ("tex_mean.png", "tex_var.txt", "vert_mean.bin", "vert_var.txt")
+
+
+def new_motion(
+    out: Path, demo_root: Path, motion_seed: int, segment_frames: tuple[int, ...], say
+) -> Path:
+    """A capture of the demo avatar in new motion (average textures only), normalized with
+    the demo capture's statistics; reused when already written."""
+    config = SyntheticCaptureConfig(
+        segment_frames=segment_frames, motion_seed=motion_seed, camera_textures_per_frame=0
+    )
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == config.to_dict():
+        return out / demo_root.name
+    say(f"write capture, new motion {motion_seed}, segments {segment_frames}")
+    root = write_synthetic_capture(out, config, overwrite=True)
+    for name in STATISTICS:
+        shutil.copyfile(demo_root / name, root / name)
+    done.write_text(json.dumps(config.to_dict()))
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("out/bench"), help="avatar cache")
-    parser.add_argument("--frames", type=int, default=96, help="frames per capture segment")
-    parser.add_argument("--holdout", type=int, default=0, help="index of the held-out segment")
+    parser.add_argument("--frames", type=int, default=64, help="frames per new-motion segment")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to update")
@@ -99,24 +126,29 @@ def main(argv: list[str] | None = None) -> int:
         if not done:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    capture_config = SyntheticCaptureConfig(texture_size=256, segment_frames=(args.frames,) * 4)
     avatar = make_synthetic_avatar(
-        args.cache / f"synth_vq{args.frames}", capture_config, TrainConfig(), progress=say
+        args.cache / "synth_demo", train_config=TrainConfig(), progress=say
     )
-    bundle_path = args.cache / f"synth_vq{args.frames}_fp32.avq"
+    bundle_path = args.cache / "synth_demo_fp32.avq"
     if not is_bundle(bundle_path):
         say("export FP32 bundle")
         export_bundle(avatar.checkpoint, bundle_path, avatar.capture_root)
     bundle = open_bundle(bundle_path)
-    from avatarq.data.capture import MultifaceCapture
-
-    segments = MultifaceCapture(avatar.capture_root).segments
-    held_out = segments[args.holdout]
-    training = tuple(s for s in segments if s != held_out)
-    say(f"encode training segments {', '.join(training)}")
-    z_train, source = capture_latents(avatar.checkpoint, avatar.capture_root, training)
-    say(f"encode held-out segment {held_out}")
-    sequence = sequence_from_capture(avatar.capture_root, held_out, avatar.checkpoint)
+    train_root = new_motion(
+        args.cache / "vq_motion1", avatar.capture_root, 1, (args.frames,) * 4, say
+    )
+    play_root = new_motion(args.cache / "vq_motion2", avatar.capture_root, 2, (args.frames,), say)
+    say("encode training captures")
+    z_demo, _ = capture_latents(avatar.checkpoint, avatar.capture_root)
+    z_new, _ = capture_latents(avatar.checkpoint, train_root)
+    z_train = np.concatenate([z_demo, z_new])
+    source = (
+        f"encoder means of the {len(z_demo)} frames of the demo capture and the "
+        f"{len(z_new)} frames of new motion 1"
+    )
+    say("encode the held-out clip")
+    play_segment = MultifaceCapture(play_root).segments[0]
+    sequence = sequence_from_capture(play_root, play_segment, avatar.checkpoint)
     z_dim = z_train.shape[1]
 
     codecs: list[tuple[str, object, float]] = [("float16 z", Float16Codec(z_dim), 0.0)]
@@ -170,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     m = bundle.manifest
     z_std = float(np.sqrt(np.mean((z_true - z_true.mean(0)) ** 2)))
     lines = [
-        f"Avatar: synthetic, {m.arch} DAM, z {m.z_dim}, texture {m.tex_size}^2, trained on "
-        f"4 segments x {args.frames} frames (texture 256^2 capture). Codebooks: k-means on the "
-        f"encoder means of the {len(z_train)} frames of {', '.join(training)}, seed "
-        f"{args.seed}. Clip: the held-out segment, {sequence.source}; its z has RMS "
-        f"{z_std:.3f} about its mean. Texture space (0..255 / 255, every texel), FP32 "
-        f"model.onnx under ONNX Runtime CPU fed the coded z vs the same graph fed the plain "
-        f"z. T-Std of the FP32 texture on this clip: {rows[0]['t_std_reference']:.3g}.",
+        f"Avatar: the demo avatar ({m.arch} DAM, z {m.z_dim}, texture {m.tex_size}^2). "
+        f"Codebooks: k-means on the {source} ({len(z_train)} latents; same face, cameras "
+        f"and skin, normalized with the demo capture's statistics), seed {args.seed}. Clip: "
+        f"new motion 2, never seen by the codebooks, {sequence.source}; its z has RMS "
+        f"{z_std:.3f} about its mean. Texture space (0..255 / 255, every texel): the FP32 "
+        f"model.onnx under ONNX Runtime CPU fed the coded z against the same graph fed the "
+        f"plain z. T-Std of the FP32 texture on this clip: {rows[0]['t_std_reference']:.3g}.",
         "",
         f"Measured {datetime.date.today().isoformat()} on {env['cpu'] or platform.processor()} "
         f"({env['cpu_count']} CPUs, {platform.system()}); {versions}. Command: `{command}`.",
