@@ -71,6 +71,14 @@ def test_vq_records_the_codebook_in_the_bundle_manifest(vq_bundle):
     assert bundle.codebook().bits_per_frame == 6
 
 
+def test_info_shows_the_bundle_codebook(vq_bundle):
+    result = _run("info", vq_bundle)
+    assert result.exit_code == 0, result.output
+    assert "codebook    codebook/codebook.npz: K 8 x 2 stage(s) x 1 group(s), 6 bits/frame" in (
+        result.stdout
+    )
+
+
 def test_vq_refuses_to_replace_a_bundle_codebook_without_force(small_avatar, vq_bundle):
     before = (vq_bundle / CODEBOOK_FILE).read_bytes()
     result = _run(

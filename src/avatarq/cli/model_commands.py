@@ -64,6 +64,7 @@ def _info_bundle(path: Path, as_json: bool) -> None:
             "layer_storage": {k: document_dict(v) for k, v in m.layer_storage.items()},
             "size_bytes": sizes,
             "engines": [document_dict(e) for e in m.engines],
+            "codebook": None if m.codebook is None else document_dict(m.codebook),
         }
         console.print_json(json.dumps(record))
         return
@@ -95,6 +96,13 @@ def _info_bundle(path: Path, as_json: bool) -> None:
         )
     for engine in m.engines:
         console.print(f"  engine      {engine.backend} {engine.target}: {engine.path}")
+    if m.codebook is not None:
+        c = m.codebook
+        console.print(
+            f"  codebook    {c.path}: K {c.codebook_size} x {c.stages} stage(s) x {c.groups} "
+            f"group(s), {c.bits_per_frame} bits/frame",
+            highlight=False,
+        )
 
 
 @app.command()
