@@ -226,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/vq_stream.py " + " ".join(a for a in sys.argv[1:] if a)
     m = bundle.manifest
     z_std = float(np.sqrt(np.mean((z_true - z_true.mean(0)) ** 2)))
+    centred = z_train.astype(np.float64) - z_train.mean(0)
+    spectrum = np.linalg.svd(centred, compute_uv=False) ** 2
+    first_pc = float(spectrum[0] / spectrum.sum())
     lines = [
         f"Avatar: the demo avatar ({m.arch} DAM, z {m.z_dim}, texture {m.tex_size}^2). "
         f"Codebooks: k-means on the {source} ({len(z_train)} latents; same face, cameras "
         f"and skin, normalized with the demo capture's statistics), seed {args.seed}. Clip: "
         f"new motion 2, never seen by the codebooks, {sequence.source}; its z has RMS "
-        f"{z_std:.3f} about its mean. Texture space (0..255 / 255, every texel): the FP32 "
+        f"{z_std:.3f} about its mean. The first principal component of the training latents "
+        f"holds {100 * first_pc:.4f}% of their variance. Texture space (0..255 / 255, every texel): the FP32 "
         f"model.onnx under ONNX Runtime CPU fed the coded z against the same graph fed the "
         f"plain z. T-Std of the FP32 texture on this clip: {rows[0]['t_std_reference']:.3g}. "
         "z RMSE: per dimension, latent units; mesh RMSE: root mean squared vertex distance "
