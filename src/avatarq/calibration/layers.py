@@ -81,8 +81,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def discover_layers(decoder: nn.Module) -> list[LayerInfo]:
     """Quantizable layers of ``decoder`` in execution order (one batch-1 forward on CPU).
 
-    ``decoder`` takes (z [B, Z], view [B, 3]); layers already wrapped in `QuantizedLayer`
-    are reported under their original name.
+    ``decoder`` takes its declared inputs (z [B, Z], view [B, 3] for a DAM), fed
+    `DecoderDeclaration.example_inputs`; layers already wrapped in `QuantizedLayer` are
+    reported under their original name.
     """
     order: list[LayerInfo] = []
     handles = []
@@ -106,9 +107,10 @@ def discover_layers(decoder: nn.Module) -> list[LayerInfo]:
 
             handles.append(module.register_forward_hook(hook))
     try:
-        z_dim = decoder.config.z_dim
+        from avatarq.models.declaration import declaration_of
+
         with torch.no_grad():
-            decoder(torch.zeros(1, z_dim), torch.tensor([[0.0, 0.0, 1.0]]))
+            decoder(*declaration_of(decoder).example_inputs(1))
     finally:
         for h in handles:
             h.remove()

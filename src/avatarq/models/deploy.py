@@ -17,6 +17,7 @@ from torch import nn
 
 from avatarq.errors import AvatarqError
 from avatarq.models.dam import DeepAppearanceModel
+from avatarq.models.declaration import DecoderDeclaration, InputSpec
 from avatarq.models.layers import Conv2dWN, ConvTranspose2dWN, DeconvTexelBias, LinearWN
 
 
@@ -143,6 +144,20 @@ class DeployableDecoder(nn.Module):
         self.register_buffer("vert_offset", vert_shift)
         self.denormalized = normalization is not None
         self.eval()
+
+    @property
+    def declaration(self) -> DecoderDeclaration:
+        """Inputs z [Z], view [3]; outputs texture [3, T, T] and vertices [V, 3] (a mesh)."""
+        c = self.config
+        return DecoderDeclaration(
+            c.arch,
+            (InputSpec("z", (c.z_dim,)), InputSpec("view", (3,))),
+            ("texture", "vertices"),
+            ((3, c.tex_size, c.tex_size), (c.n_vertices, 3)),
+            mesh=True,
+            texture_output="texture",
+            mesh_output="vertices",
+        )
 
     def forward(self, z: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture, mesh = self.dec(z, view)
