@@ -25,7 +25,7 @@ from torch import nn
 class HNeRVDecoder(nn.Module):
     """(z float32 [B, z_dim], view float32 [B, 3]) -> {"rgb": [B, 3, 4S, 4S], "alpha": [B, 1, 4S, 4S]}."""
 
-    def __init__(self, z_dim: int = 32, channels: int = 16, base: int = 4) -> None:
+    def __init__(self, z_dim: int = 32, channels: int = 16, base: int = 8) -> None:
         super().__init__()
         self.channels, self.base = channels, base
         self.stem = nn.Linear(z_dim + 3, channels * base * base)
@@ -51,6 +51,6 @@ class HNeRVDecoder(nn.Module):
 
 
 def hnerv(seed: int = 0) -> HNeRVDecoder:
-    """The example decoder with seeded weights (z 32, 16 channels, 16x16 output)."""
+    """The example decoder with seeded weights (z 32, 16 channels, 32x32 output)."""
     torch.manual_seed(seed)
     return HNeRVDecoder().eval()

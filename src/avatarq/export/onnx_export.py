@@ -146,7 +146,6 @@ def _export_declared(
                 wrapped,
                 example,
                 dynamo=True,
-                input_names=list(declaration.input_names),
                 output_names=list(declaration.outputs),
                 dynamic_shapes=(tuple({0: batch} for _ in example),),
                 opset_version=config.opset,
@@ -159,6 +158,7 @@ def _export_declared(
         ) from None
     finally:
         logging.getLogger("torch.onnx").setLevel(previous)
+    _name_inputs(program.model.graph, declaration.input_names)
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name = "avatarq"
@@ -169,6 +169,23 @@ def _export_declared(
     _strip_wrapper_prefix(model)
     _strip_stack_traces(model)
     return model
+
+
+def _name_inputs(graph: Any, names: tuple[str, ...]) -> None:
+    """Give the graph's inputs (an onnx_ir graph) the declared ``names``; an inner value
+    that already holds one of them (``view`` from a reshape) gets a free name first."""
+    taken = {v.name for node in graph for v in node.outputs if v.name}
+    taken |= {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if value.name in names:
+                k = 0
+                while f"{value.name}_{k}" in taken:
+                    k += 1
+                value.name = f"{value.name}_{k}"
+                taken.add(value.name)
+    for value, name in zip(graph.inputs, names, strict=True):
+        value.name = name
 
 
 def _strip_stack_traces(model: onnx.ModelProto) -> None:
