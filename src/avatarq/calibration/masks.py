@@ -48,10 +48,9 @@ def visibility_masks(
             "visibility masks need a decoder that outputs de-normalized vertices; build it "
             "with DeployableDecoder(model, normalization=...) or disable visibility"
         )
-    from avatarq.render import visible_texels
-
     from avatarq.calibration.samples import decoder_args
     from avatarq.models.declaration import declaration_of
+    from avatarq.render import visible_texels
 
     if not declaration_of(decoder).mesh:
         raise AvatarqError("visibility masks need a decoder with a mesh output (--mesh-output)")

@@ -313,7 +313,8 @@ def _declared_specs(
     declaration: DecoderDeclaration,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [
-        TensorSpec(s.name, "float32", ["batch", *s.shape], "declared input") for s in declaration.inputs
+        TensorSpec(s.name, "float32", ["batch", *s.shape], "declared input")
+        for s in declaration.inputs
     ]
     meanings = ["texture (judged by the metrics)"]
     if declaration.mesh:
