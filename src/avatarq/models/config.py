@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from avatarq.errors import AvatarqError
 
-ARCHS = ("base", "res", "non", "bilinear", "warp")
+ARCHS = ("base", "res", "non", "bilinear", "warp", "pica")
 CONFIG_VERSION = 1
 #: Largest sizes accepted (Multiface publishes z 256, texture 1024, 7306 vertices, 40 cameras):
 #: a checkpoint or option beyond them is a mistake, refused before anything is allocated.
@@ -29,7 +29,8 @@ class DAMConfig:
     """A Deep Appearance Model's sizes and variant.
 
     Attributes:
-        arch: one of ``base``, ``res``, ``non``, ``bilinear``, ``warp``.
+        arch: one of ``base``, ``res``, ``non``, ``bilinear``, ``warp`` (Multiface DAMs), or
+            ``pica`` (a PiCA-style decoder, `avatarq.models.pica`, with the DAM's encoder).
         z_dim: latent size Z (256 in the published models).
         tex_size: texture side T in texels, a power of two >= 16 (1024 published).
         n_vertices: mesh vertex count V (7306 published); the mesh output has 3V floats.
@@ -61,6 +62,11 @@ class DAMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise AvatarqError(f"{name} must be an integer in 1..{high}, got {value!r}")
+        if self.arch == "pica" and self.z_dim % 64:
+            raise AvatarqError(
+                f"a pica decoder reads z as [Z/64, 8, 8] (NPVA: 256 = 4x8x8); z_dim {self.z_dim} "
+                "is not a multiple of 64"
+            )
 
     @property
     def mesh_size(self) -> int:

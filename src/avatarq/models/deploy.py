@@ -108,7 +108,12 @@ class DeployableDecoder(nn.Module):
         super().__init__()
         config = model.config
         self.config = config
-        self.dec = fold_weight_norm(model.dec)
+        if config.arch == "pica":
+            from avatarq.models.pica import fold_batch_norm
+
+            self.dec = fold_batch_norm(copy.deepcopy(model.dec).eval())
+        else:
+            self.dec = fold_weight_norm(model.dec)
         self.warp = fold_weight_norm(model.warp) if config.arch == "warp" else None
         gain = torch.ones(1, 3, 1, 1)
         offset = torch.zeros(1, 3, 1, 1)
