@@ -54,3 +54,16 @@ def hnerv(seed: int = 0) -> HNeRVDecoder:
     """The example decoder with seeded weights (z 32, 16 channels, 32x32 output)."""
     torch.manual_seed(seed)
     return HNeRVDecoder().eval()
+
+
+def write_latents(path: str = "examples/hnerv_latents.npz", n_frames: int = 24) -> None:
+    """A smooth latent clip for the example (z [T, 32], view [T, 3] within 20 degrees of the
+    front): what ``--data`` and ``bench --sequence`` read by input name."""
+    from avatarq.core.inputs import smooth_clip
+    from avatarq.data.latents import save_inputs
+
+    save_inputs(smooth_clip(32, n_frames, seed=3, cone_deg=20.0), path)
+
+
+if __name__ == "__main__":
+    write_latents()
