@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -184,17 +185,17 @@ def calibrate(
         for name, value in (("--capture", capture), ("--camera", camera)):
             if value is not None:
                 raise AvatarqError(f"{name} applies to a Multiface DAM, not to your own decoder")
-        with progress_bar("calibrate") as progress:
-            timer = PhaseTimer(progress)
-            artifact = calibrate_declared(declared, data, config, samples, timer)
-            artifact.save(out)
     else:
         loaded = load_checkpoint(model)
-        with progress_bar("calibrate") as progress:
-            timer = PhaseTimer(progress)
+    with progress_bar("calibrate") as progress:
+        timer = PhaseTimer(progress)
+        started = time.perf_counter()
+        if declared is not None:
+            artifact = calibrate_declared(declared, data, config, samples, timer)
+        else:
             _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, timer)
-            artifact.save(out)
-    seconds = timer.stop()
+        artifact.save(out)
+    seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     plan = artifact.precision
     source = artifact.samples.get("source", "")
     if as_json:
@@ -295,6 +296,7 @@ def export(
     Your own decoder: avatarq export --model my_decoder.py:factory --input z:256 --input
     view:3 --texture-output 0 --int8 --data latents.npz -o my.avq
     """
+    from avatarq.core.progress import PhaseTimer
     from avatarq.export import ExportOptions, export_bundle
     from avatarq.export.exporter import export_decoder
 
@@ -325,12 +327,15 @@ def export(
             raise AvatarqError("your own decoder needs an output bundle: -o my.avq")
         if capture is not None:
             raise AvatarqError("--capture applies to a Multiface DAM, not to your own decoder")
-        with progress_bar("export") as progress:
-            result = export_decoder(declared, out, options, None, progress, force)
-    else:
-        out = out if out is not None else default_bundle_path(model, kind)
-        with progress_bar("export") as progress:
-            result = export_bundle(model, out, capture, options, progress, force)
+    out = out if out is not None else default_bundle_path(model, kind)
+    with progress_bar("export") as progress:
+        timer = PhaseTimer(progress)
+        started = time.perf_counter()
+        if declared is not None:
+            result = export_decoder(declared, out, options, None, timer, force)
+        else:
+            result = export_bundle(model, out, capture, options, timer, force)
+    seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     manifest = result.bundle.manifest
     if as_json:
         console.print_json(
@@ -339,6 +344,7 @@ def export(
                     "bundle": str(result.bundle.root),
                     "precision": manifest.precision,
                     "calibration": result.calibration,
+                    "seconds": seconds,
                     "validation": None
                     if manifest.validation is None
                     else document_dict(manifest.validation),
