@@ -128,48 +128,68 @@ def test_vertex_uvs_take_the_first_corner_of_each_vertex():
     assert uv.tolist() == [[1.0, 1.0], [0.5, 0.5], [0.0, 0.0], [0.5, 0.5]]
 
 
+def test_low_bit_formats_calibrate_a_pica_decoder():
+    from avatarq.calibration import CalibrationConfig
+    from avatarq.calibration.pipeline import calibrate
+    from avatarq.calibration.samples import samples_from_prior
+
+    decoder = DeployableDecoder(_pica_model())
+    samples = samples_from_prior(128, n_random=4, n_clips=1, clip_length=2)
+    artifact = calibrate(decoder, samples, CalibrationConfig(bits="w4a8", iters=1))
+    assert set(artifact.precision.values()) == {"w4a8"}
+    assert "dec.texDecoder.upsample.0.conv1.conv" in artifact.precision
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
 @pytest.mark.slow
 def test_synth_pica_then_export_int8_with_the_capture(tmp_path):
-    made = runner.invoke(
-        app,
-        [
-            str(a)
-            for a in (
-                "synth",
-                tmp_path / "synth",
-                "--arch",
-                "pica",
-                "--z-dim",
-                64,
-                "--iters",
-                5,
-                "--texture-size",
-                64,
-                "--model-texture-size",
-                32,
-            )
-        ],
+    synth = tmp_path / "synth"
+    made = _cli(
+        "synth",
+        synth,
+        "--arch",
+        "pica",
+        "--z-dim",
+        64,
+        "--iters",
+        5,
+        "--texture-size",
+        64,
+        "--model-texture-size",
+        32,
     )
     assert made.exit_code == 0, made.stderr
-    capture = next((tmp_path / "synth" / "capture").iterdir())
-    exported = runner.invoke(
-        app,
-        [
-            str(a)
-            for a in (
-                "export",
-                "--model",
-                tmp_path / "synth" / "dam.pt",
-                "--capture",
-                capture,
-                "--int8",
-                "-o",
-                tmp_path / "pica.avq",
-            )
-        ],
+    capture = synth / "capture"
+    calibrated = _cli(
+        "calibrate",
+        "--model",
+        synth / "dam.pt",
+        "--data",
+        capture,
+        "--samples",
+        8,
+        "--iters",
+        2,
+        "-o",
+        tmp_path / "calib",
+    )
+    assert calibrated.exit_code == 0, calibrated.stderr
+    exported = _cli(
+        "export",
+        "--model",
+        synth / "dam.pt",
+        "--capture",
+        capture,
+        "--int8",
+        "--calib",
+        tmp_path / "calib",
+        "-o",
+        tmp_path / "pica.avq",
     )
     assert exported.exit_code == 0, exported.stderr
-    graph = onnx.load(tmp_path / "pica.avq" / "model.onnx").graph
-    ops = {n.op_type for n in graph.node}
+    ops = {n.op_type for n in onnx.load(tmp_path / "pica.avq" / "model.onnx").graph.node}
     assert {"DepthToSpace", "QuantizeLinear", "GridSample"} <= ops
     assert "BatchNormalization" not in ops

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 from avatarq.errors import AvatarqError
 
-ARCHS = ("base", "res", "non", "bilinear", "warp", "pica")
+#: The Multiface DAM variants; FAMILY_ARCHS adds the PiCA-style decoder (`avatarq.models.pica`).
+ARCHS = ("base", "res", "non", "bilinear", "warp")
+FAMILY_ARCHS = (*ARCHS, "pica")
 CONFIG_VERSION = 1
 #: Largest sizes accepted (Multiface publishes z 256, texture 1024, 7306 vertices, 40 cameras):
 #: a checkpoint or option beyond them is a mistake, refused before anything is allocated.
@@ -47,8 +49,10 @@ class DAMConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise AvatarqError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.arch not in FAMILY_ARCHS:
+            raise AvatarqError(
+                f"unknown arch {self.arch!r}; expected one of {', '.join(FAMILY_ARCHS)}"
+            )
         t = self.tex_size
         if (
             isinstance(t, bool)

@@ -403,6 +403,7 @@ def load_factory(spec: str | Path) -> nn.Module:
     if module_spec is None or module_spec.loader is None:
         raise AvatarqError(f"--model {text}: cannot import {path}")
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
