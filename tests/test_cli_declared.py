@@ -94,7 +94,10 @@ def test_calibrate_then_export_with_the_artifact(latents, tmp_path):
         "--json",
     )
     assert exported.exit_code == 0, exported.stderr
-    assert json.loads(exported.stdout)["precision"] == "w8a8"
+    assert json.loads(exported.stdout)["precision"] == "mixed"  # the alpha head stays float
+    manifest = json.loads((tmp_path / "q.avq" / "manifest.json").read_text())
+    assert manifest["layer_precision"]["model.alpha"] == "fp32"
+    assert manifest["layer_precision"]["model.rgb"] == "w8a8"
 
 
 def test_a_declared_decoder_without_texture_output_is_one_line(tmp_path):

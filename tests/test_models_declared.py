@@ -103,6 +103,12 @@ def test_calibration_feeds_declared_inputs_by_name():
     assert artifact.layer_names == ["model.film", "model.conv", "model.head"]
 
 
+def test_layers_feeding_only_other_outputs_stay_float():
+    decoder = declare(TwoInputs(), ["code:2x4x4", "t:1"], texture_output=1)
+    artifact = calibrate(decoder, CalibrationSamples(_inputs()), CalibrationConfig(iters=2))
+    assert artifact.precision == {"model.film": "w8a8", "model.conv": "w8a8", "model.head": "fp32"}
+
+
 def test_calibration_data_without_a_declared_input_is_refused():
     decoder = declare(TwoInputs(), ["code:2x4x4", "t:1"], texture_output=1)
     samples = CalibrationSamples(DecoderInputs({"code": _inputs()["code"]}))

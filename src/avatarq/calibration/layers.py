@@ -257,3 +257,31 @@ def install(decoder: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
 def get_layer(decoder: nn.Module, name: str) -> nn.Module:
     """The plain layer called ``name`` (through a `QuantizedLayer` wrapper if any)."""
     return _unwrap(decoder.get_submodule(name))
+
+
+def side_output_layers(decoder: nn.Module, layers: list[LayerInfo]) -> list[str]:
+    """Layers that feed neither the texture nor the mesh: only a declared decoder's other
+    outputs (kept float by `calibrate` unless its precision overrides say otherwise).
+
+    Found from the autograd graph of one batch-1 forward on the declaration's example
+    inputs: a layer whose weight the judged outputs do not depend on. [] for a DAM.
+    """
+    from avatarq.models.declaration import declaration_of
+
+    declaration = declaration_of(decoder)
+    judged = 2 if declaration.mesh else 1
+    if len(declaration.outputs) <= judged or not layers:
+        return []
+    weights = [get_layer(decoder, info.name).weight for info in layers]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = decoder(*declaration.example_inputs(1))
+            total = sum(o.float().sum() for o in outputs[:judged])
+            grads = torch.autograd.grad(total, weights, allow_unused=True)
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+    return [info.name for info, g in zip(layers, grads, strict=True) if g is None]

@@ -23,6 +23,7 @@ from avatarq.calibration.layers import (
     install,
     is_quantized,
     rotate_input,
+    side_output_layers,
 )
 from avatarq.calibration.masks import texture_size, visibility_masks
 from avatarq.calibration.precision import (
@@ -222,6 +223,9 @@ def calibrate(
         plan = precision_plan(
             layers, sensitivity, config.fp16_budget, config.precision, config.bits
         )
+    for name in side_output_layers(reference, layers):  # a declared decoder's other outputs
+        if name not in config.precision:
+            plan[name] = "fp32"
 
     if not (config.visibility and config.method == "poca" and samples.M is not None):
         visibility = None
