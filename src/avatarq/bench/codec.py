@@ -46,6 +46,11 @@ class LatentCodecRunner:
 def bench_codebook(bundle: Any, codebook: str | Path | None) -> tuple[Codebook, str]:
     """The codebook ``bench --vq`` uses: the file ``codebook``, else the bundle's
     (sha256-checked); with a label for the report. Its z size must be the bundle's."""
+    if getattr(bundle.manifest, "declaration", None) is not None:
+        raise AvatarqError(
+            f"--vq codes the latent z of a (z, view) decoder; bundle {bundle.root} declares "
+            "its own inputs"
+        )
     if codebook is None:
         book = bundle.codebook()
         label = f"{bundle.root.name}/{bundle.manifest.codebook.path}"
