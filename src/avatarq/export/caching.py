@@ -140,7 +140,8 @@ def _examples(cache: CacheNetwork) -> tuple[tuple[torch.Tensor, ...], tuple[torc
     view = torch.tensor([[0.0, 0.0, 1.0]] * 2)
     with torch.no_grad():
         texture, _, features = cache(z, view)
-    return (z, view), (features, texture, z, view, z, view)
+    # distinct tensors: the exporter would merge inputs that are one object
+    return (z, view), (features, texture, z.clone(), view.clone(), z + 0.5, view.clone())
 
 
 def consecutive_pairs(inputs: DecoderInputs) -> tuple[np.ndarray, ...]:
@@ -266,7 +267,7 @@ def attach_caching(
     bundle_path: str | Path,
     cache: CacheNetwork,
     warp: WarpNetwork,
-    warp_file_sha256: str,
+    warp_weights_sha256: str,
     distillation: dict[str, float],
     refresh_every: int = 4,
     int8: bool = False,
@@ -367,7 +368,7 @@ def attach_caching(
             feature_shape=[cache.feature_channels, cache.feature_size, cache.feature_size],
             refresh_every=refresh_every,
             warp_config=warp.config.to_dict(),
-            warp_file_sha256=warp_file_sha256,
+            warp_weights_sha256=warp_weights_sha256,
             distillation={k: float(v) for k, v in distillation.items()},
             validation=validation,
         )

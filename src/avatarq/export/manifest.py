@@ -338,8 +338,8 @@ class CachingRecord:
     ``warp`` (features, texture_ref, z_ref, view_ref, z, view) -> (texture, vertices)
     produces a later frame from that cache. The runtime refreshes the cache every
     ``refresh_every`` frames. ``warp_config`` is the warp network's shape
-    (`avatarq.models.caching.WarpConfig`), ``warp_file_sha256`` the warp file it came from,
-    ``distillation`` the distillation's summary losses (normalized texture MSE) and
+    (`avatarq.models.caching.WarpConfig`), ``warp_weights_sha256`` the sha256 of its
+    trained weights (`avatarq.workflows.caching.weights_sha256`), ``distillation`` the distillation's summary losses (normalized texture MSE) and
     ``validation`` the graphs' PSNR (dB) against the torch networks at export.
     """
 
@@ -351,7 +351,7 @@ class CachingRecord:
     feature_shape: list[int]
     refresh_every: int
     warp_config: dict[str, int | None]
-    warp_file_sha256: str
+    warp_weights_sha256: str
     distillation: dict[str, float]
     validation: dict[str, JsonFloat] = field(default_factory=dict)
 

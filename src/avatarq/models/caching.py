@@ -9,12 +9,14 @@ Two networks replace one full decode per frame:
   block count; the default k = n - 1 caches at T / 4, the paper's default resolution);
 - the **warp network** (`WarpNetwork`) produces frame t > r from that cache: an MLP codes
   (z_t, z_t - z_r, view_t, view_t - view_r) into ``code_dim`` channels broadcast over the
-  cached features; a 3x3 conv and log2 (T / h) up-stages (ReLU, bilinear x2, 3x3 conv) bring
-  them to the texture size, where a 1x1 conv sees them together with the cached texture of
-  frame r (the full-resolution cached skip) and predicts the change of the normalized
-  texture. The vertices come from the decoder's own mesh branch (z_fc -> mesh_fc, two
-  small Linear layers copied from the decoder), so the mesh of a warped frame is exactly
-  the full decoder's.
+  cached features; a 1x1 and a 3x3 conv mix them, ``up_stages`` up-convolutions (ReLU,
+  bilinear x2, 3x3 conv, channels halving) refine, and a 3x3 conv predicts the change of
+  the normalized texture at that resolution, bilinearly resized to T and added to the
+  cached texture of frame r (the cached full-resolution skip). The DAM decoder is light
+  (about 45 MMAC at T = 256), so the warp network stays at low resolution to be cheaper
+  than what it replaces: with the defaults about 10 MMAC at T = 256. The vertices come
+  from the decoder's own mesh branch (z_fc -> mesh_fc, two small Linear layers copied
+  from the decoder), so the mesh of a warped frame is exactly the full decoder's.
 
 Both work in the bundle's units: with normalization folded in, textures in 0..255 and
 vertices in capture units; the warp network keeps the decoder's texture gain and offset
@@ -49,14 +51,17 @@ class WarpConfig:
     Attributes:
         cache_blocks: texture-decoder blocks the cache keeps (1 .. n - 1); None = n - 1
             (features at T / 4).
-        width: channels of the first conv; each up-stage halves them (at least 4).
+        width: channels of the first convs; each up-stage halves them (at least 4).
+        up_stages: up-convolutions before the output conv (0 .. log2(T / h)); the change
+            is predicted at h * 2^up_stages and resized to T.
         code_dim: channels of the pose/expression code broadcast over the features.
         mlp_hidden: hidden units of the code MLP.
         version: schema version of the config.
     """
 
     cache_blocks: int | None = None
-    width: int = 16
+    width: int = 8
+    up_stages: int = 1
     code_dim: int = 16
     mlp_hidden: int = 64
     version: int = WARP_CONFIG_VERSION
@@ -71,6 +76,9 @@ class WarpConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WIDTH:
                 raise AvatarqError(f"warp {name} must be an integer in 1..{MAX_WIDTH}, got {value!r}")
+        u = self.up_stages
+        if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u <= 12:
+            raise AvatarqError(f"warp up_stages must be an integer in 0..12, got {u!r}")
         c = self.cache_blocks
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise AvatarqError(f"cache_blocks must be an integer >= 1, got {c!r}")
@@ -167,25 +175,31 @@ class WarpNetwork(nn.Module):
         self.feature_size = cache.feature_size
         self.tex_size = c.tex_size
         n_stages = int(math.log2(c.tex_size // cache.feature_size))
+        if config.up_stages > n_stages:
+            raise AvatarqError(
+                f"warp up_stages must be at most {n_stages} for features at {cache.feature_size} "
+                f"and a texture of {c.tex_size}, got {config.up_stages}"
+            )
         self.mlp = nn.Sequential(
             nn.Linear(2 * c.z_dim + 6, config.mlp_hidden),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Linear(config.mlp_hidden, config.code_dim),
             nn.LeakyReLU(LEAKY_SLOPE),
         )
-        widths = [max(4, config.width >> i) for i in range(n_stages + 1)]
-        self.conv_in = nn.Conv2d(self.feature_channels + config.code_dim, widths[0], 3, 1, 1)
+        widths = [max(4, config.width >> i) for i in range(config.up_stages + 1)]
+        self.conv_in = nn.Conv2d(self.feature_channels + config.code_dim, widths[0], 1)
+        self.conv_mix = nn.Conv2d(widths[0], widths[0], 3, 1, 1)
         self.stages = nn.ModuleList(
-            nn.Conv2d(widths[i], widths[i + 1], 3, 1, 1) for i in range(n_stages)
+            nn.Conv2d(widths[i], widths[i + 1], 3, 1, 1) for i in range(config.up_stages)
         )
-        self.conv_out = nn.Conv2d(widths[-1] + 3, 3, 1)
+        self.conv_out = nn.Conv2d(widths[-1], 3, 3, 1, 1)
         with torch.no_grad():  # start as the identity: frame t = cached frame r
-            self.conv_out.weight.mul_(0.1)
+            self.conv_out.weight.zero_()
             self.conv_out.bias.zero_()
         # The decoder's mesh branch, exact: vertices do not depend on the cache.
         self.z_fc = _copy_linear(cache.dec.z_fc)
         self.mesh_fc = _copy_linear(cache.dec.mesh_fc)
-        for name in ("tex_gain", "tex_offset", "vert_scale", "vert_offset"):
+        for name in ("tex_gain", "vert_scale", "vert_offset"):
             self.register_buffer(name, getattr(cache, name).clone())
 
     def forward(
@@ -199,12 +213,14 @@ class WarpNetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pose = torch.cat((z, z - z_ref, view, view - view_ref), 1)
         code = self.mlp(pose)[:, :, None, None].expand(-1, -1, *features.shape[-2:])
-        x = self.conv_in(torch.cat((features, code), 1))
+        x = _lrelu(self.conv_in(torch.cat((features, code), 1)))
+        x = self.conv_mix(x)
         for conv in self.stages:
             x = F.interpolate(F.relu(x), scale_factor=2.0, mode="bilinear", align_corners=False)
             x = conv(x)
-        ref = (texture_ref - self.tex_offset) / self.tex_gain
-        delta = self.conv_out(torch.cat((F.relu(x), ref), 1))
+        delta = self.conv_out(F.relu(x))
+        if delta.shape[-1] != self.tex_size:
+            delta = F.interpolate(delta, size=(self.tex_size,) * 2, mode="bilinear", align_corners=False)
         texture = texture_ref + delta * self.tex_gain
         vertices = self.mesh_fc(_lrelu(self.z_fc(z))).view(z.shape[0], -1, 3)
         return texture, vertices * self.vert_scale + self.vert_offset
@@ -223,3 +239,43 @@ def _copy_linear(layer: nn.Module) -> nn.Linear:
 def warp_parameters(warp: WarpNetwork) -> list[nn.Parameter]:
     """The trainable parameters (the mesh branch is the decoder's and stays fixed)."""
     return [p for p in warp.parameters() if p.requires_grad]
+
+
+def count_macs(cache: CacheNetwork, warp: WarpNetwork) -> dict[str, int]:
+    """Multiply-adds per frame (batch 1) of the Conv, ConvTranspose and Linear layers:
+    ``full`` (the cache network: the whole decoder) and ``warp``."""
+
+    def macs(module: nn.Module, run) -> int:  # noqa: ANN001
+        total = [0]
+
+        def hook(m: nn.Module, inputs, output) -> None:  # noqa: ANN001
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+                total[0] += output.numel() * k
+            elif isinstance(m, nn.ConvTranspose2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                total[0] += inputs[0].numel() * k
+            elif isinstance(m, nn.Linear):
+                total[0] += output.numel() * m.in_features
+
+        handles = [
+            m.register_forward_hook(hook)
+            for m in module.modules()
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        ]
+        try:
+            with torch.no_grad():
+                run()
+        finally:
+            for h in handles:
+                h.remove()
+        return total[0]
+
+    z = torch.zeros(1, cache.config.z_dim)
+    view = torch.tensor([[0.0, 0.0, 1.0]])
+    with torch.no_grad():
+        texture, _, features = cache(z, view)
+    return {
+        "full": macs(cache, lambda: cache(z, view)),
+        "warp": macs(warp, lambda: warp(features, texture, z, view, z, view)),
+    }

@@ -329,3 +329,144 @@ def load_warp_file(path: str | Path) -> WarpFile:
         sha,
         dict(data.get("report") or {}),
     )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What `run_distill_warp` wrote: the warp file (or None), the bundle (or None), the
+    report, and the caching record's validation when a bundle was given."""
+
+    warp_file: Path | None
+    bundle: Path | None
+    report: DistillReport
+    validation: dict[str, float] | None
+
+
+def run_distill_warp(
+    checkpoint: str | Path,
+    capture: str | Path | None = None,
+    latents: str | Path | None = None,
+    out: str | Path | None = None,
+    bundle: str | Path | None = None,
+    warp_config: WarpConfig = WarpConfig(),
+    config: DistillConfig = DistillConfig(),
+    refresh_every: int = 4,
+    int8: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> DistillResult:
+    """`avatarq distill-warp`: every input is checked before the distillation starts.
+
+    Data: the capture's segments through each camera (needs the checkpoint's encoder) or
+    the ordered clips of a latent file. Output: the warp file ``out``, and/or the caching
+    graphs added to ``bundle`` (exported from ``checkpoint``) with ``refresh_every``; with
+    ``int8`` both graphs are quantized (the bundle must be ``export --int8``).
+    """
+    say = or_silent(progress)
+    if (capture is None) == (latents is None):
+        raise AvatarqError("give the distillation data as exactly one of --capture or --latents")
+    if out is None and bundle is None:
+        raise AvatarqError("nothing to write: give -o warp.pt, --bundle BUNDLE, or both")
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or not 1 <= refresh_every <= 10_000:
+        raise AvatarqError(f"--refresh must be an integer in 1..10000, got {refresh_every!r}")
+    if refresh_every - 1 > config.max_gap:
+        raise AvatarqError(
+            f"--refresh {refresh_every} warps up to {refresh_every - 1} frames ahead but "
+            f"--max-gap is {config.max_gap}; raise --max-gap to at least {refresh_every - 1}"
+        )
+    if int8 and bundle is None:
+        raise AvatarqError("--int8 quantizes the bundle's caching graphs; give --bundle")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise AvatarqError(f"checkpoint not found: {checkpoint}")
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise AvatarqError(f"-o {out} is a directory; expected a warp file path such as warp.pt")
+        if out.exists() and not _is_warp_file(out):
+            raise AvatarqError(f"{out} exists and is not an avatarq warp file; refusing to replace it")
+        if out.exists() and not force:
+            raise AvatarqError(f"{out} exists; pass --force to replace it")
+        check_parent(out)
+    from avatarq.models.checkpoint import load_checkpoint
+
+    opened = None
+    if bundle is not None:
+        from avatarq.export.bundle import open_bundle
+        from avatarq.export.caching import decoder_of_bundle
+
+        opened = open_bundle(bundle)
+        if opened.manifest.caching is not None and not force:
+            raise AvatarqError(
+                f"bundle {opened.root} already has Neural-Caching graphs; pass --force to replace them"
+            )
+        if int8 and opened.manifest.calib_sha256 is None:
+            raise AvatarqError(
+                f"--int8 needs a quantized bundle with its calibration (avatarq export --int8); "
+                f"{opened.root} is {opened.manifest.precision}"
+            )
+        decoder = decoder_of_bundle(opened, checkpoint)
+        model = load_checkpoint(checkpoint)
+    else:
+        model = load_checkpoint(checkpoint)
+        decoder = DeployableDecoder(model)
+    warp_config.resolved_blocks(decoder.config.n_tex_blocks)
+    if capture is not None:
+        if not model.config.has_encoder:
+            raise AvatarqError(
+                f"{checkpoint} has no encoder (enc.*) to encode the capture; pass --latents"
+            )
+        say("encoding the capture's clips")
+        inputs = capture_clips(model, capture)
+    else:
+        from avatarq.data.latents import load_inputs
+
+        inputs = load_inputs(latents)
+    inputs.check_array("z", (decoder.config.z_dim,), "the decoder")
+    _clip_arrays(inputs)
+    warp, report = distill_warp(decoder, inputs, warp_config, config, progress)
+    validation = None
+    if opened is not None:
+        from avatarq.export.caching import attach_caching
+
+        cache = CacheNetwork(decoder, warp_config.resolved_blocks(decoder.config.n_tex_blocks))
+        summary = {
+            "final_loss": report.final_loss,
+            "identity_loss": report.identity_loss,
+            "steps": float(config.steps),
+            "max_gap": float(config.max_gap),
+        }
+        result = attach_caching(
+            opened.root,
+            cache,
+            warp,
+            weights_sha256(warp),
+            summary,
+            refresh_every,
+            int8,
+            inputs,
+            force,
+            progress,
+        )
+        validation = dict(result.record.validation)
+    warp_path = None
+    if out is not None:
+        warp_path = save_warp_file(warp, decoder.config, checkpoint, report, out)
+    return DistillResult(warp_path, None if opened is None else opened.root, report, validation)
+
+
+def weights_sha256(warp: WarpNetwork) -> str:
+    """sha256 of the warp network's trainable weights (when no warp file is written)."""
+    import hashlib
+
+    from avatarq.core.hashing import update_with_array
+
+    digest = hashlib.sha256()
+    for name, p in sorted(warp.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            update_with_array(digest, p.detach().numpy())
+    return digest.hexdigest()
