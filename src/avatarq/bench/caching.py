@@ -9,8 +9,10 @@ For one ordered sequence (`avatarq.bench.sequences`):
 - quality and temporal stability against the FP32 decoder (the bundle's reference graph,
   run by ONNX Runtime) of three streams: ``full`` (the cache graph's own texture every
   frame: the bundle's precision without caching), ``refresh`` (`CachingRuntime` with a
-  cache every N frames) and ``alternate`` (every frame warped from the previous frame's
-  cache, the two-runner pipeline).
+  cache every N frames), ``hold`` (the baseline a warp network must beat: the same refresh
+  schedule with each cached frame shown unchanged until the next refresh) and
+  ``alternate`` (every frame warped from the previous frame's cache, the two-runner
+  pipeline).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from avatarq.export.bundle import open_bundle
 from avatarq.measure.latency import LatencyStats
 from avatarq.measure.sequence import SequenceComparison, compare_sequences
 
-STREAMS = ("full", "refresh", "alternate")
+STREAMS = ("full", "refresh", "hold", "alternate")
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def bench_caching(
                 fn()
                 samples[name].append((time.perf_counter_ns() - t0) / 1e6)
             say("timing the full decoder and the warp graph", i + 1, iters)
+    textures["hold"] = textures["full"][[t - t % n for t in range(len(sequence))]]
     with CachingRuntime.open(bundle.root, "alternate", threads=threads) as alt:
         textures["alternate"] = _stream(alt, sequence)
     quality = {
