@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_dam import export_tiny_dam
 
 from avatarq.cli import main
 from avatarq.core.inputs import smooth_clip
@@ -28,6 +27,7 @@ from avatarq.workflows.caching import (
     save_warp_file,
     weights_sha256,
 )
+from tiny_dam import export_tiny_dam
 
 FAST = DistillConfig(steps=3, batch=2)
 
@@ -97,7 +97,9 @@ def test_a_fresh_warp_network_returns_the_cached_texture_and_the_exact_mesh(tiny
 
 
 def test_cache_blocks_beyond_the_decoder_is_one_line_error(tiny):
-    with pytest.raises(AvatarqError, match=r"cache_blocks must be in 1\.\.1 for this decoder, got 2"):
+    with pytest.raises(
+        AvatarqError, match=r"cache_blocks must be in 1\.\.1 for this decoder, got 2"
+    ):
         WarpConfig(cache_blocks=2).resolved_blocks(_decoder(tiny).config.n_tex_blocks)
 
 
@@ -111,8 +113,8 @@ def test_more_up_stages_than_the_texture_allows_is_one_line_error(tiny):
 
 
 def test_distillation_beats_the_cached_frame_on_the_trained_avatar(small_avatar):
-    from avatarq.data.encode import capture_normalization
     from avatarq.data.capture import MultifaceCapture
+    from avatarq.data.encode import capture_normalization
     from avatarq.models import DeployableDecoder, load_checkpoint
     from avatarq.workflows.caching import capture_clips
 
@@ -148,20 +150,16 @@ def test_a_file_that_is_not_a_warp_file_is_one_line_error(tmp_path):
         load_warp_file(path)
 
 
-def test_a_warp_file_of_another_decoder_is_one_line_error(tiny, tmp_path, fuzz_bundle):
+def test_a_warp_file_of_another_decoder_is_one_line_error(tiny, tmp_path):
     _, checkpoint, clip = tiny
     from avatarq.data.latents import load_inputs
     from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
 
     warp, report = distill_warp(_decoder(tiny), load_inputs(clip), WarpConfig(), FAST)
-    save_warp_file(warp, warp_config_of(tiny), checkpoint, report, tmp_path / "warp.pt")
+    save_warp_file(warp, _decoder(tiny).config, checkpoint, report, tmp_path / "warp.pt")
     other = DeployableDecoder(DeepAppearanceModel(DAMConfig(z_dim=8, tex_size=64, n_vertices=30)))
     with pytest.raises(AvatarqError, match="distilled for another decoder"):
         load_warp_file(tmp_path / "warp.pt").build(other)
-
-
-def warp_config_of(tiny):
-    return _decoder(tiny).config
 
 
 # ----------------------------------------------------------------------------- bundle
@@ -176,7 +174,12 @@ def test_bundle_holds_both_graphs_pinned_in_a_version_3_manifest(cached_bundle):
     assert record.feature_shape == [cache.feature_channels, 16, 16]
     assert record.refresh_every == 3
     assert [i.name for i in onnx.load(str(bundle / record.warp.path)).graph.input] == [
-        "features", "texture_ref", "z_ref", "view_ref", "z", "view"
+        "features",
+        "texture_ref",
+        "z_ref",
+        "view_ref",
+        "z",
+        "view",
     ]
     assert record.validation["warp_texture_psnr_db"] > 60
 
@@ -223,7 +226,11 @@ def test_refresh_mode_decodes_like_the_torch_networks(cached_bundle):
             if r == t:
                 expected.append(tex_r)
             else:
-                expected.append(warp(feats, tex_r, z[r : r + 1], view[r : r + 1], z[t : t + 1], view[t : t + 1])[0])
+                expected.append(
+                    warp(
+                        feats, tex_r, z[r : r + 1], view[r : r + 1], z[t : t + 1], view[t : t + 1]
+                    )[0]
+                )
     with CachingRuntime.open(bundle) as rt:
         got = [rt.decode(clip.z[t : t + 1], clip.view[t : t + 1])[0] for t in range(7)]
         assert (rt.frames, rt.warped) == (7, 4)
@@ -241,7 +248,9 @@ def test_alternate_mode_warps_every_frame_from_the_previous_frames_cache(cached_
     with torch.no_grad():
         for t in range(1, 4):
             tex_r, _, feats = cache(z[t - 1 : t], view[t - 1 : t])
-            want = warp(feats, tex_r, z[t - 1 : t], view[t - 1 : t], z[t : t + 1], view[t : t + 1])[0]
+            want = warp(feats, tex_r, z[t - 1 : t], view[t - 1 : t], z[t : t + 1], view[t : t + 1])[
+                0
+            ]
             np.testing.assert_allclose(got[t], want.numpy(), rtol=0, atol=1e-4)
 
 
@@ -306,7 +315,16 @@ def test_cli_distills_onto_a_bundle_and_benches_it(tiny, tmp_path, capsys):
 def test_cli_bad_distill_options_are_one_line_errors(tiny, tmp_path, capsys, extra, message):
     _, checkpoint, clip = tiny
     rc = main(
-        ["distill-warp", "--model", str(checkpoint), "--latents", str(clip), "-o", str(tmp_path / "w.pt"), *extra]
+        [
+            "distill-warp",
+            "--model",
+            str(checkpoint),
+            "--latents",
+            str(clip),
+            "-o",
+            str(tmp_path / "w.pt"),
+            *extra,
+        ]
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
@@ -317,7 +335,15 @@ def test_cli_refuses_to_overwrite_a_file_it_did_not_write(tiny, tmp_path, capsys
     _, checkpoint, clip = tiny
     (tmp_path / "notes.pt").write_text("mine")
     rc = main(
-        ["distill-warp", "--model", str(checkpoint), "--latents", str(clip), "-o", str(tmp_path / "notes.pt")]
+        [
+            "distill-warp",
+            "--model",
+            str(checkpoint),
+            "--latents",
+            str(clip),
+            "-o",
+            str(tmp_path / "notes.pt"),
+        ]
     )
     assert rc == 2 and "is not an avatarq warp file; refusing" in capsys.readouterr().err
     assert (tmp_path / "notes.pt").read_text() == "mine"
@@ -345,12 +371,14 @@ def test_cli_bench_caching_on_a_plain_bundle_is_one_line_error(tiny, capsys):
 
 @pytest.mark.slow
 def test_int8_quantizes_both_graphs_with_the_calibration_path(tiny, tmp_path):
-    from avatarq.export import ExportOptions, export_bundle
     from avatarq.data.latents import load_inputs
+    from avatarq.export import ExportOptions, export_bundle
 
     _, checkpoint, clip = tiny
     out = tmp_path / "dam_int8.avq"
-    export_bundle(checkpoint, out, options=ExportOptions(int8=True, validate=False, calib_data=str(clip)))
+    export_bundle(
+        checkpoint, out, options=ExportOptions(int8=True, validate=False, calib_data=str(clip))
+    )
     decoder = decoder_of_bundle(open_bundle(out), checkpoint)
     warp, _ = distill_warp(decoder, load_inputs(clip), WarpConfig(), FAST)
     cache = CacheNetwork(decoder, 1)

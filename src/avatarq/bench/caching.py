@@ -128,7 +128,9 @@ def _fp32_textures(bundle, sequence: BenchSequence, threads: int) -> np.ndarray:
     session = make_session(path, threads=threads)
     frames = []
     for t in range(len(sequence)):
-        texture, _ = session.run(None, {"z": sequence.z[t : t + 1], "view": sequence.view[t : t + 1]})
+        texture, _ = session.run(
+            None, {"z": sequence.z[t : t + 1], "view": sequence.view[t : t + 1]}
+        )
         frames.append(texture[0])
     return np.stack(frames)
 
@@ -178,7 +180,10 @@ def bench_caching(
         cache = rt.run_cache(z, view)
         z1, view1 = sequence.z[1:2], sequence.view[1:2]
         samples: dict[str, list[float]] = {"full": [], "warp": []}
-        calls = {"full": lambda: rt.run_cache(z1, view1), "warp": lambda: rt.run_warp(cache, z1, view1)}
+        calls = {
+            "full": lambda: rt.run_cache(z1, view1),
+            "warp": lambda: rt.run_warp(cache, z1, view1),
+        }
         for _ in range(warmup):
             for fn in calls.values():
                 fn()

@@ -153,7 +153,9 @@ def bench(
     from avatarq.bench import BenchConfig, bench_bundle
 
     if caching:
-        _bench_caching(bundle, sequence, checkpoint, capture, refresh, warmup, iters, threads, as_json)
+        _bench_caching(
+            bundle, sequence, checkpoint, capture, refresh, warmup, iters, threads, as_json
+        )
         return
 
     config = BenchConfig(
@@ -225,7 +227,9 @@ def _bench_caching(
     from avatarq.export.bundle import open_bundle
 
     opened = open_bundle(bundle)
-    seq = load_sequence(sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera)
+    seq = load_sequence(
+        sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera
+    )
     with progress_bar("bench --caching") as progress:
         result = bench_caching(bundle, seq, refresh, warmup, iters, threads, progress)
     if as_json:

@@ -47,9 +47,14 @@ def distill_warp(
     ] = 4,
     cache_blocks: Annotated[
         int | None,
-        typer.Option(min=1, help="Texture-decoder blocks the cache keeps (default: features at T/4)."),
+        typer.Option(
+            min=1, help="Texture-decoder blocks the cache keeps (default: features at T/4)."
+        ),
     ] = None,
-    width: Annotated[int, typer.Option(min=1, max=512, help="Warp network channels.")] = 16,
+    width: Annotated[int, typer.Option(min=1, max=512, help="Warp network channels.")] = 8,
+    up_stages: Annotated[
+        int, typer.Option(min=0, max=12, help="Warp up-convolutions before the output conv.")
+    ] = 1,
     int8: Annotated[
         bool, typer.Option("--int8", help="Quantize both graphs (the bundle must be --int8).")
     ] = False,
@@ -65,11 +70,23 @@ def distill_warp(
     from avatarq.models.caching import WarpConfig
     from avatarq.workflows.caching import DistillConfig, run_distill_warp
 
-    warp_config = WarpConfig(cache_blocks=cache_blocks, width=width)
-    config = DistillConfig(steps=steps, batch=batch, lr=lr, max_gap=max_gap, seed=seed, threads=threads)
+    warp_config = WarpConfig(cache_blocks=cache_blocks, width=width, up_stages=up_stages)
+    config = DistillConfig(
+        steps=steps, batch=batch, lr=lr, max_gap=max_gap, seed=seed, threads=threads
+    )
     with progress_bar("distill-warp") as progress:
         result = run_distill_warp(
-            model, capture, latents, out, bundle, warp_config, config, refresh, int8, force, progress
+            model,
+            capture,
+            latents,
+            out,
+            bundle,
+            warp_config,
+            config,
+            refresh,
+            int8,
+            force,
+            progress,
         )
     r = result.report
     if as_json:

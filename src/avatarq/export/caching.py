@@ -122,7 +122,9 @@ def warp_specs(cache: CacheNetwork) -> tuple[list[TensorSpec], list[TensorSpec]]
     cache_in, cache_out = cache_specs(cache)
     inputs = [
         TensorSpec("features", "float32", cache_out[2].shape, "the cache network's features of r"),
-        TensorSpec("texture_ref", "float32", cache_out[0].shape, "the cache network's texture of r"),
+        TensorSpec(
+            "texture_ref", "float32", cache_out[0].shape, "the cache network's texture of r"
+        ),
         TensorSpec("z_ref", "float32", ["batch", c.z_dim], "latent code of r"),
         TensorSpec("view_ref", "float32", ["batch", 3], "view direction of r"),
         TensorSpec("z", "float32", ["batch", c.z_dim], "latent code of the frame t to produce"),
@@ -258,7 +260,10 @@ def decoder_of_bundle(bundle: Bundle, checkpoint: str | Path) -> DeployableDecod
         if arrays is None:
             raise AvatarqError(f"bundle {bundle.root} folds normalization but lists no arrays")
         normalization = Normalization(
-            arrays["tex_mean"], float(arrays["tex_std"]), arrays["vert_mean"], float(arrays["vert_std"])
+            arrays["tex_mean"],
+            float(arrays["tex_std"]),
+            arrays["vert_mean"],
+            float(arrays["vert_std"]),
         )
     return DeployableDecoder(model, normalization, bundle.manifest.camera)
 
@@ -286,7 +291,11 @@ def attach_caching(
     """
     say = or_silent(progress)
     bundle = open_bundle(bundle_path)
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or not 1 <= refresh_every <= 10_000:
+    if (
+        isinstance(refresh_every, bool)
+        or not isinstance(refresh_every, int)
+        or not 1 <= refresh_every <= 10_000
+    ):
         raise AvatarqError(f"--refresh must be an integer in 1..10000, got {refresh_every!r}")
     if bundle.manifest.caching is not None and not force:
         raise AvatarqError(
@@ -341,9 +350,11 @@ def attach_caching(
         peak = 255.0 if cache.denormalized else 1.0
         say("checking the graphs with ONNX Runtime")
         validation = _validate(stage / "cache.onnx", stage / "warp.onnx", cache, warp, peak)
-        if artifact is None and min(
-            validation["cache_texture_psnr_db"], validation["warp_texture_psnr_db"]
-        ) < FP32_MIN_PSNR_DB:
+        if (
+            artifact is None
+            and min(validation["cache_texture_psnr_db"], validation["warp_texture_psnr_db"])
+            < FP32_MIN_PSNR_DB
+        ):
             raise AvatarqError(f"the caching graphs do not match PyTorch: {validation}")
         cache_in, cache_out = cache_specs(cache)
         warp_in, warp_out = warp_specs(cache)

@@ -75,7 +75,9 @@ class WarpConfig:
         for name in ("width", "code_dim", "mlp_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WIDTH:
-                raise AvatarqError(f"warp {name} must be an integer in 1..{MAX_WIDTH}, got {value!r}")
+                raise AvatarqError(
+                    f"warp {name} must be an integer in 1..{MAX_WIDTH}, got {value!r}"
+                )
         u = self.up_stages
         if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u <= 12:
             raise AvatarqError(f"warp up_stages must be an integer in 0..12, got {u!r}")
@@ -220,7 +222,9 @@ class WarpNetwork(nn.Module):
             x = conv(x)
         delta = self.conv_out(F.relu(x))
         if delta.shape[-1] != self.tex_size:
-            delta = F.interpolate(delta, size=(self.tex_size,) * 2, mode="bilinear", align_corners=False)
+            delta = F.interpolate(
+                delta, size=(self.tex_size,) * 2, mode="bilinear", align_corners=False
+            )
         texture = texture_ref + delta * self.tex_gain
         vertices = self.mesh_fc(_lrelu(self.z_fc(z))).view(z.shape[0], -1, 3)
         return texture, vertices * self.vert_scale + self.vert_offset

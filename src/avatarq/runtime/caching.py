@@ -42,9 +42,7 @@ class CachingRuntime:
     serialized by a lock; open one instance per stream group.
     """
 
-    def __init__(
-        self, bundle: Bundle, mode: str, refresh_every: int, sessions: list[Any]
-    ) -> None:
+    def __init__(self, bundle: Bundle, mode: str, refresh_every: int, sessions: list[Any]) -> None:
         self.bundle = bundle
         self.mode = mode
         self.refresh_every = refresh_every

@@ -71,7 +71,12 @@ class DistillConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise AvatarqError(f"{name} must be an integer in {low}..{high}, got {value!r}")
         lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, int | float)
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
             raise AvatarqError(f"lr must be a positive finite number, got {lr!r}")
 
 
@@ -91,7 +96,10 @@ class DistillReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         tail = max(1, len(self.losses) // 10)
-        d["losses"] = [round(float(np.mean(self.losses[i : i + tail])), 6) for i in range(0, len(self.losses), tail)]
+        d["losses"] = [
+            round(float(np.mean(self.losses[i : i + tail])), 6)
+            for i in range(0, len(self.losses), tail)
+        ]
         return d
 
 
@@ -144,7 +152,11 @@ def _sample_pairs(
     for _ in range(n):
         z, view = clips[rng.integers(len(clips))]
         last = len(z) - 1
-        gap = rng.uniform(0.0, min(max_gap, last)) if rng.random() < 0.5 else rng.integers(1, min(max_gap, last) + 1)
+        gap = (
+            rng.uniform(0.0, min(max_gap, last))
+            if rng.random() < 0.5
+            else rng.integers(1, min(max_gap, last) + 1)
+        )
         gap = max(float(gap), 1e-3)
         s = rng.uniform(0.0, last - gap)
         for k, pos in ((0, s), (2, s + gap)):
@@ -253,12 +265,18 @@ class WarpFile:
             warp.load_state_dict(self.state_dict, strict=False)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1].strip()
-            raise AvatarqError(f"the warp file's weights do not fit the network ({first})") from None
+            raise AvatarqError(
+                f"the warp file's weights do not fit the network ({first})"
+            ) from None
         return cache, warp.eval()
 
 
 def save_warp_file(
-    warp: WarpNetwork, dam_config: Any, checkpoint: str | Path, report: DistillReport, out: str | Path
+    warp: WarpNetwork,
+    dam_config: Any,
+    checkpoint: str | Path,
+    report: DistillReport,
+    out: str | Path,
 ) -> Path:
     """Write ``out`` atomically (never over a file that is not a warp file)."""
     out = Path(out)
@@ -267,9 +285,7 @@ def save_warp_file(
     if out.exists() and not _is_warp_file(out):
         raise AvatarqError(f"{out} exists and is not an avatarq warp file; refusing to replace it")
     check_parent(out)
-    state = {
-        n: p.detach().clone() for n, p in warp.named_parameters() if p.requires_grad
-    }
+    state = {n: p.detach().clone() for n, p in warp.named_parameters() if p.requires_grad}
     payload = {
         "format": WARP_FILE_FORMAT,
         "version": WARP_FILE_VERSION,
@@ -370,7 +386,11 @@ def run_distill_warp(
         raise AvatarqError("give the distillation data as exactly one of --capture or --latents")
     if out is None and bundle is None:
         raise AvatarqError("nothing to write: give -o warp.pt, --bundle BUNDLE, or both")
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or not 1 <= refresh_every <= 10_000:
+    if (
+        isinstance(refresh_every, bool)
+        or not isinstance(refresh_every, int)
+        or not 1 <= refresh_every <= 10_000
+    ):
         raise AvatarqError(f"--refresh must be an integer in 1..10000, got {refresh_every!r}")
     if refresh_every - 1 > config.max_gap:
         raise AvatarqError(
@@ -385,9 +405,13 @@ def run_distill_warp(
     if out is not None:
         out = Path(out)
         if out.is_dir():
-            raise AvatarqError(f"-o {out} is a directory; expected a warp file path such as warp.pt")
+            raise AvatarqError(
+                f"-o {out} is a directory; expected a warp file path such as warp.pt"
+            )
         if out.exists() and not _is_warp_file(out):
-            raise AvatarqError(f"{out} exists and is not an avatarq warp file; refusing to replace it")
+            raise AvatarqError(
+                f"{out} exists and is not an avatarq warp file; refusing to replace it"
+            )
         if out.exists() and not force:
             raise AvatarqError(f"{out} exists; pass --force to replace it")
         check_parent(out)
