@@ -45,6 +45,25 @@ def test_calibrate_writes_an_artifact_naming_every_layer(small_avatar, tmp_path)
     assert (tmp_path / "calib" / "calib.json").is_file()
 
 
+def test_calibrate_json_breaks_its_wall_time_down_by_phase(small_avatar, tmp_path):
+    seconds = json.loads(_calibrate(small_avatar, tmp_path / "calib").stdout)["seconds"]
+    assert {"reading", "rasterizing", "calibrating", "total"} <= set(seconds)
+    phases = sum(v for k, v in seconds.items() if k != "total")
+    assert phases <= seconds["total"] + 1e-3
+
+
+def test_export_json_breaks_its_wall_time_down_by_phase(small_avatar, tmp_path):
+    result = _run(
+        "export", "--model", small_avatar.checkpoint, "--capture", small_avatar.capture_root,
+        "--int8", "-o", tmp_path / "int8.avq", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    seconds = json.loads(result.stdout)["seconds"]
+    assert {"reading", "tracing", "calibrating", "inserting", "validating", "total"} <= set(seconds)
+    phases = sum(v for k, v in seconds.items() if k != "total")
+    assert phases <= seconds["total"] + 1e-3
+
+
 def test_export_int8_from_an_artifact_writes_qdq_on_every_layer(small_avatar, tmp_path):
     assert _calibrate(small_avatar, tmp_path / "calib").exit_code == 0
     out = tmp_path / "int8.avq"

@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from avatarq.calibration.biases import check_bias_format, quantize_bias
+from avatarq.calibration.document import FORMAT, CalibrationDocument
 from avatarq.calibration.entry import GraphWeight, LayerCalibration, per_channel_amax_np
 from avatarq.calibration.layers import discover_layers, get_layer
 from avatarq.calibration.smoothing import SmoothingPair, smooth_decoder
+from avatarq.core.documents import document_dict, parse_document
 from avatarq.core.files import StagedDirectory, inside
 from avatarq.core.npz import load_npz
 from avatarq.errors import AvatarqError
@@ -51,7 +53,6 @@ __all__ = [
     "per_channel_amax_np",
 ]
 
-FORMAT = "avatarq-calibration"
 ARTIFACT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 JSON_NAME = "calib.json"
@@ -227,6 +228,7 @@ class CalibrationArtifact:
                 "replace it (choose another output)"
             )
         text = self.to_json()  # fails before anything is written
+        parse_document(text, CalibrationDocument, f"calibration for {path}")
         with StagedDirectory(path, replace=True) as stage:
             (stage.path / TENSORS_NAME).write_bytes(_npz_bytes(self.tensors()))
             (stage.path / JSON_NAME).write_text(text)
@@ -243,7 +245,8 @@ class CalibrationArtifact:
                 f"calibration not found: {doc_path} (expected a directory with {JSON_NAME})"
             )
         try:
-            doc = json.loads(doc_path.read_text())
+            text = doc_path.read_bytes()
+            doc = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             reason = getattr(exc, "msg", type(exc).__name__)
             raise AvatarqError(f"{doc_path} is not valid JSON ({reason}); recalibrate") from None
@@ -255,7 +258,10 @@ class CalibrationArtifact:
                 f"{doc_path} has calibration version {version!r}; this avatarq "
                 f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; recalibrate"
             )
-        _check_types(doc, doc_path)
+        try:
+            doc = document_dict(parse_document(text, CalibrationDocument, str(doc_path)))
+        except AvatarqError as exc:
+            raise AvatarqError(f"{exc}; recalibrate") from None
         tensors = _read_npz(inside(doc_path.parent, doc.get("tensors", TENSORS_NAME), "tensors"))
         try:
             layers = [LayerCalibration.from_json(e, tensors, version) for e in doc["layers"]]
@@ -290,51 +296,6 @@ class CalibrationArtifact:
         if decoder is not None:
             artifact.validate(decoder)
         return artifact
-
-
-def _check_types(doc: dict, doc_path: Path) -> None:
-    """The JSON types of calib.json's fields (a wrong one is an AvatarqError naming it)."""
-    model = doc.get("model")
-    expected = {
-        "model": (model, dict),
-        "model.hash": (model.get("hash") if isinstance(model, dict) else None, str),
-        "model.config": (model.get("config") if isinstance(model, dict) else None, dict),
-        "samples": (doc.get("samples"), dict),
-        "config": (doc.get("config"), dict),
-        "layers": (doc.get("layers"), list),
-    }
-    for where, (value, kind) in expected.items():
-        if not isinstance(value, kind):
-            raise AvatarqError(
-                f"{doc_path} is malformed: {where} must be a JSON "
-                f"{'object' if kind is dict else 'array' if kind is list else 'string'}, got "
-                f"{type(value).__name__}; recalibrate"
-            )
-    for k, entry in enumerate(doc["layers"]):
-        if not isinstance(entry, dict):
-            raise AvatarqError(f"{doc_path} is malformed: layers[{k}] is not an object")
-        for key, kind in _LAYER_TYPES.items():
-            value = entry.get(key, {} if key == "loss" else None)
-            if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:
-                raise AvatarqError(
-                    f"{doc_path} is malformed: layers[{k}].{key} is {value!r}; recalibrate"
-                )
-
-
-_NUMBER = (int, float)
-_LAYER_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "kind": (str,),
-    "weight_shape": (list,),
-    "weight_axis": (int,),
-    "precision": (str,),
-    "symmetric": (bool,),
-    "input_scale": (*_NUMBER, type(None)),
-    "input_zero_point": (int, type(None)),
-    "rounding": (str, type(None)),
-    "loss": (dict,),
-    "sensitivity": (*_NUMBER, type(None)),
-}
 
 
 def _tensor(tensors: dict[str, np.ndarray], key: str) -> np.ndarray:

@@ -270,9 +270,15 @@ class LayerCalibration:
         if version == 1 and precision == "int8":
             precision = f"w{int(entry['bits'])}a{int(entry['bits'])}"
         try:
-            parse_format(precision, f"precision of {name!r}")
+            fmt = parse_format(precision, f"precision of {name!r}")
         except AvatarqError as exc:
             raise ValueError(str(exc)) from None
+        if version >= 2:
+            if entry.get("bits") is not None:
+                raise ValueError(f"layer {name!r} has bits (a version-1 field)")
+            for key, bits in (("weight_bits", fmt.weight_bits), ("act_bits", fmt.act_bits)):
+                if entry.get(key) is not None and entry[key] != bits:
+                    raise ValueError(f"layer {name!r} has {key} {entry[key]!r}, {precision} {bits}")
         shape = entry["weight_shape"]
         if not all(
             isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in shape

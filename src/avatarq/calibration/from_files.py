@@ -84,5 +84,7 @@ def calibrate_decoder(
             f"--fp16-budget {config.fp16_budget} exceeds the decoder's {len(names)} "
             "quantizable layers"
         )
+    if progress is not None:
+        progress("reading calibration data")
     samples = load_samples(model, data, capture, n_random=n_random, seed=config.seed)
     return decoder, calibrate(decoder, samples, config, progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -170,9 +171,10 @@ def calibrate(
     loaded = load_checkpoint(model)
     with progress_bar("calibrate") as progress:
         timer = PhaseTimer(progress)
+        started = time.perf_counter()
         _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, timer)
         artifact.save(out)
-    seconds = timer.stop()
+    seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     plan = artifact.precision
     source = artifact.samples.get("source", "")
     if as_json:
@@ -267,6 +269,7 @@ def export(
 
     Example: avatarq export --model dam.pt --int8
     """
+    from avatarq.core.progress import PhaseTimer
     from avatarq.export import ExportOptions, export_bundle
 
     axes = {"1": 1, "0": 0, "tensor": None}
@@ -292,7 +295,10 @@ def export(
     kind = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
     out = out if out is not None else default_bundle_path(model, kind)
     with progress_bar("export") as progress:
-        result = export_bundle(model, out, capture, options, progress, force)
+        timer = PhaseTimer(progress)
+        started = time.perf_counter()
+        result = export_bundle(model, out, capture, options, timer, force)
+    seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     manifest = result.bundle.manifest
     if as_json:
         console.print_json(
@@ -301,6 +307,7 @@ def export(
                     "bundle": str(result.bundle.root),
                     "precision": manifest.precision,
                     "calibration": result.calibration,
+                    "seconds": seconds,
                     "validation": None
                     if manifest.validation is None
                     else document_dict(manifest.validation),

@@ -136,6 +136,7 @@ def export_bundle(
     artifact = samples = None
     quantized = options.int8 or options.fp8
     if quantized:  # read and check the calibration (or its data) before any work
+        say("reading calibration data")
         artifact, samples = _calibration_inputs(model, decoder, capture_root, options)
     say("tracing to ONNX")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))

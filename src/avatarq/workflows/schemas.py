@@ -17,6 +17,7 @@ from typing import Any
 def document_types() -> dict[str, Any]:
     """Document name -> the type `avatarq.core.documents` validates it as."""
     from avatarq.bench.report_document import ReportDocument
+    from avatarq.calibration.document import CalibrationDocument
     from avatarq.export.manifest import BuildOptions, Manifest
     from avatarq.export.options import ExportOptions
     from avatarq.workflows.fleet import FleetSummary
@@ -27,6 +28,7 @@ def document_types() -> dict[str, Any]:
         "manifest": Manifest,
         "export-options": ExportOptions,
         "build-options": BuildOptions,
+        "calibration": CalibrationDocument,
         "report": ReportDocument,
         "fleet-manifest": FleetManifest,
         "fleet-identity": IdentityResult,
