@@ -48,6 +48,8 @@ class CachingBenchResult:
             read as ``psnr_all`` (all frames together: refresh frames are exact, so the mean
             of per-frame PSNRs would be infinite) and ``psnr_min`` (the worst frame).
         precision: "cache" and "warp" graph precisions.
+        motion_psnr_db: PSNR between consecutive frames of the FP32 decoder itself (all
+            pairs together): how much the content moves; holding a frame costs about this.
     """
 
     sequence: str
@@ -57,6 +59,7 @@ class CachingBenchResult:
     latency: dict[str, LatencyStats]
     quality: dict[str, SequenceComparison]
     precision: dict[str, str]
+    motion_psnr_db: float = float("nan")
 
     @property
     def refresh_mean_ms(self) -> float:
@@ -75,6 +78,7 @@ class CachingBenchResult:
                 "p90_ms": s.p90_ms,
                 "mean_ms": s.mean_ms,
                 "min_ms": s.min_ms,
+                "max_ms": s.max_ms,
                 "n": s.n,
             }
 
@@ -93,6 +97,7 @@ class CachingBenchResult:
             "refresh_every": self.refresh_every,
             "peak": self.peak,
             "precision": dict(self.precision),
+            "motion_psnr_db": json_float(self.motion_psnr_db),
             "latency": {k: lat(v) for k, v in self.latency.items()},
             "refresh_mean_ms": self.refresh_mean_ms,
             "speedup": self.speedup,
@@ -103,7 +108,8 @@ class CachingBenchResult:
         """Human-readable summary, one line per path/stream."""
         full, warp = self.latency["full"], self.latency["warp"]
         out = [
-            f"sequence   {self.sequence}",
+            f"sequence   {self.sequence}; consecutive FP32 frames differ by "
+            f"{self.motion_psnr_db:.1f} dB PSNR",
             f"latency    full decoder p50 {full.p50_ms:.3g} ms | warp p50 {warp.p50_ms:.3g} ms "
             f"| {self.speedup:.2f}x | refresh every {self.refresh_every}: "
             f"{self.refresh_mean_ms:.3g} ms/frame",
@@ -209,4 +215,10 @@ def bench_caching(
         latency={k: LatencyStats.from_samples(v) for k, v in samples.items()},
         quality=quality,
         precision={"cache": record.cache.precision, "warp": record.warp.precision},
+        motion_psnr_db=_psnr(reference[:-1], reference[1:], peak),
     )
+
+
+def _psnr(ref: np.ndarray, test: np.ndarray, peak: float) -> float:
+    mse = float(np.mean((ref.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
