@@ -146,14 +146,15 @@ class CachingRuntime:
             if self.mode == "refresh":
                 if self._cache is None or self._age >= self.refresh_every:
                     self._cache, self._age = self.run_cache(z, view), 1
-                    return self._cache["texture"], self._cache["vertices"]
+                    # copies: the caller may change what it gets, the cache must not change
+                    return self._cache["texture"].copy(), self._cache["vertices"].copy()
                 self._age += 1
                 self.warped += 1
                 return self.run_warp(self._cache, z, view)
             if self._pending is None:  # the first frame of the stream: decode it in full
                 first = self.run_cache(z, view)
                 self._pending = _done(first)
-                return first["texture"], first["vertices"]
+                return first["texture"].copy(), first["vertices"].copy()
             cache = self._pending.result()
             assert self._pool is not None
             self._pending = self._pool.submit(self.run_cache, z, view)
