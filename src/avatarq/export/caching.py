@@ -208,8 +208,11 @@ class CachingResult:
 
 
 def _psnr(ref: np.ndarray, test: np.ndarray, peak: float) -> float:
+    """PSNR (dB) of ``test`` against ``ref`` with ``peak`` as the peak value."""
+    from avatarq.measure.images import psnr_from_mse
+
     mse = float(np.mean((ref.astype(np.float64) - test.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
+    return psnr_from_mse(mse / peak**2)
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
