@@ -173,6 +173,7 @@ def _quality_rows(r: dict) -> list[str]:
         "refresh": f"refresh every {r['refresh_every']} (warp in between)",
         "hold": f"refresh every {r['refresh_every']}, cached frame held in between (baseline)",
         "alternate": "alternate (every frame warped from the previous frame's cache)",
+        "previous": "previous frame's full decode shown unchanged (baseline of alternate)",
     }
     rows = []
     for key, label in names.items():

@@ -280,7 +280,7 @@ def test_bench_reports_both_paths_and_all_streams_against_fp32(cached_bundle):
     result = bench_caching(bundle, sequence, warmup=1, iters=3)
     assert set(result.latency) == {"full", "warp"}
     assert result.latency["warp"].n == result.latency["full"].n == 3
-    assert set(result.quality) == {"full", "refresh", "hold", "alternate"}
+    assert set(result.quality) == {"full", "refresh", "hold", "alternate", "previous"}
     assert result.quality["full"].psnr_all > 80  # the cache graph is the FP32 decoder
     assert result.quality["refresh"].psnr_all < result.quality["full"].psnr_all
     assert result.refresh_every == 3
@@ -301,7 +301,7 @@ def test_cli_distills_onto_a_bundle_and_benches_it(tiny, tmp_path, capsys):
     assert main(["bench", str(copy), "--caching", "--iters", "2", "--warmup", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["latency"]) == {"full", "warp"}
-    assert set(report["quality"]) == {"full", "refresh", "hold", "alternate"}
+    assert set(report["quality"]) == {"full", "refresh", "hold", "alternate", "previous"}
 
 
 @pytest.mark.parametrize(

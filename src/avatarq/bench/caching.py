@@ -12,7 +12,8 @@ For one ordered sequence (`avatarq.bench.sequences`):
   cache every N frames), ``hold`` (the baseline a warp network must beat: the same refresh
   schedule with each cached frame shown unchanged until the next refresh) and
   ``alternate`` (every frame warped from the previous frame's cache, the two-runner
-  pipeline).
+  pipeline) with its baseline ``previous`` (each frame shows the previous frame's full
+  decode unchanged).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from avatarq.export.bundle import open_bundle
 from avatarq.measure.latency import LatencyStats
 from avatarq.measure.sequence import SequenceComparison, compare_sequences
 
-STREAMS = ("full", "refresh", "hold", "alternate")
+STREAMS = ("full", "refresh", "hold", "alternate", "previous")
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ def bench_caching(
                 samples[name].append((time.perf_counter_ns() - t0) / 1e6)
             say("timing the full decoder and the warp graph", i + 1, iters)
     textures["hold"] = textures["full"][[t - t % n for t in range(len(sequence))]]
+    textures["previous"] = textures["full"][[max(0, t - 1) for t in range(len(sequence))]]
     with CachingRuntime.open(bundle.root, "alternate", threads=threads) as alt:
         textures["alternate"] = _stream(alt, sequence)
     quality = {
