@@ -224,7 +224,8 @@ def markdown(record: dict, command: str) -> str:
             *rows,
             "",
             "Smooth latent clip over the capture's latent distribution (32 frames, seed 0, "
-            "views within 25 deg of the front; not a training clip):",
+            "views within 25 deg of the front; not a training clip); consecutive FP32 frames "
+            f"differ by {float(r['motion_psnr_db']):.1f} dB PSNR:",
             "",
             *header,
             *_quality_rows(r),
