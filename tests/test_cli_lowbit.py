@@ -73,7 +73,7 @@ def test_info_on_a_bundle_prints_formats_and_sizes(w4a8_bundle):
     assert result.exit_code == 0, result.stderr
     assert "precision w4a8" in result.stdout
     assert "int4 (per-channel)" in result.stdout
-    assert "smaller than FP32" in result.stdout
+    assert "smaller than the FP32 graph's weights" in result.stdout
     as_json = json.loads(_run("info", w4a8_bundle, "--json").stdout)
     assert as_json["layer_storage"]["dec.mesh_fc"]["weight"] == "int4"
 

@@ -97,7 +97,7 @@ def test_load_a_folder(tmp_path):
 
 def test_load_a_file_that_is_not_npz(tmp_path):
     (tmp_path / "seq.npz").write_text("z,view\n1,2\n")
-    with pytest.raises(AvatarqError, match="not a readable latent .npz"):
+    with pytest.raises(AvatarqError, match="is not a readable .npz"):
         load_inputs(tmp_path / "seq.npz")
 
 

@@ -343,7 +343,7 @@ def test_parse_gates_names_an_unknown_metric_and_lists_the_known_ones():
         parse_gates("psnr>=40,lpips<=0.1")
     msg = str(err.value)
     assert "unknown gate metric 'lpips' in 'lpips<=0.1'" in msg
-    assert "psnr, psnr_min, ssim, J (jitter_ratio), tde, fe, p50_ms" in msg
+    assert "psnr, psnr_min, ssim, J (jitter_ratio), tde, fe, jod, p50_ms" in msg
     assert "\n" not in msg
 
 

@@ -121,7 +121,7 @@ def test_the_documented_example_builds_every_identity(built):
 def test_each_identity_gets_a_bundle_with_its_engine_and_a_record(built):
     root, _ = built
     out = root / "fleet.out"
-    for name, precision in zip(NAMES, ("int8", "int8", "fp16"), strict=True):
+    for name, precision in zip(NAMES, ("w8a8", "w8a8", "fp16"), strict=True):
         record = _record(out, name)
         assert record.status == "built" and record.error is None
         assert record.inputs.checkpoint == file_sha256(root / name / "dam.pt")

@@ -246,8 +246,6 @@ def run_bench(
     sequence.check_z_dim(m.z_dim)
     gates = config.parsed_gates()
     perceptual = config.perceptual_config()
-    if perceptual is not None:
-        require_perceptual(perceptual.metric)  # before any decoding
     capture_root = Path(capture) if capture is not None else sequence.capture_root
     denorm = denorm_for(bundle, capture_root)
     if perceptual is not None and denorm.peak is None:
@@ -255,6 +253,8 @@ def run_bench(
             f"--perceptual needs textures in display units, but bundle {bundle.root} carries "
             "no normalization arrays and no capture was given; pass --capture CAPTURE"
         )
+    if perceptual is not None:
+        require_perceptual(perceptual.metric)  # before any decoding
     setup, render_note = setup_render(bundle, sequence, config)
     if setup is not None and denorm.peak is None:
         setup, render_note = None, "the bundle's normalization is unknown (export with --capture)"
