@@ -310,6 +310,8 @@ def test_cli_distills_onto_a_bundle_and_benches_it(tiny, tmp_path, capsys):
         (["--capture", "X"], "exactly one of --capture or --latents"),
         (["--refresh", "9"], "--refresh 9 warps up to 8 frames ahead but --max-gap is 4"),
         (["--int8"], "--int8 quantizes the bundle's caching graphs; give --bundle"),
+        (["--lr", "nan"], "lr must be a positive finite number, got nan"),
+        (["--cache-blocks", "5"], "cache_blocks must be in 1..1 for this decoder, got 5"),
     ],
 )
 def test_cli_bad_distill_options_are_one_line_errors(tiny, tmp_path, capsys, extra, message):
