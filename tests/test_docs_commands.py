@@ -1,6 +1,7 @@
 """Every avatarq command README.md and docs/cli.md show runs as printed.
 
-The ```sh blocks of each file are played in order, each file in its own empty folder;
+The ```sh blocks of each file are played in order, each file in its own empty folder
+(with the repository's examples/ beside them);
 each `avatarq ...` line must exit 0. Other lines (make, comments) are not avatarq's.
 """
 
@@ -41,6 +42,7 @@ def test_every_shown_command_runs_as_printed(tmp_path, monkeypatch, capsys):
     for doc in DOCUMENTS:
         folder = tmp_path / Path(doc).stem
         folder.mkdir()
+        (folder / "examples").symlink_to(ROOT / "examples")  # the examples the docs run
         monkeypatch.chdir(folder)
         for command in shown_commands((ROOT / doc).read_text()):
             code = main(shlex.split(command)[1:])

@@ -148,6 +148,13 @@ def setup_render(
     if config.render == "none":
         return None, "rendering off (render none)"
     explicit = config.render != "auto"
+    if bundle.manifest.n_vertices == 0:
+        if explicit:
+            raise AvatarqError(
+                f"render {config.render} needs a mesh, but the decoder of {bundle.root} has no "
+                "mesh output (--mesh-output); pass --render none"
+            )
+        return None, "the decoder has no mesh output"
     if not sequence.has_camera:
         if explicit:
             raise AvatarqError(

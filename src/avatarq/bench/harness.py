@@ -73,7 +73,7 @@ from avatarq.bench.results import (
     environment,
 )
 from avatarq.bench.sequences import BenchSequence
-from avatarq.bench.timing import BenchRunner, time_runners
+from avatarq.bench.timing import BenchRunner, DecodeCall, time_runners
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 from avatarq.measure import (
@@ -243,7 +243,11 @@ def run_bench(
     started = time.perf_counter()
     bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     m = bundle.manifest
-    sequence.check_z_dim(m.z_dim)
+    call = DecodeCall.for_manifest(m)
+    if m.declaration is None:
+        sequence.check_z_dim(m.z_dim)
+    else:
+        sequence.check_inputs(m.inputs)
     gates = config.parsed_gates()
     perceptual = config.perceptual_config()
     capture_root = Path(capture) if capture is not None else sequence.capture_root
@@ -324,11 +328,12 @@ def run_bench(
         worst = {n: (Worst("texture"), Worst("screen")) for n in names}
         clips = {n: PerceptualClip(perceptual) for n in names} if perceptual else {}
         if denorm.peak is None:
-            first, _ = ref.decode(sequence.z[:1], sequence.view[:1])
+            first, _ = call(ref, sequence.feeds(slice(0, 1)))
             check_finite(first, getattr(ref, "name", "reference"), "texture")
             span = float(first.max() - first.min())
             denorm.peak = span if span > 0 and math.isfinite(span) else 1.0
         _fidelity_pass(
+            call,
             ref,
             dict(zip(names, active, strict=True)),
             sequence,
@@ -348,7 +353,7 @@ def run_bench(
                 progress(f"perceptual ({perceptual.metric})", done, len(clips))
         ref_label = getattr(ref, "name", "reference")
         timed = {_REF_KEY: ref, **dict(zip(names, active, strict=True))}
-        latencies = time_runners(timed, sequence, setup, denorm, config, progress)
+        latencies = time_runners(timed, sequence, setup, denorm, config, progress, call)
         ref_latency = latencies[_REF_KEY]
         results = []
         for name, runner in zip(names, active, strict=True):
@@ -387,6 +392,7 @@ def run_bench(
 
 
 def _fidelity_pass(
+    call: DecodeCall,
     ref: BenchRunner,
     runners: Mapping[str, BenchRunner],
     sequence: BenchSequence,
@@ -406,14 +412,16 @@ def _fidelity_pass(
     t_len, b = len(sequence), config.batch
     for start in range(0, t_len, b):
         stop = min(start + b, t_len)
-        z, view = sequence.z[start:stop], sequence.view[start:stop]
-        f_tex, f_vert = ref.decode(z, view)
+        feeds = sequence.feeds(slice(start, stop))
+        f_tex, f_vert = call(ref, feeds)
         who = getattr(ref, "name", "reference")
-        check_finite(f_tex, who, "texture", start)
-        check_finite(f_vert, who, "vertices", start)
+        check_finite(f_tex, who, call.texture, start)
+        if f_vert is not None:
+            check_finite(f_vert, who, "vertices", start)
+            f_vert = denorm.vertices(f_vert)
         # texture metrics read float64 [0, 1] values (no extra float32 rounding in the
         # measurement); the renderer gets float32 as a deployed pipeline would
-        f_tex, f_vert = denorm.texture(f_tex, np.float64), denorm.vertices(f_vert)
+        f_tex = denorm.texture(f_tex, np.float64)
         f_img = f_mask = None
         if setup is not None:
             out = render(setup, f_vert, f_tex, setup.M[start:stop])
@@ -426,10 +434,12 @@ def _fidelity_pass(
                         f"the {h}x{w} render; check the camera and the resolution"
                     )
         for name, runner in runners.items():
-            q_tex, q_vert = runner.decode(z, view)
-            check_finite(q_tex, name, "texture", start)
-            check_finite(q_vert, name, "vertices", start)
-            q_tex, q_vert = denorm.texture(q_tex, np.float64), denorm.vertices(q_vert)
+            q_tex, q_vert = call(runner, feeds)
+            check_finite(q_tex, name, call.texture, start)
+            if q_vert is not None:
+                check_finite(q_vert, name, "vertices", start)
+                q_vert = denorm.vertices(q_vert)
+            q_tex = denorm.texture(q_tex, np.float64)
             q_img = None
             if setup is not None:
                 q_img = render(setup, q_vert, q_tex, setup.M[start:stop]).image.cpu().numpy()
@@ -489,9 +499,8 @@ def bench_bundle(
         check_report_dir(Path(out))  # refuse a bad report folder before any decoding
     if config.render in ("torch", "nvdiffrast"):
         opened.topology()  # fail before any decoding when rendering cannot happen
-    seq = load_sequence(
-        sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera
-    )
+    z_dim = opened.manifest.z_dim if opened.manifest.declaration is None else None
+    seq = load_sequence(sequence, z_dim, checkpoint, capture, opened.manifest.camera)
     result = run_bench(
         opened,
         seq,

@@ -433,7 +433,7 @@ def render_html(result: BenchResult, figs: dict[str, bytes] | None = None) -> st
         f"<title>avatarq bench: {html.escape(Path(b['path']).name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>avatarq bench: {html.escape(Path(b['path']).name)}</h1>",
-        f"<p class='small'>{html.escape(b['arch'])} DAM, {html.escape(b['precision'])}, "
+        f"<p class='small'>{html.escape(_family(b['arch']))}, {html.escape(b['precision'])}, "
         f"z {b['z_dim']}, texture {b['tex_size']}<sup>2</sup>, {b['n_vertices']} vertices. "
         f"Sequence: {html.escape(s['source'])}. Created {html.escape(d['created'])}, "
         f"{d['seconds']:.1f} s.</p>",
@@ -601,3 +601,9 @@ def write_report(
     if save_figures:
         paths["figures"] = out / FIGURES_DIR
     return paths
+
+
+def _family(arch: str) -> str:
+    if arch == "declared":
+        return "declared decoder"
+    return "PiCA-style decoder" if arch == "pica" else f"{arch} DAM"

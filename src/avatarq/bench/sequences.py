@@ -61,9 +61,6 @@ class BenchSequence:
                 f"a bench sequence needs T >= 2 ordered frames (temporal metrics compare "
                 f"consecutive frames), got {len(self.inputs)}"
             )
-        for name in ("z", "view"):
-            if name not in self.inputs.arrays:
-                raise AvatarqError(f"a bench sequence needs input {name}")
 
     @classmethod
     def of(
@@ -141,19 +138,37 @@ class BenchSequence:
         return self.M * scale[None, :, None]
 
     def check_z_dim(self, z_dim: int, what: str = "the bundle") -> None:
-        """AvatarqError unless the latent size matches ``z_dim``."""
+        """AvatarqError unless the sequence has z and view and the latent size is ``z_dim``."""
+        for name in ("z", "view"):
+            if name not in self.inputs.arrays:
+                raise AvatarqError(f"a bench sequence needs input {name} ({self.source})")
         if self.z_dim != z_dim:
             raise AvatarqError(
                 f"sequence latents have size {self.z_dim} ({self.source}) but {what} "
                 f"decodes z of size {z_dim}; use latents made with the model of this bundle"
             )
 
+    def check_inputs(self, specs: Any, what: str = "the bundle") -> None:
+        """AvatarqError unless the sequence holds every input of ``specs`` (the manifest's
+        `TensorSpec`s, shapes ["batch", ...]) in its per-step shape."""
+        for spec in specs:
+            if spec.name not in self.inputs.arrays:
+                raise AvatarqError(
+                    f"the sequence ({self.source}) has no array {spec.name!r}, an input of "
+                    f"{what} (it holds {', '.join(self.inputs.arrays)})"
+                )
+            self.inputs.check_array(spec.name, [int(d) for d in spec.shape[1:]], what)
+
+    def feeds(self, index: Any) -> dict[str, np.ndarray]:
+        """{input name: array rows ``index``} (a slice or an index list)."""
+        return {name: array[index] for name, array in self.inputs.arrays.items()}
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for the report."""
         return {
             "source": self.source,
             "n_frames": len(self),
-            "z_dim": self.z_dim,
+            "z_dim": self.z_dim if "z" in self.inputs.arrays else None,
             "has_camera": self.has_camera,
             "image_size": None if self.image_size is None else list(self.image_size),
             "capture_root": None if self.capture_root is None else str(self.capture_root),
@@ -362,7 +377,7 @@ def parse_capture_spec(text: str) -> tuple[Path, str, str | None]:
 
 def load_sequence(
     spec: str | Path | None,
-    z_dim: int,
+    z_dim: int | None,
     checkpoint: str | Path | None = None,
     capture: str | Path | None = None,
     camera_index: int | None = None,
@@ -371,13 +386,20 @@ def load_sequence(
 
     Args:
         spec: ``CAPTURE:SEGMENT[:CAMERA]``, a latent ``.npz`` file, or None (default clip).
-        z_dim: the bundle's latent size; a sequence of another size is an AvatarqError.
+        z_dim: the bundle's latent size; a sequence of another size is an AvatarqError
+            (None: a declared decoder's bundle, whose inputs the caller checks; it needs
+            a latent file).
         checkpoint: needed to encode capture frames.
         capture: capture root for cameras (latent files, default clip) and the default
             clip's frames.
         camera_index: the bundle's folded camera (default camera choice).
     """
+    if spec is None and z_dim is None:
+        raise AvatarqError(
+            "a bundle of your own decoder benches on --sequence latents.npz holding its inputs"
+        )
     if spec is None:
+        assert z_dim is not None
         seq = default_sequence(z_dim, capture, checkpoint, camera_index=camera_index)
     else:
         text = str(spec)
@@ -392,7 +414,8 @@ def load_sequence(
                     "none): pass --checkpoint dam.pt, or a latent file as --sequence"
                 )
             seq = sequence_from_capture(root, segment, checkpoint, camera, camera_index)
-    seq.check_z_dim(z_dim)
+    if z_dim is not None:
+        seq.check_z_dim(z_dim)
     return seq
 
 

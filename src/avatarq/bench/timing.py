@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,35 +36,72 @@ class BenchRunner(Protocol):
     def decode(self, z: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class DecodeCall:
+    """How the harness runs a runner on a batch of the sequence's inputs.
+
+    A DAM bundle (``declared`` False): ``runner.decode(z, view)`` -> (texture, vertices).
+    A declared decoder's bundle: ``runner.infer(feeds)`` with the graph's inputs, the
+    texture is output ``texture`` and the vertices output ``mesh`` (None: no mesh, nothing
+    rendered).
+    """
+
+    declared: bool = False
+    inputs: tuple[str, ...] = ("z", "view")
+    texture: str = "texture"
+    mesh: str | None = "vertices"
+
+    @classmethod
+    def for_manifest(cls, manifest: Any) -> DecodeCall:
+        if manifest.declaration is None:
+            return cls()
+        outputs = [spec.name for spec in manifest.outputs]
+        return cls(
+            True,
+            tuple(spec.name for spec in manifest.inputs),
+            outputs[0],
+            outputs[1] if manifest.n_vertices > 0 else None,
+        )
+
+    def __call__(
+        self, runner: BenchRunner, feeds: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.declared:
+            return runner.decode(feeds["z"], feeds["view"])
+        out = runner.infer({name: feeds[name] for name in self.inputs})  # type: ignore[attr-defined]
+        return out[self.texture], None if self.mesh is None else out[self.mesh]
+
+
 def timing_batches(
     sequence: BenchSequence, setup: RenderSetup | None, config: BenchConfig
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """(z, view, M) of each warm-up and timed iteration: batches taken cyclically."""
+) -> list[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    """(inputs by name, M) of each warm-up and timed iteration: batches taken cyclically."""
     t_len, b = len(sequence), config.batch
     out = []
     for i in range(config.warmup + config.iters):
         idx = [(i * b + k) % t_len for k in range(b)]
         M = None if setup is None else np.ascontiguousarray(setup.M[idx])
-        out.append((sequence.z[idx], sequence.view[idx], M))
+        out.append((sequence.feeds(idx), M))
     return out
 
 
 def time_step(
     runner: BenchRunner,
-    batch: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    batch: tuple[dict[str, np.ndarray], np.ndarray | None],
     setup: RenderSetup | None,
     denorm: Denorm,
+    call: DecodeCall = DecodeCall(),
 ) -> dict[str, float]:
     """Milliseconds of each stage of one decode -> copy -> render iteration."""
     import torch
 
-    z, view, M = batch
+    feeds, M = batch
     cuda = setup is not None and setup.device.type == "cuda"
     clock = time.perf_counter_ns
     if cuda:
         torch.cuda.synchronize()
     t0 = clock()
-    tex, vert = runner.decode(z, view)  # host outputs: the call has finished
+    tex, vert = call(runner, feeds)  # host outputs: the call has finished
     t1 = clock()
     if setup is None:
         return {"decode": (t1 - t0) / 1e6, "end_to_end": (t1 - t0) / 1e6}
@@ -103,6 +141,7 @@ def time_runners(
     denorm: Denorm,
     config: BenchConfig,
     progress: Progress | None,
+    call: DecodeCall = DecodeCall(),
 ) -> dict[str, dict[str, LatencyStats]]:
     """Per-stage latency of every runner: `config.warmup` untimed iterations each, then
     `config.iters` timed ones, runner after runner, or round-robin with
@@ -113,7 +152,7 @@ def time_runners(
     samples = {n: {s: [] for s in STAGES} for n in names}
     for name in names:
         for batch in warm:
-            time_step(runners[name], batch, setup, denorm)
+            time_step(runners[name], batch, setup, denorm, call)
     if config.interleave:
         order = [
             (i, names[(i + k) % len(names)]) for i in range(len(timed)) for k in range(len(names))
@@ -121,7 +160,7 @@ def time_runners(
     else:
         order = [(i, n) for n in names for i in range(len(timed))]
     for done, (i, name) in enumerate(order, 1):
-        for stage, ms in time_step(runners[name], timed[i], setup, denorm).items():
+        for stage, ms in time_step(runners[name], timed[i], setup, denorm, call).items():
             samples[name][stage].append(ms)
         if progress is not None:
             progress("timing", done, len(order))

@@ -211,21 +211,21 @@ def omega(
     decoder: nn.Module,
     info: LayerInfo,
     effective_weight: torch.Tensor,
-    z: torch.Tensor,
-    view: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
     reference: tuple[torch.Tensor, ...] | None = None,
 ) -> float:
     """Omega = dw^T H dw for dw = effective_weight - w of layer ``info``, H the Hessian of
-    sum over outputs of mean((f(w) - F)^2) / var(F) at the FP32 weights (double backward)."""
+    sum over outputs of mean((f(w) - F)^2) / var(F) at the FP32 weights (double backward).
+    ``inputs``: the decoder's positional inputs (z, view for a DAM)."""
     module = get_layer(decoder, info.name)
     weight = module.weight
     if reference is None:
         with torch.no_grad():
-            reference = tuple(t.detach() for t in decoder(z, view))
+            reference = tuple(t.detach() for t in decoder(*inputs))
     variances = [float(f.double().var(unbiased=False)) or 1.0 for f in reference]
     dw = (effective_weight.float() - weight.detach()).detach()
     w = weight.detach().clone().requires_grad_(True)
-    outputs = torch.func.functional_call(decoder, {f"{info.name}.weight": w}, (z, view))
+    outputs = torch.func.functional_call(decoder, {f"{info.name}.weight": w}, tuple(inputs))
     loss = sum(
         ((o - f) ** 2).mean() / v for o, f, v in zip(outputs, reference, variances, strict=True)
     )

@@ -23,8 +23,9 @@ from torch import nn
 from avatarq.calibration.config import CalibrationConfig
 from avatarq.calibration.layers import LayerInfo, get_layer
 from avatarq.calibration.masks import input_mask, layer_mask, pool_mask
-from avatarq.calibration.samples import CalibrationSamples
+from avatarq.calibration.samples import CalibrationSamples, decoder_args
 from avatarq.errors import InternalError
+from avatarq.models.declaration import declaration_of
 
 CAPTURE_BATCH = 8
 # a capture pass may run this fraction of the decoder's MACs further to pick up a later layer
@@ -36,10 +37,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(
-    model: nn.Module, name: str, z: torch.Tensor, view: torch.Tensor, what: str
-) -> torch.Tensor:
-    """The input (``what="input"``) or output of submodule ``name`` for a batch (z, view)."""
+def capture(model: nn.Module, name: str, *args: torch.Tensor, what: str) -> torch.Tensor:
+    """The input (``what="input"``) or output of submodule ``name`` for a batch of the
+    decoder's inputs ``args`` (z, view for a DAM)."""
     box: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
@@ -48,7 +48,7 @@ def capture(
 
     handle = model.get_submodule(name).register_forward_hook(hook)
     try:
-        model(z, view)
+        model(*args)
     except _Stop:
         pass
     finally:
@@ -232,7 +232,7 @@ def reference_targets(
             stop = min(start + CAPTURE_BATCH, len(samples))
             state["start"] = start
             state["vis"] = None if visibility is None else visibility[start:stop]
-            reference(samples.z[start:stop], samples.view[start:stop])
+            reference(*decoder_args(reference, samples, start, stop))
     finally:
         for h in handles:
             h.remove()
@@ -272,7 +272,7 @@ def capture_inputs(
             stop = min(start + CAPTURE_BATCH, len(samples))
             state["start"], state["seen"] = start, set()
             try:
-                work(samples.z[start:stop], samples.view[start:stop])
+                work(*decoder_args(work, samples, start, stop))
             except _Stop:
                 pass
             if len(state["seen"]) != len(names):
@@ -303,7 +303,7 @@ def upstream_layers(decoder: nn.Module, layers: list[LayerInfo]) -> dict[str, fr
         for m in modules.values():
             m.weight.requires_grad_(True)
         with torch.enable_grad():
-            decoder(torch.zeros(1, decoder.config.z_dim), torch.tensor([[0.0, 0.0, 1.0]]))
+            decoder(*declaration_of(decoder).example_inputs(1))
     finally:
         for h in handles:
             h.remove()

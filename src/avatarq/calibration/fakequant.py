@@ -12,8 +12,9 @@ from avatarq.calibration.layers import get_layer, install
 
 
 class FakeQuantDecoder(nn.Module):
-    """(z float32 [B, Z], view float32 [B, 3]) -> (texture, vertices) float32, computed the
-    way the Q/DQ ONNX of ``artifact`` computes them.
+    """The decoder's inputs (z float32 [B, Z], view float32 [B, 3] for a DAM) -> its outputs
+    (texture, vertices for a DAM) float32, computed the way the Q/DQ ONNX of ``artifact``
+    computes them.
 
     Smoothing scales are folded in and the texel biases rounded to their storage format
     first. Each quantized layer (rotating its input first when it is rotated) quantizes
@@ -24,7 +25,7 @@ class FakeQuantDecoder(nn.Module):
     float16. The remaining differences to an ONNX runtime are float accumulation order,
     which can move a value across a rounding boundary of the next quantizer.
 
-    ``decoder`` (a `DeployableDecoder`) is copied, never changed; ``artifact`` is validated
+    ``decoder`` (a deployable decoder with a declaration) is copied, never changed; ``artifact`` is validated
     against it first (AvatarqError on a mismatch). ``conv_transpose_axis`` must match the
     graph's (`avatarq.export.qdq.QDQConfig`): 1 (calibrated), 0 or None (re-derived).
     """
@@ -47,10 +48,10 @@ class FakeQuantDecoder(nn.Module):
             },
         )
         self.config = decoder.config
+        self.declaration = decoder.declaration
         self.artifact = artifact
         self.eval()
 
     @torch.no_grad()
-    def forward(self, z: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        texture, vertices = self.decoder(z.float(), view.float())
-        return texture.float(), vertices.float()
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.float() for t in self.decoder(*(x.float() for x in inputs)))

@@ -88,3 +88,34 @@ def calibrate_decoder(
         progress("reading calibration data")
     samples = load_samples(model, data, capture, n_random=n_random, seed=config.seed)
     return decoder, calibrate(decoder, samples, config, progress)
+
+
+def calibrate_declared(
+    decoder,
+    data: str | Path | None,
+    config: CalibrationConfig,
+    n_random: int = 64,
+    progress: Progress | None = None,
+) -> CalibrationArtifact:
+    """Calibrate a declared decoder (`avatarq.models.declare`) on a latent .npz holding
+    its inputs by name (``data``; required: a declared decoder has no known prior)."""
+    from avatarq.calibration.samples import check_samples
+    from avatarq.data.latents import load_inputs
+    from avatarq.models.declaration import declaration_of
+
+    declaration = declaration_of(decoder)
+    names = [info.name for info in discover_layers(decoder)]
+    check_layer_names(config.precision, names)
+    if config.fp16_budget > len(names):
+        raise AvatarqError(
+            f"--fp16-budget {config.fp16_budget} exceeds the decoder's {len(names)} "
+            "quantizable layers"
+        )
+    if data is None or Path(data).is_dir():
+        raise AvatarqError(
+            "your own decoder calibrates on --data latents.npz holding its inputs "
+            f"({', '.join(str(s) for s in declaration.inputs)})"
+        )
+    samples = samples_from_latents(load_inputs(data), n_random, seed=config.seed)
+    check_samples(decoder, samples)
+    return calibrate(decoder, samples, config, progress)

@@ -81,8 +81,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def discover_layers(decoder: nn.Module) -> list[LayerInfo]:
     """Quantizable layers of ``decoder`` in execution order (one batch-1 forward on CPU).
 
-    ``decoder`` takes (z [B, Z], view [B, 3]); layers already wrapped in `QuantizedLayer`
-    are reported under their original name.
+    ``decoder`` takes its declared inputs (z [B, Z], view [B, 3] for a DAM), fed
+    `DecoderDeclaration.example_inputs`; layers already wrapped in `QuantizedLayer` are
+    reported under their original name.
     """
     order: list[LayerInfo] = []
     handles = []
@@ -106,9 +107,10 @@ def discover_layers(decoder: nn.Module) -> list[LayerInfo]:
 
             handles.append(module.register_forward_hook(hook))
     try:
-        z_dim = decoder.config.z_dim
+        from avatarq.models.declaration import declaration_of
+
         with torch.no_grad():
-            decoder(torch.zeros(1, z_dim), torch.tensor([[0.0, 0.0, 1.0]]))
+            decoder(*declaration_of(decoder).example_inputs(1))
     finally:
         for h in handles:
             h.remove()
@@ -255,3 +257,31 @@ def install(decoder: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
 def get_layer(decoder: nn.Module, name: str) -> nn.Module:
     """The plain layer called ``name`` (through a `QuantizedLayer` wrapper if any)."""
     return _unwrap(decoder.get_submodule(name))
+
+
+def side_output_layers(decoder: nn.Module, layers: list[LayerInfo]) -> list[str]:
+    """Layers that feed neither the texture nor the mesh: only a declared decoder's other
+    outputs (kept float by `calibrate` unless its precision overrides say otherwise).
+
+    Found from the autograd graph of one batch-1 forward on the declaration's example
+    inputs: a layer whose weight the judged outputs do not depend on. [] for a DAM.
+    """
+    from avatarq.models.declaration import declaration_of
+
+    declaration = declaration_of(decoder)
+    judged = 2 if declaration.mesh else 1
+    if len(declaration.outputs) <= judged or not layers:
+        return []
+    weights = [get_layer(decoder, info.name).weight for info in layers]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = decoder(*declaration.example_inputs(1))
+            total = sum(o.float().sum() for o in outputs[:judged])
+            grads = torch.autograd.grad(total, weights, allow_unused=True)
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+    return [info.name for info, g in zip(layers, grads, strict=True) if g is None]

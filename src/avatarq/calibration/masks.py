@@ -19,6 +19,14 @@ from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 
 
+def texture_size(decoder: torch.nn.Module) -> tuple[int, int]:
+    """(H, W) texels of the decoder's texture output (its declaration's first output)."""
+    from avatarq.models.declaration import declaration_of
+
+    shape = declaration_of(decoder).texture_shape
+    return int(shape[-2]), int(shape[-1])
+
+
 @torch.no_grad()
 def visibility_masks(
     decoder: torch.nn.Module,
@@ -40,13 +48,19 @@ def visibility_masks(
             "visibility masks need a decoder that outputs de-normalized vertices; build it "
             "with DeployableDecoder(model, normalization=...) or disable visibility"
         )
+    from avatarq.calibration.samples import decoder_args
+    from avatarq.models.declaration import declaration_of
     from avatarq.render import visible_texels
 
-    tex_size = decoder.config.tex_size
+    if not declaration_of(decoder).mesh:
+        raise AvatarqError("visibility masks need a decoder with a mesh output (--mesh-output)")
+    height, tex_size = texture_size(decoder)
+    if height != tex_size:
+        raise AvatarqError(f"visibility masks need a square texture, got {height}x{tex_size}")
     out = torch.zeros(len(samples), tex_size, tex_size, dtype=torch.bool)
     for start in range(0, len(samples), batch):
         stop = min(start + batch, len(samples))
-        _, vertices = decoder(samples.z[start:stop], samples.view[start:stop])
+        vertices = decoder(*decoder_args(decoder, samples, start, stop))[1]
         out[start:stop] = visible_texels(
             vertices, samples.M[start:stop], samples.topology, samples.resolution, tex_size
         ).cpu()

@@ -23,8 +23,9 @@ from avatarq.calibration.layers import (
     install,
     is_quantized,
     rotate_input,
+    side_output_layers,
 )
-from avatarq.calibration.masks import visibility_masks
+from avatarq.calibration.masks import texture_size, visibility_masks
 from avatarq.calibration.precision import (
     allocate_formats,
     measured_sensitivity,
@@ -33,7 +34,7 @@ from avatarq.calibration.precision import (
 )
 from avatarq.calibration.quantizers import layer_block, max_activation_range
 from avatarq.calibration.reconstruct import initial_weight_scale, reconstruct
-from avatarq.calibration.samples import CalibrationSamples
+from avatarq.calibration.samples import CalibrationSamples, check_samples, decoder_args
 from avatarq.calibration.smoothing import (
     SmoothingPair,
     input_channel_amax,
@@ -78,7 +79,7 @@ def _max_method(
         with torch.no_grad():
             for start in range(0, len(samples), CAPTURE_BATCH):
                 stop = start + CAPTURE_BATCH
-                reference(samples.z[start:stop], samples.view[start:stop])
+                reference(*decoder_args(reference, samples, start, stop))
                 if progress is not None:
                     progress("max calibration", min(stop, len(samples)), len(samples))
     finally:
@@ -149,11 +150,16 @@ METHODS: dict[str, Callable[..., dict[str, LayerCalibration]]] = {
 def _check(decoder: nn.Module, samples: CalibrationSamples) -> None:
     config = getattr(decoder, "config", None)
     if config is None:
-        raise AvatarqError("calibrate needs a DeployableDecoder (it has no DAM config)")
-    if samples.z_dim != config.z_dim:
         raise AvatarqError(
-            f"calibration latents have Z = {samples.z_dim}, the decoder expects {config.z_dim}"
+            "calibrate needs a deployable decoder (a DAM's DeployableDecoder, or any module "
+            "wrapped by avatarq.models.declare)"
         )
+    if hasattr(config, "z_dim") and "z" in samples.inputs.arrays:
+        if samples.z_dim != config.z_dim:
+            raise AvatarqError(
+                f"calibration latents have Z = {samples.z_dim}, the decoder expects {config.z_dim}"
+            )
+    check_samples(decoder, samples)
 
 
 def calibrate(
@@ -199,29 +205,32 @@ def calibrate(
 
     pairs, scales = _smooth(reference, layers, samples, config, say)
     n = min(config.sensitivity_samples, len(samples))
-    z, view = samples.z[:n], samples.view[:n]
+    args = decoder_args(reference, samples, 0, n)
     allocation = None
     if config.size_budget is not None:
-        allocation = allocate_formats(reference, layers, z, view, config, say)
+        allocation = allocate_formats(reference, layers, args, config, say)
         plan = {**allocation.formats, **config.precision}
     sensitivity: dict[str, float] | None = None
     if config.sensitivity != "none":
         say("measuring sensitivity", 0, 1)
         if config.sensitivity == "omega":
-            sensitivity = omega_sensitivity(reference, layers, z, view, config.bits)
+            sensitivity = omega_sensitivity(reference, layers, *args, bits=config.bits)
         else:
             sensitivity = measured_sensitivity(
-                reference, layers, z, view, config.bits, config.symmetric
+                reference, layers, *args, bits=config.bits, symmetric=config.symmetric
             )
     if allocation is None:
         plan = precision_plan(
             layers, sensitivity, config.fp16_budget, config.precision, config.bits
         )
+    for name in side_output_layers(reference, layers):  # a declared decoder's other outputs
+        if name not in config.precision:
+            plan[name] = "fp32"
 
     if not (config.visibility and config.method == "poca" and samples.M is not None):
         visibility = None
     elif visibility is not None:
-        expected = (len(samples), decoder.config.tex_size, decoder.config.tex_size)
+        expected = (len(samples), *texture_size(decoder))
         if tuple(visibility.shape) != expected:
             raise AvatarqError(
                 f"visibility masks are {list(visibility.shape)}, the samples need {list(expected)}"
@@ -279,7 +288,8 @@ def _smooth(
     say("smoothing", 0, 1)
     floats = {n for n, p in config.precision.items() if not is_quantized(p)}
     pairs = [p for p in smoothing_pairs(reference) if p.consumer not in floats]
-    amax = input_channel_amax(reference, [p.consumer for p in pairs], samples.z, samples.view)
+    consumers = [p.consumer for p in pairs]
+    amax = input_channel_amax(reference, consumers, *decoder_args(reference, samples))
     scales = {
         p.consumer: smoothing_scales(
             amax[p.consumer],

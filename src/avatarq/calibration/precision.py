@@ -81,15 +81,15 @@ def _max_quantized(
 def measured_sensitivity(
     decoder: nn.Module,
     layers: list[LayerInfo],
-    z: torch.Tensor,
-    view: torch.Tensor,
+    *args: torch.Tensor,
     bits: int | str = DEFAULT_BITS,
     symmetric: bool = True,
 ) -> dict[str, float]:
     """{layer: output NSR with that layer alone max-calibrated to ``bits`` (a format)}.
 
     One FP32 pass records every layer's input, then one pass per layer with only that
-    layer quantized. ``decoder`` is used in place and restored; z [N, Z], view [N, 3].
+    layer quantized. ``decoder`` is used in place and restored; ``args``: its inputs
+    (z [N, Z], view [N, 3] for a DAM).
     """
     fmt = parse_format(bits)
     inputs: dict[str, torch.Tensor] = {}
@@ -102,7 +102,7 @@ def measured_sensitivity(
 
     handles = [get_layer(decoder, i.name).register_forward_hook(keep(i.name)) for i in layers]
     try:
-        reference = decoder(z, view)
+        reference = decoder(*args)
     finally:
         for h in handles:
             h.remove()
@@ -113,7 +113,7 @@ def measured_sensitivity(
             decoder, {info.name: _max_quantized(module, info, inputs[info.name], fmt, symmetric)}
         )
         try:
-            out[info.name] = _output_nsr(reference, decoder(z, view))
+            out[info.name] = _output_nsr(reference, decoder(*args))
         finally:
             install(decoder, {info.name: module})
     return out
@@ -154,30 +154,28 @@ def effective_weight(
 def omega_sensitivity(
     decoder: nn.Module,
     layers: list[LayerInfo],
-    z: torch.Tensor,
-    view: torch.Tensor,
+    *args: torch.Tensor,
     bits: int | str = DEFAULT_BITS,
 ) -> dict[str, float]:
     """{layer: dw^T H dw} with dw the per-channel max-calibrated weight error of that layer
     and H the Hessian of sum over outputs of mean((f(w) - F)^2) / var(F) at the FP32 w."""
     fmt = parse_format(bits)
     with torch.no_grad():
-        reference = tuple(t.detach() for t in decoder(z, view))
+        reference = tuple(t.detach() for t in decoder(*args))
     out: dict[str, float] = {}
     for info in layers:
         weight = get_layer(decoder, info.name).weight
         scale = weight_scales(weight, info.weight_axis, fmt.weight_grid)
         codes = weight_codes(weight, scale, info.weight_axis, fmt.weight_grid)
         approx = dequantize_weight(codes, scale, info.weight_axis)
-        out[info.name] = omega(decoder, info, approx, z, view, reference)
+        out[info.name] = omega(decoder, info, approx, args, reference)
     return out
 
 
 def allocate_formats(
     decoder: nn.Module,
     layers: list[LayerInfo],
-    z: torch.Tensor,
-    view: torch.Tensor,
+    args: tuple[torch.Tensor, ...],
     config,  # CalibrationConfig
     progress=None,
 ) -> Allocation:
@@ -217,7 +215,7 @@ def allocate_formats(
             f"({', '.join(names)}): {need:.4g}{budget.unit}"
         )
     with torch.no_grad():
-        reference = tuple(t.detach() for t in decoder(z, view))
+        reference = tuple(t.detach() for t in decoder(*args))
     costs: list[list[float]] = []
     for i, (info, row) in enumerate(zip(layers, choices, strict=True)):
         if progress is not None:
@@ -231,8 +229,7 @@ def allocate_formats(
                     effective_weight(
                         weight, info, f, config.weight_block, config.weight_search, rotate
                     ),
-                    z,
-                    view,
+                    args,
                     reference,
                 )
                 if len(row) > 1

@@ -44,8 +44,6 @@ class CalibrationSamples:
     def __post_init__(self) -> None:
         if self.inputs.M is not None and self.topology is None:
             raise AvatarqError("calibration samples with cameras need a topology")
-        if "z" not in self.inputs.arrays or "view" not in self.inputs.arrays:
-            raise AvatarqError("calibration samples need z [N, Z] and view [N, 3]")
 
     @classmethod
     def of(
@@ -85,6 +83,13 @@ class CalibrationSamples:
     def view(self) -> torch.Tensor:
         """float32 [N, 3] unit view directions, head coordinates."""
         return torch.from_numpy(self.inputs.view)
+
+    def args(
+        self, names: Sequence[str], start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The arrays ``names`` of samples start..stop-1 as torch tensors, in that order
+        (what a decoder declaring those inputs takes positionally)."""
+        return tuple(torch.from_numpy(self.inputs[name])[start:stop] for name in names)
 
     @property
     def M(self) -> torch.Tensor | None:
@@ -237,7 +242,8 @@ def samples_from_latents(
     seed: int = 0,
     capture=None,
 ) -> CalibrationSamples:
-    """Seeded samples from ordered `DecoderInputs` (a latent file: z, view, labels).
+    """Seeded samples from ordered `DecoderInputs` (a latent file: z, view or any named
+    arrays a declared decoder takes, labels).
 
     Random samples are steps drawn without replacement (when possible); clips are windows
     of consecutive steps. With ``capture`` and segment/frame/camera labels in the sequence,
@@ -265,16 +271,20 @@ def samples_from_latents(
             )
         M = np.stack([capture.projection(s, f, c) for s, f, c in ids])
         topology, resolution = capture.topology, capture.image_size
-    return CalibrationSamples.of(
-        sequence.z[sel],
-        sequence.view[sel],
+    source = f"latent sequence ({t} steps), seed {seed}"
+    if set(sequence.arrays) == {"z", "view"}:
+        return CalibrationSamples.of(
+            sequence.z[sel], sequence.view[sel], ids, tuple(clips), M, topology, resolution, source
+        )
+    inputs = DecoderInputs(
+        {name: array[sel] for name, array in sequence.arrays.items()},
         ids,
         tuple(clips),
         M,
-        topology,
-        resolution,
-        source=f"latent sequence ({t} steps), seed {seed}",
+        resolution if M is not None else None,
+        source,
     )
+    return CalibrationSamples(inputs, topology)
 
 
 #: Views of data-free samples stay within this angle of the front (degrees).
@@ -323,3 +333,28 @@ def samples_from_prior(
         tuple(clips),
         source=f"data-free: z ~ N(0, I), views within {cone_deg:g} deg of the front, seed {seed}",
     )
+
+
+def decoder_args(
+    decoder: torch.nn.Module, samples: CalibrationSamples, start: int = 0, stop: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Samples start..stop-1 as the positional inputs of ``decoder`` (its declaration's
+    order: z, view for a DAM)."""
+    from avatarq.models.declaration import declaration_of
+
+    return samples.args(declaration_of(decoder).input_names, start, stop)
+
+
+def check_samples(decoder: torch.nn.Module, samples: CalibrationSamples) -> None:
+    """AvatarqError unless ``samples`` hold every input ``decoder`` declares, in its shape."""
+    from avatarq.models.declaration import declaration_of
+
+    declaration = declaration_of(decoder)
+    for spec in declaration.inputs:
+        if spec.name not in samples.inputs.arrays:
+            raise AvatarqError(
+                f"the calibration data has no array {spec.name!r} (it holds "
+                f"{', '.join(samples.inputs.arrays)}); the decoder declares "
+                f"{', '.join(str(s) for s in declaration.inputs)}"
+            )
+        samples.inputs.check_array(spec.name, spec.shape)

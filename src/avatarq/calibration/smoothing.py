@@ -88,6 +88,8 @@ def smoothing_pairs(decoder: nn.Module) -> list[SmoothingPair]:
     from avatarq.models.layers import ConvUpsample
 
     pairs: list[SmoothingPair] = []
+    if not hasattr(getattr(decoder, "config", None), "base_size"):
+        return pairs  # not a DAM: no known exact pairs
     heads = {
         "dec.texture_decoder.upsample": ("dec.texture_fc", decoder.config.base_size**2, None),
         "warp.upsample": ("warp.mlp.2", 4, "warp.outconv"),
@@ -207,9 +209,10 @@ def smooth_decoder(
 
 @torch.no_grad()
 def input_channel_amax(
-    decoder: nn.Module, names: list[str], z: torch.Tensor, view: torch.Tensor, batch: int = 8
+    decoder: nn.Module, names: list[str], *inputs: torch.Tensor, batch: int = 8
 ) -> dict[str, torch.Tensor]:
-    """{layer: max |x_c| over every sample and position of its input}: float32 [Cin]."""
+    """{layer: max |x_c| over every sample and position of its input}: float32 [Cin].
+    ``inputs``: the decoder's inputs [N, ...] (z, view for a DAM)."""
     out: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
@@ -222,8 +225,8 @@ def input_channel_amax(
 
         handles.append(decoder.get_submodule(name).register_forward_hook(hook))
     try:
-        for start in range(0, z.shape[0], batch):
-            decoder(z[start : start + batch], view[start : start + batch])
+        for start in range(0, inputs[0].shape[0], batch):
+            decoder(*(x[start : start + batch] for x in inputs))
     finally:
         for h in handles:
             h.remove()

@@ -67,6 +67,67 @@ CameraOption = Annotated[
 CheckpointArgument = Annotated[
     Path, typer.Option("--model", "-m", help="A Multiface-format DAM checkpoint (.pt).")
 ]
+DecoderArgument = Annotated[
+    Path,
+    typer.Option(
+        "--model",
+        "-m",
+        help="A Multiface-format DAM checkpoint (.pt), or your own decoder as "
+        "path/to/file.py:factory (with --input and --texture-output).",
+    ),
+]
+InputOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input",
+        help="A declared decoder's input NAME:SHAPE (z:256, code:4x8x8), once per input in "
+        "forward's order; fed from the latent file's array of that name.",
+    ),
+]
+TextureOutputOption = Annotated[
+    str | None,
+    typer.Option(help="A declared decoder's output the metrics judge (name or index)."),
+]
+MeshOutputOption = Annotated[
+    str | None,
+    typer.Option(help="A declared decoder's vertices output [B, V, 3] (name or index)."),
+]
+
+
+def declared_decoder(
+    model: Path, inputs: list[str] | None, texture_output: str | None, mesh_output: str | None
+) -> Any:
+    """The `DeclaredDecoder` of ``--model file.py:factory`` with its declaration, or None
+    for a checkpoint (which takes no declaration options)."""
+    text = str(model)
+    if ".py:" not in text and not text.endswith(".py"):
+        given = [
+            name
+            for name, value in (
+                ("--input", inputs),
+                ("--texture-output", texture_output),
+                ("--mesh-output", mesh_output),
+            )
+            if value
+        ]
+        if given:
+            raise AvatarqError(
+                f"{', '.join(given)} declare your own decoder: --model path/to/file.py:factory"
+            )
+        return None
+    if not inputs:
+        raise AvatarqError(
+            f"--model {text} is your own decoder: declare its inputs with --input NAME:SHAPE"
+        )
+    if texture_output is None:
+        raise AvatarqError(
+            f"--model {text} is your own decoder: name the output the metrics judge with "
+            "--texture-output NAME_OR_INDEX"
+        )
+    from avatarq.models.declaration import InputSpec, declare, load_factory
+
+    specs = [InputSpec.parse(i) for i in inputs]  # bad declarations fail before the import
+    return declare(load_factory(text), specs, texture_output, mesh_output)
 
 
 def user_errors(fn: F) -> F:

@@ -34,7 +34,8 @@ def info(
         console.print_json(json.dumps(described))
         return
     c = described["config"]
-    console.print(f"[bold]{model}[/bold]: Multiface DAM, arch [bold]{c['arch']}[/bold]")
+    family = "PiCA-style decoder" if c["arch"] == "pica" else "Multiface DAM"
+    console.print(f"[bold]{model}[/bold]: {family}, arch [bold]{c['arch']}[/bold]")
     console.print(
         f"  z {c['z_dim']}, texture {c['tex_size']}x{c['tex_size']}, {c['n_vertices']} vertices, "
         f"{c['n_cams']} cameras, encoder {'yes' if c['has_encoder'] else 'no'}"
@@ -68,7 +69,7 @@ def _info_bundle(path: Path, as_json: bool) -> None:
         console.print_json(json.dumps(record))
         return
     console.print(
-        f"[bold]{bundle.root}[/bold]: {m.arch} DAM decoder, z {m.z_dim}, texture "
+        f"[bold]{bundle.root}[/bold]: {_family(m.arch)}, z {m.z_dim}, texture "
         f"{m.tex_size}x{m.tex_size}, {m.n_vertices} vertices; precision [bold]{m.precision}[/bold]"
     )
     size = sizes["model.onnx"]
@@ -131,3 +132,10 @@ def synth(
     console.print(
         f"checkpoint  {avatar.checkpoint}  ({state}, final loss {training['final_loss']:.4f})"
     )
+
+
+def _family(arch: str) -> str:
+    """How a bundle's decoder is named: a Multiface DAM, a PiCA-style or a declared decoder."""
+    if arch == "declared":
+        return "declared decoder"
+    return "PiCA-style decoder" if arch == "pica" else f"{arch} DAM decoder"

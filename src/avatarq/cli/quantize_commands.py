@@ -11,12 +11,16 @@ import typer
 
 from avatarq.cli.app import (
     CameraOption,
-    CheckpointArgument,
+    DecoderArgument,
     ForceOption,
+    InputOption,
     JsonOption,
+    MeshOutputOption,
     SeedOption,
+    TextureOutputOption,
     app,
     console,
+    declared_decoder,
     progress_bar,
     user_errors,
 )
@@ -39,7 +43,7 @@ def default_bundle_path(model: Path, kind: str) -> Path:
 @app.command()
 @user_errors
 def calibrate(
-    model: CheckpointArgument,
+    model: DecoderArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration artifact directory.")],
     data: Annotated[
         Path | None,
@@ -126,13 +130,19 @@ def calibrate(
         str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=w8a8'.")
     ] = None,
     camera: CameraOption = None,
+    inputs: InputOption = None,
+    texture_output: TextureOutputOption = None,
+    mesh_output: MeshOutputOption = None,
     seed: SeedOption = 0,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Calibrate a decoder with POCA and write the calibration artifact.
 
-    Example: avatarq calibrate dam.pt --data capture/ --bits w4a8 -o calib/
+    Example: avatarq calibrate --model dam.pt --data capture/ --bits w4a8 -o calib/
+
+    Your own decoder: avatarq calibrate --model my_decoder.py:factory --input z:256
+    --input view:3 --texture-output 0 --data latents.npz -o calib/
     """
     from avatarq.calibration import CalibrationConfig, parse_precision
     from avatarq.calibration.formats import parse_format
@@ -168,11 +178,22 @@ def calibrate(
         seed=seed,
     )
     _check_output(out, "calib.json", force)
-    loaded = load_checkpoint(model)
+    declared = declared_decoder(model, inputs, texture_output, mesh_output)
+    if declared is not None:
+        from avatarq.calibration.from_files import calibrate_declared
+
+        for name, value in (("--capture", capture), ("--camera", camera)):
+            if value is not None:
+                raise AvatarqError(f"{name} applies to a Multiface DAM, not to your own decoder")
+    else:
+        loaded = load_checkpoint(model)
     with progress_bar("calibrate") as progress:
         timer = PhaseTimer(progress)
         started = time.perf_counter()
-        _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, timer)
+        if declared is not None:
+            artifact = calibrate_declared(declared, data, config, samples, timer)
+        else:
+            _, artifact = calibrate_decoder(loaded, data, capture, config, samples, camera, timer)
         artifact.save(out)
     seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     plan = artifact.precision
@@ -210,7 +231,7 @@ def _check_output(out: Path, marker: str, force: bool) -> None:
 @app.command()
 @user_errors
 def export(
-    model: CheckpointArgument,
+    model: DecoderArgument,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -259,6 +280,9 @@ def export(
     reference: Annotated[
         bool, typer.Option(help="Keep the FP32 graph in INT8/FP16 bundles (bench needs it).")
     ] = True,
+    inputs: InputOption = None,
+    texture_output: TextureOutputOption = None,
+    mesh_output: MeshOutputOption = None,
     seed: SeedOption = 0,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -268,9 +292,13 @@ def export(
     Without --capture or --data, --int8 calibrates data-free (latents from the prior).
 
     Example: avatarq export --model dam.pt --int8
+
+    Your own decoder: avatarq export --model my_decoder.py:factory --input z:256 --input
+    view:3 --texture-output 0 --int8 --data latents.npz -o my.avq
     """
     from avatarq.core.progress import PhaseTimer
     from avatarq.export import ExportOptions, export_bundle
+    from avatarq.export.exporter import export_decoder
 
     axes = {"1": 1, "0": 0, "tensor": None}
     if conv_transpose_axis not in axes:
@@ -293,11 +321,20 @@ def export(
         reference=reference,
     )
     kind = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
+    declared = declared_decoder(model, inputs, texture_output, mesh_output)
+    if declared is not None:
+        if out is None:
+            raise AvatarqError("your own decoder needs an output bundle: -o my.avq")
+        if capture is not None:
+            raise AvatarqError("--capture applies to a Multiface DAM, not to your own decoder")
     out = out if out is not None else default_bundle_path(model, kind)
     with progress_bar("export") as progress:
         timer = PhaseTimer(progress)
         started = time.perf_counter()
-        result = export_bundle(model, out, capture, options, timer, force)
+        if declared is not None:
+            result = export_decoder(declared, out, options, None, timer, force)
+        else:
+            result = export_bundle(model, out, capture, options, timer, force)
     seconds = {**timer.stop(), "total": round(time.perf_counter() - started, 3)}
     manifest = result.bundle.manifest
     if as_json:

@@ -198,6 +198,13 @@ def train_dam(
         n_cams=data.n_cams,
     )
     model = DeepAppearanceModel(model_config).train()
+    if config.arch == "pica":  # each vertex reads the position map at its uv
+        from avatarq.models.pica import vertex_uvs
+
+        topo = capture.topology
+        model.dec.set_vertex_uv(
+            vertex_uvs(topo.vert_ids, topo.uv_ids, topo.uvs, model_config.n_vertices)
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     report = TrainReport()

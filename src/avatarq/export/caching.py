@@ -173,6 +173,22 @@ class _PackedWarp(WarpNetwork):
 
         self.config = _Config(2 * z_dim + 3, cache.config.tex_size)  # type: ignore[assignment]
 
+    @property
+    def declaration(self):  # -> avatarq.models.declaration.DecoderDeclaration
+        """Inputs z = [z_ref | view_ref | z] [2Z + 3], view [3]; outputs texture, vertices."""
+        from avatarq.models.declaration import DecoderDeclaration, InputSpec
+
+        t, v = self.tex_size, self.mesh_fc.out_features // 3
+        return DecoderDeclaration(
+            "warp",
+            (InputSpec("z", (2 * self.z_dim + 3,)), InputSpec("view", (3,))),
+            ("texture", "vertices"),
+            ((3, t, t), (v, 3)),
+            mesh=True,
+            texture_output="texture",
+            mesh_output="vertices",
+        )
+
     def forward(self, zp: torch.Tensor, view: torch.Tensor):  # type: ignore[override]
         z_dim = self.z_dim
         z_ref, view_ref, z = zp[:, :z_dim], zp[:, z_dim : z_dim + 3], zp[:, z_dim + 3 :]
@@ -247,7 +263,13 @@ def decoder_of_bundle(bundle: Bundle, checkpoint: str | Path) -> DeployableDecod
     """The deployable decoder ``bundle`` was exported from (same normalization, camera),
     rebuilt from ``checkpoint`` after checking it is the bundle's source (sha256)."""
     from avatarq.models.checkpoint import load_checkpoint
+    from avatarq.models.config import ARCHS
 
+    arch = bundle.manifest.arch
+    if getattr(bundle.manifest, "declaration", None) is not None or arch not in ARCHS:
+        raise AvatarqError(
+            f"Neural-Caching needs a Multiface DAM bundle; {bundle.root} holds a {arch} decoder"
+        )
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise AvatarqError(f"checkpoint not found: {checkpoint}")

@@ -1,15 +1,19 @@
-"""`export_bundle`: checkpoint (+ capture) -> a validated bundle directory."""
+"""`export_bundle`: checkpoint (+ capture) -> a validated bundle directory; `export_decoder`:
+the same for a declared decoder (any module, `avatarq.models.declare`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from avatarq import __version__
+from avatarq.calibration.artifact import decoder_hash
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.progress import Progress, or_silent
@@ -35,6 +39,7 @@ from avatarq.export.storage import describe_storage, initializer_bytes
 from avatarq.export.validate import validate_against_torch, validation_record
 from avatarq.measure import Comparison, Tolerances
 from avatarq.models.checkpoint import load_checkpoint
+from avatarq.models.declaration import DecoderDeclaration, declaration_of
 from avatarq.models.deploy import DeployableDecoder
 
 # ORT CPU vs torch: float32 agrees to rounding; float16 loses ~11 bits per op.
@@ -138,6 +143,44 @@ def export_bundle(
     if quantized:  # read and check the calibration (or its data) before any work
         say("reading calibration data")
         artifact, samples = _calibration_inputs(model, decoder, capture_root, options)
+
+    def inputs_for_validation() -> tuple[DecoderInputs, str]:
+        return validation_inputs(decoder, capture, model, options.n_validation, options.seed)
+
+    return _export(
+        decoder,
+        out,
+        options,
+        say,
+        force,
+        artifact,
+        samples,
+        inputs_for_validation,
+        source_sha256=file_sha256(checkpoint),
+        capture=capture,
+        normalization=normalization,
+        calibration_data=options.calib_data or capture_root,
+    )
+
+
+def _export(
+    decoder,
+    out: str | Path,
+    options: ExportOptions,
+    say: Progress,
+    force: bool,
+    artifact,
+    samples,
+    inputs_for_validation,
+    source_sha256: str,
+    capture=None,
+    normalization=None,
+    calibration_data=None,
+) -> ExportResult:
+    """Trace ``decoder``, quantize it with ``artifact`` (or calibrate on ``samples`` now),
+    validate on ``inputs_for_validation()`` and write the bundle ``out``."""
+    quantized = options.int8 or options.fp8
+    declaration = declaration_of(decoder)
     say("tracing to ONNX")
     proto = export_onnx(decoder, ExportConfig(fp16=options.fp16, max_batch=options.max_batch))
     onnx.checker.check_model(proto)
@@ -156,7 +199,7 @@ def export_bundle(
             from avatarq.calibration.pipeline import calibrate
 
             kind = "POCA, fp8" if options.fp8 else "POCA"
-            data = options.calib_data or capture_root
+            data = calibration_data
             say(f"calibrating ({kind})" if data else f"calibrating ({kind}, data-free)")
             bits = "fp8" if options.fp8 else "w8a8"
             config = CalibrationConfig(seed=options.seed, bits=bits)
@@ -191,9 +234,7 @@ def export_bundle(
         result = None
         validation: ValidationRecord | None = None
         if options.validate:
-            inputs, source = validation_inputs(
-                decoder, capture, model, options.n_validation, options.seed
-            )
+            inputs, source = inputs_for_validation()
         if options.validate and artifact is not None:
             from avatarq.export.qdq import QDQConfig, validate_qdq
 
@@ -228,19 +269,24 @@ def export_bundle(
             validation = validation_record(result, source)
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
-        inputs, outputs = _tensor_specs(decoder)
+        if isinstance(decoder, DeployableDecoder):
+            inputs, outputs = _tensor_specs(decoder)
+            record = None
+        else:
+            inputs, outputs = _declared_specs(declaration)
+            record = declaration.to_dict()
         manifest = Manifest(
-            arch=model.config.arch,
-            z_dim=model.config.z_dim,
-            tex_size=model.config.tex_size,
-            n_vertices=model.config.n_vertices,
+            arch=declaration.arch,
+            z_dim=_z_dim(declaration),
+            tex_size=int(declaration.texture_shape[-2]),
+            n_vertices=declaration.n_vertices,
             inputs=inputs,
             outputs=outputs,
             precision=precision,
             layer_precision=layer_precision,
-            normalization=_normalization_record(normalization),
+            normalization=_normalization_record(normalization, declaration),
             model_sha256=file_sha256(model_path),
-            source_checkpoint_sha256=file_sha256(checkpoint),
+            source_checkpoint_sha256=source_sha256,
             versions=_versions(),
             export_options=options,
             reference=reference_record,
@@ -249,10 +295,139 @@ def export_bundle(
             calib_sha256=calib_sha,
             layer_storage=storage,
             size_bytes=sizes,
+            declaration=record,
         )
         bundle = writer.commit(manifest)
     source = None if artifact is None else str(artifact.samples.get("source", ""))
     return ExportResult(bundle, result, source)
+
+
+def _z_dim(declaration: DecoderDeclaration) -> int:
+    """The latent size a bundle records: z's size when declared, else the first input's."""
+    for spec in declaration.inputs:
+        if spec.name == "z" and len(spec.shape) == 1:
+            return spec.shape[0]
+    return math.prod(declaration.inputs[0].shape)
+
+
+def _declared_specs(
+    declaration: DecoderDeclaration,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [
+        TensorSpec(s.name, "float32", ["batch", *s.shape], "declared input")
+        for s in declaration.inputs
+    ]
+    meanings = ["texture (judged by the metrics)"]
+    if declaration.mesh:
+        meanings.append("head-local mesh vertices")
+    outputs = [
+        TensorSpec(
+            name,
+            "float32",
+            ["batch", *shape],
+            meanings[i] if i < len(meanings) else "declared output",
+        )
+        for i, (name, shape) in enumerate(
+            zip(declaration.outputs, declaration.output_shapes, strict=True)
+        )
+    ]
+    return inputs, outputs
+
+
+def export_decoder(
+    decoder: nn.Module,
+    out: str | Path,
+    options: ExportOptions = ExportOptions(),
+    data: str | Path | DecoderInputs | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> ExportResult:
+    """Export a declared decoder (`avatarq.models.declare`) to the bundle ``out``.
+
+    ``data``: a latent .npz (or `DecoderInputs`) holding the decoder's inputs by name:
+    calibration samples with ``options.int8``/``fp8`` (required then unless
+    ``options.calib`` names an artifact) and the validation inputs (else seeded N(0, 1)
+    draws, views around the front). The bundle has the declared inputs and outputs;
+    nothing is rendered unless a mesh output is declared (and a topology added).
+    """
+    from avatarq.calibration.samples import check_samples
+
+    say = or_silent(progress)
+    BundleWriter(out, force).abort()  # refuse a bad output before minutes of work
+    declaration = declaration_of(decoder)
+    if isinstance(decoder, DeployableDecoder):
+        raise AvatarqError("a Multiface DAM exports from its checkpoint: use export_bundle")
+    if options.camera is not None:
+        raise AvatarqError("--camera applies to a Multiface DAM only")
+    sequence = _declared_data(data, options)
+    artifact = samples = None
+    if options.int8 or options.fp8:
+        if options.calib is not None:
+            from avatarq.calibration import CalibrationArtifact
+
+            artifact = CalibrationArtifact.load(options.calib, decoder)
+        elif sequence is None:
+            raise AvatarqError(
+                "--int8 with a declared decoder needs --data latents.npz holding its inputs "
+                f"({', '.join(str(s) for s in declaration.inputs)}) or --calib"
+            )
+        else:
+            from avatarq.calibration.samples import samples_from_latents
+
+            samples = samples_from_latents(sequence.subset(range(len(sequence))), seed=options.seed)
+            check_samples(decoder, samples)
+
+    def inputs_for_validation() -> tuple[DecoderInputs, str]:
+        if sequence is not None:
+            n = min(len(sequence), options.n_validation)
+            if n >= 2:
+                return sequence.subset(range(n)), f"{sequence.source}, first {n} steps"
+        return declared_validation_inputs(declaration, options.n_validation, options.seed)
+
+    return _export(
+        decoder,
+        out,
+        options,
+        say,
+        force,
+        artifact,
+        samples,
+        inputs_for_validation,
+        source_sha256=decoder_hash(decoder),
+        calibration_data=None if sequence is None else sequence.source,
+    )
+
+
+def _declared_data(data, options: ExportOptions) -> DecoderInputs | None:
+    """The latent data of a declared export, restricted to the decoder's inputs later."""
+    if data is None and options.calib_data is not None:
+        data = options.calib_data
+    if data is None or isinstance(data, DecoderInputs):
+        return data
+    from avatarq.data.latents import load_inputs
+
+    path = Path(data)
+    if path.is_dir():
+        raise AvatarqError(
+            f"--data {path} is a folder; a declared decoder reads a latent .npz holding its inputs"
+        )
+    return load_inputs(path)
+
+
+def declared_validation_inputs(
+    declaration: DecoderDeclaration, n: int, seed: int
+) -> tuple[DecoderInputs, str]:
+    """Seeded N(0, 1) draws of every declared input (a ``view`` [3] input: unit vectors
+    around the front, as for a DAM)."""
+    gen = torch.Generator().manual_seed(seed)
+    arrays = {}
+    for spec in declaration.inputs:
+        x = torch.randn(n, *spec.shape, generator=gen)
+        if spec.name == "view" and spec.shape == (3,):
+            x = x * 0.3 + torch.tensor([0.0, 0.0, 1.0])
+            x = x / x.norm(dim=1, keepdim=True)
+        arrays[spec.name] = x.numpy()
+    return DecoderInputs(arrays), f"seeded N(0, 1) inputs (seed {seed})"
 
 
 def _calibration_inputs(model, decoder: DeployableDecoder, capture_root, options: ExportOptions):
@@ -278,7 +453,11 @@ def _calibration_inputs(model, decoder: DeployableDecoder, capture_root, options
     return None, load_samples(model, options.calib_data, capture, seed=options.seed)
 
 
-def _normalization_record(normalization) -> NormalizationRecord:
+def _normalization_record(normalization, declaration=None) -> NormalizationRecord:
+    if normalization is None and declaration is not None and declaration.arch == "declared":
+        return NormalizationRecord(
+            folded=False, note="a declared decoder: outputs are in the module's own units"
+        )
     if normalization is None:
         return NormalizationRecord(
             folded=False,

@@ -339,8 +339,9 @@ class CachingRecord:
     produces a later frame from that cache. The runtime refreshes the cache every
     ``refresh_every`` frames. ``warp_config`` is the warp network's shape
     (`avatarq.models.caching.WarpConfig`), ``warp_weights_sha256`` the sha256 of its
-    trained weights (`avatarq.workflows.caching.weights_sha256`), ``distillation`` the distillation's summary losses (normalized texture MSE) and
-    ``validation`` the graphs' PSNR (dB) against the torch networks at export.
+    trained weights (`avatarq.workflows.caching.weights_sha256`), ``distillation`` the
+    distillation's summary losses (normalized texture MSE) and ``validation`` the graphs'
+    PSNR (dB) against the torch networks at export.
     """
 
     __pydantic_config__ = DOCUMENT_CONFIG
@@ -382,7 +383,9 @@ class Manifest:
     """What a runtime in any language needs to know about a bundle (docs/bundle.md).
 
     Attributes:
-        arch, z_dim, tex_size, n_vertices: the decoder.
+        arch, z_dim, tex_size, n_vertices: the decoder (a declared decoder: ``declared``,
+            z's size or the first input's element count, the texture's height, the mesh
+            output's vertices or 0).
         inputs, outputs: the graph's I/O.
         precision: ``fp32``, ``fp16``, the one format of a quantized graph (``w8a8``,
             ``w4a8``, ``fp8``, ...; ``int8`` in bundles written before formats) or ``mixed``.
@@ -426,6 +429,7 @@ class Manifest:
     engines: list[EngineRecord] = field(default_factory=list)
     layer_storage: dict[str, LayerStorage] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
+    declaration: dict[str, Any] | None = None
     caching: CachingRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
@@ -443,7 +447,9 @@ class Manifest:
                 f"{'a caching record' if self.caching else 'no caching record'} needs {expected}"
             )
         _check_precision(self.precision)
-        for name in ("z_dim", "tex_size", "n_vertices"):
+        for name in ("z_dim", "tex_size"):
             _positive_int(name, getattr(self, name))
+        # a declared decoder without a mesh output has no vertices
+        _positive_int("n_vertices", self.n_vertices, 0 if self.declaration else 1)
         if len(self.model_sha256) != 64:
             raise AvatarqError("model_sha256 must be a sha256 hex digest")

@@ -17,12 +17,14 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
-from avatarq.errors import InternalError
+from avatarq.errors import AvatarqError, InternalError
+from avatarq.models.declaration import declaration_of
 from avatarq.models.deploy import DeployableDecoder
 
 OPSET = 19
@@ -67,18 +69,35 @@ class _Float32Boundary(nn.Module):
         return texture.float(), vertices.float()
 
 
-def export_onnx(
-    decoder: DeployableDecoder, config: ExportConfig = ExportConfig()
-) -> onnx.ModelProto:
-    """Trace ``decoder`` (left unchanged) and return the ONNX model in memory."""
+class _Float32BoundaryN(nn.Module):
+    """`_Float32Boundary` for a declared decoder: any number of inputs and outputs."""
+
+    def __init__(self, decoder: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.dtype = dtype
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.float() for o in self.decoder(*(x.to(self.dtype) for x in inputs)))
+
+
+def export_onnx(decoder: nn.Module, config: ExportConfig = ExportConfig()) -> onnx.ModelProto:
+    """Trace ``decoder`` (left unchanged) and return the ONNX model in memory.
+
+    A DAM's `DeployableDecoder` gives inputs z, view and outputs texture, vertices; any
+    other decoder is exported by its declaration (`avatarq.models.declaration`): inputs
+    and outputs named as declared, the batch dynamic on each.
+    """
     import copy
 
     module = copy.deepcopy(decoder).eval()
     dtype = torch.float16 if config.fp16 else torch.float32
+    batch = torch.export.Dim("batch", min=1, max=config.max_batch)
+    if not isinstance(decoder, DeployableDecoder):
+        return _export_declared(module, dtype, batch, config)
     wrapped = _Float32Boundary(module.to(dtype), dtype).eval()
     z_dim = decoder.config.z_dim
     example = (torch.zeros(1, z_dim), torch.tensor([[0.0, 0.0, 1.0]]))
-    batch = torch.export.Dim("batch", min=1, max=config.max_batch)
     # The exporter narrates every step on stdout and warns about internals; keep the CLI quiet.
     sink = io.StringIO()
     previous = logging.getLogger("torch.onnx").level
@@ -108,6 +127,65 @@ def export_onnx(
     _strip_wrapper_prefix(model)
     _strip_stack_traces(model)
     return model
+
+
+def _export_declared(
+    module: nn.Module, dtype: torch.dtype, batch: Any, config: ExportConfig
+) -> onnx.ModelProto:
+    """`export_onnx` for a decoder with a declaration (inputs and outputs as declared)."""
+    declaration = declaration_of(module)
+    wrapped = _Float32BoundaryN(module.to(dtype), dtype).eval()
+    example = declaration.example_inputs(1)
+    sink = io.StringIO()
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapped,
+                example,
+                dynamo=True,
+                output_names=list(declaration.outputs),
+                dynamic_shapes=(tuple({0: batch} for _ in example),),
+                opset_version=config.opset,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter's own refusal, e.g. an op without an ONNX form
+        detail = " ".join(str(exc).split())[:300]
+        raise AvatarqError(
+            f"the decoder cannot be exported to ONNX ({type(exc).__name__}: {detail})"
+        ) from None
+    finally:
+        logging.getLogger("torch.onnx").setLevel(previous)
+    _name_inputs(program.model.graph, declaration.input_names)
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    model.producer_name = "avatarq"
+    names = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if names != list(declaration.input_names) or outputs != list(declaration.outputs):
+        raise InternalError(f"exported graph has inputs {names}, outputs {outputs}")
+    _strip_wrapper_prefix(model)
+    _strip_stack_traces(model)
+    return model
+
+
+def _name_inputs(graph: Any, names: tuple[str, ...]) -> None:
+    """Give the graph's inputs (an onnx_ir graph) the declared ``names``; an inner value
+    that already holds one of them (``view`` from a reshape) gets a free name first."""
+    taken = {v.name for node in graph for v in node.outputs if v.name}
+    taken |= {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if value.name in names:
+                k = 0
+                while f"{value.name}_{k}" in taken:
+                    k += 1
+                value.name = f"{value.name}_{k}"
+                taken.add(value.name)
+    for value, name in zip(graph.inputs, names, strict=True):
+        value.name = name
 
 
 def _strip_stack_traces(model: onnx.ModelProto) -> None:

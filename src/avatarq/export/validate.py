@@ -64,12 +64,19 @@ def validate_against_torch(
     ``peak``: 255 for a de-normalized texture in 0..255 units, else None (the reference's
     first-frame range). Tolerances apply to the texture on texture / peak.
     """
+    from avatarq.models.declaration import declaration_of
+
+    declaration = declaration_of(reference)
+    names = declaration.input_names
+    if set(inputs.arrays) != set(names):  # feed exactly the graph's inputs
+        inputs = DecoderInputs({n: inputs[n] for n in names}, inputs.ids, source=inputs.source)
     return compare(
-        ModuleDecoder(reference_name, reference),
+        ModuleDecoder(reference_name, reference, names),
         SessionDecoder("onnxruntime", model_path),
         inputs,
         tolerances,
-        output_names=DAM_OUTPUTS,
+        output_names=declaration.outputs,
+        image_output=declaration.outputs[0],
         peak=peak,
         batch=batch,
         compute_ssim=False,

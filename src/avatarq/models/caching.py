@@ -134,6 +134,23 @@ class CacheNetwork(nn.Module):
         self.eval()
 
     @property
+    def declaration(self):  # -> avatarq.models.declaration.DecoderDeclaration
+        """Inputs z [Z], view [3]; outputs texture, vertices (a mesh) and features."""
+        from avatarq.models.declaration import DecoderDeclaration, InputSpec
+
+        c = self.config
+        side = self.feature_size
+        return DecoderDeclaration(
+            c.arch,
+            (InputSpec("z", (c.z_dim,)), InputSpec("view", (3,))),
+            ("texture", "vertices", "features"),
+            ((3, c.tex_size, c.tex_size), (c.n_vertices, 3), (self.feature_channels, side, side)),
+            mesh=True,
+            texture_output="texture",
+            mesh_output="vertices",
+        )
+
+    @property
     def feature_channels(self) -> int:
         return self.config.tex_decoder_channels()[2 * self.cache_blocks]
 

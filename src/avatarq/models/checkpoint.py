@@ -34,8 +34,27 @@ def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int,
     return shape
 
 
+def _infer_pica(state: Mapping[str, torch.Tensor]) -> DAMConfig:
+    """The config of a pica model (``dec.texDecoder.*``, ``dec.geomDecoder.*``)."""
+    from avatarq.models.pica import LATENT_SIDE
+
+    first = _shape(state, "dec.geomDecoder.upsample.0.conv1.conv.weight", 4)
+    z_dim = first[1] * LATENT_SIDE * LATENT_SIDE
+    blocks = {
+        int(m.group(1)) for k in state if (m := re.match(r"^dec\.texDecoder\.upsample\.(\d+)\.", k))
+    }
+    if not blocks or blocks != set(range(len(blocks))) or LATENT_SIDE << len(blocks) > MAX_TEX_SIZE:
+        raise AvatarqError("a pica state_dict needs consecutive 'dec.texDecoder.upsample.N' blocks")
+    n_vertices = _shape(state, "dec.vertex_uv", 2)[0]
+    n_cams = _shape(state, "cc.weight", 4)[0] + 1
+    has_encoder = any(k.startswith("enc.") for k in state)
+    return DAMConfig("pica", z_dim, LATENT_SIDE << len(blocks), n_vertices, n_cams, has_encoder)
+
+
 def infer_config(state: Mapping[str, torch.Tensor]) -> DAMConfig:
     """Infer arch, z, texture size, vertex count and camera count from a (bare) state_dict."""
+    if "dec.geomDecoder.upsample.0.conv1.conv.weight" in state:
+        return _infer_pica(state)
     z_dim = _shape(state, "dec.z_fc.weight", 2)[1]
     if z_dim < 1:
         raise AvatarqError("key 'dec.z_fc.weight' has 0 inputs; the latent size must be >= 1")
@@ -163,7 +182,8 @@ def _check_entry(path: Path, key: object, value: object) -> None:
             f"{path}: tensor {key!r} is {str(value.layout).removeprefix('torch.')}; expected "
             "a dense floating-point tensor"
         )
-    if value.dtype not in FLOAT_DTYPES:
+    counter = key.endswith(".num_batches_tracked") and value.dtype == torch.int64
+    if value.dtype not in FLOAT_DTYPES and not counter:  # BatchNorm counts batches in int64
         raise AvatarqError(
             f"{path}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
             "expected float32 (or float16, bfloat16, float64)"

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 from avatarq.errors import AvatarqError
 
+#: The Multiface DAM variants; FAMILY_ARCHS adds the PiCA-style decoder (`avatarq.models.pica`).
 ARCHS = ("base", "res", "non", "bilinear", "warp")
+FAMILY_ARCHS = (*ARCHS, "pica")
 CONFIG_VERSION = 1
 #: Largest sizes accepted (Multiface publishes z 256, texture 1024, 7306 vertices, 40 cameras):
 #: a checkpoint or option beyond them is a mistake, refused before anything is allocated.
@@ -29,7 +31,8 @@ class DAMConfig:
     """A Deep Appearance Model's sizes and variant.
 
     Attributes:
-        arch: one of ``base``, ``res``, ``non``, ``bilinear``, ``warp``.
+        arch: one of ``base``, ``res``, ``non``, ``bilinear``, ``warp`` (Multiface DAMs), or
+            ``pica`` (a PiCA-style decoder, `avatarq.models.pica`, with the DAM's encoder).
         z_dim: latent size Z (256 in the published models).
         tex_size: texture side T in texels, a power of two >= 16 (1024 published).
         n_vertices: mesh vertex count V (7306 published); the mesh output has 3V floats.
@@ -46,8 +49,10 @@ class DAMConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise AvatarqError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.arch not in FAMILY_ARCHS:
+            raise AvatarqError(
+                f"unknown arch {self.arch!r}; expected one of {', '.join(FAMILY_ARCHS)}"
+            )
         t = self.tex_size
         if (
             isinstance(t, bool)
@@ -61,6 +66,11 @@ class DAMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise AvatarqError(f"{name} must be an integer in 1..{high}, got {value!r}")
+        if self.arch == "pica" and self.z_dim % 64:
+            raise AvatarqError(
+                f"a pica decoder reads z as [Z/64, 8, 8] (NPVA: 256 = 4x8x8); z_dim {self.z_dim} "
+                "is not a multiple of 64"
+            )
 
     @property
     def mesh_size(self) -> int:

@@ -225,7 +225,12 @@ class DeepAppearanceModel(nn.Module):
         self.config = config
         if config.has_encoder:
             self.enc = DeepAppearanceEncoder(config)
-        self.dec = DeepAppearanceDecoder(config)
+        if config.arch == "pica":
+            from avatarq.models.pica import PicaDecoder
+
+            self.dec: nn.Module = PicaDecoder(config.z_dim, config.tex_size, config.n_vertices)
+        else:
+            self.dec = DeepAppearanceDecoder(config)
         self.cc = ColorCorrection(config.n_cams)
         if config.arch == "warp":
             self.warp = WarpFieldDecoder(config)

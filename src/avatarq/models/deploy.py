@@ -17,6 +17,7 @@ from torch import nn
 
 from avatarq.errors import AvatarqError
 from avatarq.models.dam import DeepAppearanceModel
+from avatarq.models.declaration import DecoderDeclaration, InputSpec
 from avatarq.models.layers import Conv2dWN, ConvTranspose2dWN, DeconvTexelBias, LinearWN
 
 
@@ -107,7 +108,12 @@ class DeployableDecoder(nn.Module):
         super().__init__()
         config = model.config
         self.config = config
-        self.dec = fold_weight_norm(model.dec)
+        if config.arch == "pica":
+            from avatarq.models.pica import fold_batch_norm
+
+            self.dec = fold_batch_norm(copy.deepcopy(model.dec).eval())
+        else:
+            self.dec = fold_weight_norm(model.dec)
         self.warp = fold_weight_norm(model.warp) if config.arch == "warp" else None
         gain = torch.ones(1, 3, 1, 1)
         offset = torch.zeros(1, 3, 1, 1)
@@ -143,6 +149,20 @@ class DeployableDecoder(nn.Module):
         self.register_buffer("vert_offset", vert_shift)
         self.denormalized = normalization is not None
         self.eval()
+
+    @property
+    def declaration(self) -> DecoderDeclaration:
+        """Inputs z [Z], view [3]; outputs texture [3, T, T] and vertices [V, 3] (a mesh)."""
+        c = self.config
+        return DecoderDeclaration(
+            c.arch,
+            (InputSpec("z", (c.z_dim,)), InputSpec("view", (3,))),
+            ("texture", "vertices"),
+            ((3, c.tex_size, c.tex_size), (c.n_vertices, 3)),
+            mesh=True,
+            texture_output="texture",
+            mesh_output="vertices",
+        )
 
     def forward(self, z: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture, mesh = self.dec(z, view)
