@@ -112,6 +112,7 @@ def test_more_up_stages_than_the_texture_allows_is_one_line_error(tiny):
 # ----------------------------------------------------------------------------- distillation
 
 
+@pytest.mark.slow
 def test_distillation_beats_the_cached_frame_on_the_trained_avatar(small_avatar):
     from avatarq.data.capture import MultifaceCapture
     from avatarq.data.encode import capture_normalization
