@@ -6,5 +6,6 @@ with AvatarRuntime.open("dam.avq", backend="auto") as avatar:
 """
 
 from avatarq.runtime.avatar import AvatarRuntime
+from avatarq.runtime.caching import CachingRuntime
 
-__all__ = ["AvatarRuntime"]
+__all__ = ["AvatarRuntime", "CachingRuntime"]
