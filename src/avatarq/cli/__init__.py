@@ -2,8 +2,8 @@
 
 Commands live in `model_commands` (info, synth), `quantize_commands` (calibrate, export),
 `engine_commands` (build, compare), `bench_commands` (bench, demo), `codec_commands`
-(vq) and `fleet_commands` (fleet); `app` holds the Typer app, error handling, progress bars and the options commands
-share.
+(vq), `caching_commands` (distill-warp) and `fleet_commands` (fleet); `app` holds the Typer
+app, error handling, progress bars and the options commands share.
 """
 
 # Importing a command module registers its commands, in the order `--help` lists them.
@@ -12,6 +12,7 @@ from avatarq.cli import quantize_commands
 from avatarq.cli import engine_commands
 from avatarq.cli import bench_commands
 from avatarq.cli import codec_commands
+from avatarq.cli import caching_commands
 from avatarq.cli import fleet_commands
 from avatarq.cli.app import app, main
 
@@ -19,6 +20,7 @@ __all__ = [
     "app",
     "bench_commands",
     "codec_commands",
+    "caching_commands",
     "engine_commands",
     "fleet_commands",
     "main",

@@ -141,6 +141,18 @@ def bench(
         Path | None,
         typer.Option(help="A codebook file (avatarq vq -o) instead of the bundle's; implies --vq."),
     ] = None,
+    caching: Annotated[
+        bool,
+        typer.Option(
+            "--caching",
+            help="Bench the Neural-Caching mode instead (distill-warp --bundle): latency of "
+            "the warp path and of the full decoder, quality and tDE of each vs FP32.",
+        ),
+    ] = False,
+    refresh: Annotated[
+        int | None,
+        typer.Option(min=1, max=10_000, help="--caching: cache period N (default: the bundle's)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Benchmark a bundle: latency, fidelity and temporal stability vs FP32, with gates.
@@ -151,6 +163,12 @@ def bench(
     Example: avatarq bench dam_int8.avq --gate 'psnr>=40,J<=0.5'
     """
     from avatarq.bench import BenchConfig, bench_bundle
+
+    if caching:
+        _bench_caching(
+            bundle, sequence, checkpoint, capture, refresh, warmup, iters, threads, as_json
+        )
+        return
 
     config = BenchConfig(
         runners=tuple(runner or ()),
@@ -208,6 +226,34 @@ def bench(
     if paths:
         console.print(f"report     {paths['html']}")
     raise typer.Exit(result.exit_code)
+
+
+def _bench_caching(
+    bundle: Path,
+    sequence: str | None,
+    checkpoint: Path | None,
+    capture: Path | None,
+    refresh: int | None,
+    warmup: int,
+    iters: int,
+    threads: int,
+    as_json: bool,
+) -> None:
+    from avatarq.bench.caching import bench_caching
+    from avatarq.bench.sequences import load_sequence
+    from avatarq.export.bundle import open_bundle
+
+    opened = open_bundle(bundle)
+    seq = load_sequence(
+        sequence, opened.manifest.z_dim, checkpoint, capture, opened.manifest.camera
+    )
+    with progress_bar("bench --caching") as progress:
+        result = bench_caching(bundle, seq, refresh, warmup, iters, threads, progress)
+    if as_json:
+        console.print_json(json.dumps(result.to_dict()))
+        return
+    for line in result.lines():
+        console.print(line, highlight=False)
 
 
 @app.command()

@@ -113,14 +113,17 @@ def document_schema(kind: Any) -> dict[str, Any]:
 
 
 def load_versioned_document(
-    path: str | Path, kind: type[T], version: int, what: str, fix: str
+    path: str | Path, kind: type[T], version: int | tuple[int, ...], what: str, fix: str
 ) -> T:
     """`load_document` after checking the document's ``schema_version`` (so an older or
-    newer file gets a message saying so, not a list of missing fields); ``fix`` ends it."""
+    newer file gets a message saying so, not a list of missing fields); ``version`` is the
+    one readable version or a tuple of them; ``fix`` ends the message."""
+    versions = version if isinstance(version, tuple) else (version,)
     found = read_json_object(Path(path)).get("schema_version")
-    if found != version:
+    if isinstance(found, bool) or found not in versions:
+        readable = " or ".join(str(v) for v in versions)
         raise AvatarqError(
-            f"{what} schema_version is {found!r}; this avatarq reads {version} ({fix})"
+            f"{what} schema_version is {found!r}; this avatarq reads {readable} ({fix})"
         )
     return load_document(path, kind, what)
 

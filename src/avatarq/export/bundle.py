@@ -30,7 +30,7 @@ from avatarq.core.files import StagedDirectory, atomic_write_text, inside
 from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
 from avatarq.export.manifest import (
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     CodebookRecord,
     Manifest,
     OnnxRuntimeEngineRecord,
@@ -113,6 +113,26 @@ class Bundle:
         if file_sha256(path) != ref.sha256:
             raise AvatarqError(f"{path} is not the reference graph the manifest pins (sha256)")
         check_graph_io(path, self.manifest)
+        return path
+
+    def caching_graph_path(self, which: str) -> Path:
+        """The Neural-Caching graph ``which`` ("cache" or "warp"), after checking its sha256
+        and its inputs and outputs against the manifest's caching record."""
+        record = self.manifest.caching
+        if record is None:
+            raise AvatarqError(
+                f"bundle {self.root} has no Neural-Caching graphs; add them with avatarq "
+                "distill-warp --bundle"
+            )
+        if which not in ("cache", "warp"):
+            raise AvatarqError(f"caching graph must be 'cache' or 'warp', got {which!r}")
+        graph = getattr(record, which)
+        path = inside(self.root, graph.path, "caching graph")
+        if not path.is_file():
+            raise AvatarqError(f"bundle {self.root} lists {graph.path} but the file is missing")
+        if file_sha256(path) != graph.sha256:
+            raise AvatarqError(f"{path} is not the {which} graph the manifest pins (sha256)")
+        check_graph_specs(path, [*graph.inputs, *graph.outputs])
         return path
 
     def topology(self):  # -> avatarq.core.topology.Topology
@@ -220,6 +240,11 @@ _ONNX_TYPES = {"float32": 1, "float16": 10}  # onnx.TensorProto.FLOAT, FLOAT16
 def check_graph_io(path: Path, manifest: Manifest) -> None:
     """AvatarqError unless the ONNX graph at ``path`` has the inputs and outputs the manifest
     describes: same names, element types and shapes (``batch`` = any dynamic dimension)."""
+    check_graph_specs(path, [*manifest.inputs, *manifest.outputs])
+
+
+def check_graph_specs(path: Path, specs: list[TensorSpec]) -> None:
+    """`check_graph_io` against a list of tensor specs."""
     import onnx
 
     try:
@@ -227,7 +252,7 @@ def check_graph_io(path: Path, manifest: Manifest) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file
         raise AvatarqError(f"{path} is not a readable ONNX graph ({type(exc).__name__})") from None
     declared = {v.name: v.type.tensor_type for v in [*graph.input, *graph.output]}
-    for spec in [*manifest.inputs, *manifest.outputs]:
+    for spec in specs:
         tensor = declared.get(spec.name)
         if tensor is None:
             raise AvatarqError(
@@ -273,7 +298,7 @@ def open_bundle(path: str | Path) -> Bundle:
     manifest = load_versioned_document(
         manifest_path,
         Manifest,
-        SCHEMA_VERSION,
+        READABLE_SCHEMA_VERSIONS,
         f"bundle manifest {manifest_path}",
         "re-export the bundle with this avatarq",
     )
@@ -289,6 +314,9 @@ def open_bundle(path: str | Path) -> Bundle:
         inside(root, manifest.normalization.arrays, "normalization")
     if manifest.codebook is not None:
         inside(root, manifest.codebook.path, "codebook")
+    if manifest.caching is not None:
+        for graph in (manifest.caching.cache, manifest.caching.warp):
+            inside(root, graph.path, "caching graph")
     return Bundle(root, manifest)
 
 

@@ -18,6 +18,10 @@ from avatarq.errors import AvatarqError
 from avatarq.export.options import ExportOptions
 
 SCHEMA_VERSION = 2
+#: A manifest with a Neural-Caching record (`CachingRecord`) is version 3, so that an
+#: avatarq that cannot run it says so instead of ignoring it; both versions load.
+CACHING_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, CACHING_SCHEMA_VERSION)
 BUILD_OPTIONS_VERSION = 1
 DTYPES = ("float32", "float16")
 # a bundle's precision: fp32, fp16, mixed, "int8" (bundles written before formats), or one
@@ -299,6 +303,69 @@ class TensorRTEngineRecord(_EngineFile):
 
 
 @dataclass
+class CachingGraph:
+    """One graph of the Neural-Caching mode (`avatarq.models.caching`).
+
+    Attributes:
+        path: bundle path of the ONNX graph.
+        sha256: of that file (checked before it runs).
+        precision: ``fp32`` or the one format of its quantized layers (``w8a8``) or ``mixed``.
+        inputs, outputs: the graph's I/O.
+        layer_precision: module name -> format of each quantizable layer.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    path: str
+    sha256: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    layer_precision: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+        if len(self.sha256) != 64:
+            raise AvatarqError(f"caching graph {self.path}: sha256 must be a sha256 hex digest")
+
+
+@dataclass
+class CachingRecord:
+    """The Neural-Caching low-latency mode of a bundle (docs/bundle.md).
+
+    ``cache`` (z, view) -> (texture, vertices, features) is the full decoder emitting the
+    features after ``cache_blocks`` texture-decoder blocks, ``feature_shape`` [C, h, w];
+    ``warp`` (features, texture_ref, z_ref, view_ref, z, view) -> (texture, vertices)
+    produces a later frame from that cache. The runtime refreshes the cache every
+    ``refresh_every`` frames. ``warp_config`` is the warp network's shape
+    (`avatarq.models.caching.WarpConfig`), ``warp_weights_sha256`` the sha256 of its
+    trained weights (`avatarq.workflows.caching.weights_sha256`), ``distillation`` the
+    distillation's summary losses (normalized texture MSE) and ``validation`` the graphs'
+    PSNR (dB) against the torch networks at export.
+    """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    cache: CachingGraph
+    warp: CachingGraph
+    cache_blocks: int
+    feature_shape: list[int]
+    refresh_every: int
+    warp_config: dict[str, int | None]
+    warp_weights_sha256: str
+    distillation: dict[str, float]
+    validation: dict[str, JsonFloat] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int("cache_blocks", self.cache_blocks)
+        _positive_int("refresh_every", self.refresh_every)
+        if len(self.feature_shape) != 3:
+            raise AvatarqError(f"feature_shape must be [C, h, w], got {self.feature_shape}")
+        for d in self.feature_shape:
+            _positive_int("feature_shape entries", d)
+
+
+@dataclass
 class CodebookRecord:
     """The latent-stream codebook of the bundle (`avatarq.codec.Codebook`), trained by
     ``avatarq vq``: the file (bundle path, sha256, checked before it is read) and its shape.
@@ -371,6 +438,7 @@ class Manifest:
         export_options: the options the bundle was exported with.
         engines: one record per built engine.
         codebook: the latent-stream codebook (``avatarq vq --bundle``), or None.
+        caching: the Neural-Caching graphs (schema version 3), or None.
     """
 
     __pydantic_config__ = DOCUMENT_CONFIG
@@ -397,13 +465,21 @@ class Manifest:
     size_bytes: dict[str, int] = field(default_factory=dict)
     declaration: dict[str, Any] | None = None
     codebook: CodebookRecord | None = None
+    caching: CachingRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in READABLE_SCHEMA_VERSIONS:
             raise AvatarqError(
                 f"schema_version is {self.schema_version!r}; this avatarq reads "
-                f"{SCHEMA_VERSION} (re-export the bundle with this avatarq)"
+                f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))} (re-export the bundle "
+                "with this avatarq)"
+            )
+        expected = SCHEMA_VERSION if self.caching is None else CACHING_SCHEMA_VERSION
+        if self.schema_version != expected:
+            raise AvatarqError(
+                f"schema_version {self.schema_version} does not fit the manifest: "
+                f"{'a caching record' if self.caching else 'no caching record'} needs {expected}"
             )
         _check_precision(self.precision)
         for name in ("z_dim", "tex_size"):

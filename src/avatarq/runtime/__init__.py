@@ -12,5 +12,6 @@ The latent stream, with the bundle's codebook (``avatarq vq --bundle``):
 
 from avatarq.codec import Codebook, pack_codes, unpack_codes
 from avatarq.runtime.avatar import AvatarRuntime
+from avatarq.runtime.caching import CachingRuntime
 
-__all__ = ["AvatarRuntime", "Codebook", "pack_codes", "unpack_codes"]
+__all__ = ["AvatarRuntime", "CachingRuntime", "Codebook", "pack_codes", "unpack_codes"]
