@@ -12,11 +12,7 @@ same way.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +33,7 @@ from avatarq.export.manifest import (
     CachingRecord,
     TensorSpec,
 )
-from avatarq.export.onnx_export import IR_VERSION, OPSET, layer_nodes, save_onnx
+from avatarq.export.onnx_export import IR_VERSION, OPSET, layer_nodes, save_onnx, traced_program
 from avatarq.models.caching import CacheNetwork, WarpNetwork
 from avatarq.models.deploy import DeployableDecoder, Normalization
 
@@ -63,24 +59,14 @@ def trace_graph(
     """Trace ``module`` (float32, dynamic batch on dim 0 of every input) to ONNX."""
     batch = torch.export.Dim("batch", min=1, max=max_batch)
 
-    sink = io.StringIO()
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module.eval(),
-                example,
-                dynamo=True,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_shapes=tuple({0: batch} for _ in example),
-                opset_version=OPSET,
-                verbose=False,
-            )
-    finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
+    program = traced_program(
+        module.eval(),
+        example,
+        tuple({0: batch} for _ in example),
+        OPSET,
+        list(output_names),
+        list(input_names),
+    )
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name = "avatarq"

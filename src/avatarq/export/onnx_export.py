@@ -98,24 +98,13 @@ def export_onnx(decoder: nn.Module, config: ExportConfig = ExportConfig()) -> on
     wrapped = _Float32Boundary(module.to(dtype), dtype).eval()
     z_dim = decoder.config.z_dim
     example = (torch.zeros(1, z_dim), torch.tensor([[0.0, 0.0, 1.0]]))
-    # The exporter narrates every step on stdout and warns about internals; keep the CLI quiet.
-    sink = io.StringIO()
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapped,
-                example,
-                dynamo=True,
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"z": {0: batch}, "view": {0: batch}},
-                opset_version=config.opset,
-                verbose=False,
-            )
-    finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
+    program = traced_program(
+        wrapped,
+        example,
+        {"z": {0: batch}, "view": {0: batch}},
+        config.opset,
+        list(OUTPUT_NAMES),
+    )
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name = "avatarq"
@@ -129,6 +118,37 @@ def export_onnx(decoder: nn.Module, config: ExportConfig = ExportConfig()) -> on
     return model
 
 
+def traced_program(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    dynamic_shapes: Any,
+    opset: int,
+    output_names: list[str],
+    input_names: list[str] | None = None,
+) -> Any:
+    """torch's dynamo ONNX export of ``module`` on ``example`` with its narration and warnings
+    silenced (the CLI stays quiet); returns the ONNXProgram. Exceptions propagate."""
+    names = {} if input_names is None else {"input_names": input_names}
+    sink = io.StringIO()
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                module,
+                example,
+                dynamo=True,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                verbose=False,
+                **names,
+            )
+    finally:
+        logging.getLogger("torch.onnx").setLevel(previous)
+
+
 def _export_declared(
     module: nn.Module, dtype: torch.dtype, batch: Any, config: ExportConfig
 ) -> onnx.ModelProto:
@@ -136,28 +156,19 @@ def _export_declared(
     declaration = declaration_of(module)
     wrapped = _Float32BoundaryN(module.to(dtype), dtype).eval()
     example = declaration.example_inputs(1)
-    sink = io.StringIO()
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapped,
-                example,
-                dynamo=True,
-                output_names=list(declaration.outputs),
-                dynamic_shapes=(tuple({0: batch} for _ in example),),
-                opset_version=config.opset,
-                verbose=False,
-            )
+        program = traced_program(
+            wrapped,
+            example,
+            (tuple({0: batch} for _ in example),),
+            config.opset,
+            list(declaration.outputs),
+        )
     except Exception as exc:  # the exporter's own refusal, e.g. an op without an ONNX form
         detail = " ".join(str(exc).split())[:300]
         raise AvatarqError(
             f"the decoder cannot be exported to ONNX ({type(exc).__name__}: {detail})"
         ) from None
-    finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
     _name_inputs(program.model.graph, declaration.input_names)
     model = program.model_proto
     model.ir_version = IR_VERSION
