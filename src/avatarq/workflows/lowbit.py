@@ -215,6 +215,7 @@ def lowbit_study(
     from avatarq.measure import compare_sequences
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
+    from avatarq.workflows.peers import model_record
 
     say = or_silent(progress)
     methods = list(methods) if methods is not None else default_methods()
@@ -314,14 +315,8 @@ def lowbit_study(
                 f"{row.tde_seen:.3g}, J seen {row.j_seen:.3f}, {row.bytes / 1e6:.2f} MB, "
                 f"{seconds:.0f} s"
             )
-    config = decoder.config
     setup = {
-        "model": {
-            "arch": config.arch,
-            "z_dim": config.z_dim,
-            "tex_size": config.tex_size,
-            "n_vertices": config.n_vertices,
-        },
+        "model": model_record(decoder),
         "samples": {
             "random": n_random,
             "seeds": list(seeds),

@@ -168,6 +168,17 @@ class PeerStudy:
         return "\n".join(lines)
 
 
+def model_record(decoder: Any) -> dict[str, Any]:
+    """The decoder a study ran on, for its setup record: arch, z_dim, tex_size, n_vertices."""
+    config = decoder.config
+    return {
+        "arch": config.arch,
+        "z_dim": config.z_dim,
+        "tex_size": config.tex_size,
+        "n_vertices": config.n_vertices,
+    }
+
+
 def replace_marked_block(text: str, key: str, block: str) -> str:
     """``text`` with the lines between ``<!-- calibration-peers:KEY:begin -->`` and its end
     marker replaced by ``block`` (the marked block is appended when ``text`` has none)."""
@@ -409,14 +420,8 @@ def compare_calibrations(
             f"    PSNR {everywhere.psnr_mean:.2f} dB, tDE {everywhere.tde:.3g}, "
             f"J {everywhere.jitter_ratio:.3f} ({seconds:.0f} s)"
         )
-    config = decoder.config
     setup = {
-        "model": {
-            "arch": config.arch,
-            "z_dim": config.z_dim,
-            "tex_size": config.tex_size,
-            "n_vertices": config.n_vertices,
-        },
+        "model": model_record(decoder),
         "samples": {"count": len(samples), "hash": samples.hash, "seed": seed},
         "clip": {"source": clip.source, "frames": len(clip.ids)},
         "visibility_mask_seconds": mask_seconds,
