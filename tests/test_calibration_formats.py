@@ -82,7 +82,7 @@ def test_a_version_1_config_with_an_integer_bits_loads_as_wNaN():
         ({"adaround": True, "gptq": True}, "pick one"),
         ({"weight_block": 1}, "weight_block"),
         ({"smooth_alpha": 1.5}, "smooth_alpha"),
-        ({"bias_format": "int4"}, "texel bias format"),
+        ({"bias_format": "int2"}, "texel bias format"),
         ({"size_budget": "lots"}, "--size-budget"),
         ({"weight_search": "l1"}, "weight_search"),
     ],

@@ -16,7 +16,7 @@ from avatarq.calibration.allocate import (
     parse_size_budget,
     solve,
 )
-from avatarq.calibration.biases import quantize_bias
+from avatarq.calibration.biases import offset_block, quantize_bias, quantize_offset, stored_bytes
 from avatarq.calibration.formats import parse_format
 from avatarq.calibration.gptq import (
     from_matrix,
@@ -299,3 +299,33 @@ def test_texel_bias_formats_bound_their_error():
     stored, scale, values = quantize_bias(b, "int8")
     assert stored.dtype == np.int8 and scale.shape == (3,)
     assert (np.abs(values - b) <= scale.reshape(1, 3, 1, 1) / 2 + 1e-7).all()
+
+
+def test_int4_texel_biases_use_seven_levels_each_side():
+    b = np.random.default_rng(0).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    stored, scale, values = quantize_bias(b, "int4")
+    assert np.abs(stored).max() == 7
+    assert np.allclose(scale, np.abs(b).max(axis=(0, 2, 3)) / 7)
+    assert (np.abs(values - b) <= scale.reshape(1, 3, 1, 1) / 2 + 1e-7).all()
+
+
+def test_a_blocked_offset_is_within_half_a_step_of_each_block():
+    offset = np.random.default_rng(0).uniform(10, 250, (1, 3, 4, 64)).astype(np.float32)
+    parts, values = quantize_offset(offset, "uint8-blocks")
+    assert parts["codes"].shape == (1, 3, 4, 2, 32) and parts["codes"].dtype == np.uint8
+    assert parts["base"].shape == parts["scale"].shape == (1, 3, 4, 2, 1)
+    step = np.repeat(parts["scale"], 32, axis=-1).reshape(offset.shape)
+    assert (np.abs(values - offset) <= step / 2 + 1e-4).all()
+
+
+def test_an_offset_block_divides_the_row():
+    assert [offset_block(w) for w in (1024, 48, 20, 7)] == [32, 16, 4, 1]
+
+
+def test_stored_bytes_count_codes_and_scales():
+    shape = (1, 3, 16, 64)
+    n = 3 * 16 * 64
+    assert stored_bytes(shape, "fp16") == 2 * n
+    assert stored_bytes(shape, "int8") == n + 12
+    assert stored_bytes(shape, "int4") == n // 2 + 12
+    assert stored_bytes(shape, "uint8-blocks") == n + 8 * (n // 32)

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, numpy_helper
 
 from avatarq.calibration import CalibrationArtifact, CalibrationConfig, calibrate
@@ -42,12 +43,14 @@ def _quantize(tiny, **kwargs):
     return artifact, model
 
 
-def _agrees(tiny, artifact, model, tmp_path):
+def _agrees(tiny, artifact, model, tmp_path, texture_scale=1.0):
+    """``texture_scale``: the texture's magnitude (the tolerance is absolute for outputs of
+    magnitude ~1; float32 rounding grows with the value)."""
     decoder, samples, _ = tiny
     path = tmp_path / "q.onnx"
     onnx.save(model, path)
     vs_fakequant, vs_fp32 = validate_qdq(path, decoder, artifact, samples.inputs)
-    assert vs_fakequant.texture_max_abs_error < TOLERANCE
+    assert vs_fakequant.texture_max_abs_error < TOLERANCE * texture_scale
     assert vs_fakequant.vertices_max_abs_error < TOLERANCE
     return vs_fp32
 
@@ -148,7 +151,10 @@ def test_smoothing_is_folded_into_the_graphs_float_initializers(tiny, tmp_path):
     _agrees(tiny, artifact, model, tmp_path)
 
 
-@pytest.mark.parametrize("fmt, dtype", [("fp16", TensorProto.FLOAT16), ("int8", TensorProto.INT8)])
+@pytest.mark.parametrize(
+    "fmt, dtype",
+    [("fp16", TensorProto.FLOAT16), ("int8", TensorProto.INT8), ("int4", TensorProto.INT4)],
+)
 def test_texel_biases_take_their_storage_format(tiny, tmp_path, fmt, dtype):
     artifact, model = _quantize(tiny, bits="w8a8", bias_format=fmt)
     inits = _inits(model)
@@ -160,8 +166,28 @@ def test_texel_biases_take_their_storage_format(tiny, tmp_path, fmt, dtype):
     _, fp32_sizes = describe_storage(
         quantize_onnx(tiny[2], calibrate(tiny[0], tiny[1], CalibrationConfig(**FAST)))
     )
-    assert sizes["texel_biases"] < (0.55 if fmt == "fp16" else 0.3) * fp32_sizes["texel_biases"]
+    bound = {"fp16": 0.55, "int8": 0.3, "int4": 0.16}[fmt]
+    assert sizes["texel_biases"] < bound * fp32_sizes["texel_biases"]
     _agrees(tiny, artifact, model, tmp_path)
+
+
+def test_int4_biases_store_the_mean_texture_offset_in_uint8_blocks(tmp_path):
+    decoder, samples = tiny_calibration_decoder(), tiny_calibration_samples(8)
+    ramp = torch.linspace(20.0, 230.0, 16).view(1, 1, 1, 16) + torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        decoder.tex_offset.copy_(ramp.expand(1, 3, 16, 16))
+    tiny = (decoder, samples, export_onnx(decoder))
+    artifact, model = _quantize(tiny, bits="w4a8", bias_format="int4")
+    inits = _inits(model)
+    assert artifact.texel_biases["tex_offset"] == "uint8-blocks"
+    assert "tex_offset" not in inits
+    codes = inits["tex_offset.codes"]
+    assert codes.data_type == TensorProto.UINT8 and list(codes.dims) == [1, 3, 16, 1, 16]
+    assert list(inits["tex_offset.block_scale"].dims) == [1, 3, 16, 1, 1]
+    vs_fp32 = _agrees(tiny, artifact, model, tmp_path, texture_scale=256.0)
+    # 8-bit codes over each 16-texel block: the offset moves by at most half a step
+    # (range / 255 / 2 < 0.3 here), far below the 4-bit weights' error
+    assert vs_fp32.texture_max_abs_error < 30.0
 
 
 def test_a_mixed_plan_of_every_format_runs(tiny, tmp_path):

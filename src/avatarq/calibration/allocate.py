@@ -112,27 +112,21 @@ def layer_bytes(
 
 
 def fixed_bytes(decoder: nn.Module, layers: list[LayerInfo], bias_format: str = "fp32") -> int:
-    """Bytes of everything in the graph that allocation does not choose: the texel biases in
-    ``bias_format`` (int8: plus float32 per-channel scales) and the other float32 parameters
-    and buffers (normalization constants)."""
-    from avatarq.calibration.biases import texel_bias_names
+    """Bytes of everything in the graph that allocation does not choose: the texel biases and
+    the output offset as ``bias_format`` stores them (`avatarq.calibration.biases`) and the
+    other float32 parameters and buffers."""
+    from avatarq.calibration.biases import stored_bytes, stored_formats
 
     layer_params = set()
     for info in layers:
         layer_params.add(f"{info.name}.weight")
         layer_params.add(f"{info.name}.bias")
-    texel = set(texel_bias_names(decoder))
+    formats = stored_formats(decoder, bias_format)
     total = 0
     for name, tensor in list(decoder.named_parameters()) + list(decoder.named_buffers()):
         if name in layer_params:
             continue
-        n = tensor.numel()
-        if name in texel and bias_format == "fp16":
-            total += 2 * n
-        elif name in texel and bias_format == "int8":
-            total += n + 4 * tensor.shape[1]
-        else:
-            total += 4 * n
+        total += stored_bytes(tuple(tensor.shape), formats.get(name, "fp32"))
     return total
 
 

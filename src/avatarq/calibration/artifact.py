@@ -6,11 +6,11 @@ Layout of ``calib/``::
                    layer (execution order): format (precision, weight / activation bits),
                    activation scale and zero point, weight axis and block size, rounding
                    mode, rotation, loss curve, sensitivity; the smoothing pairs and the
-                   texel-bias storage formats
+                   storage formats of the texel biases and the output offset
     tensors.npz    "<layer>/weight_scale" float32 ([C_out] or blocked) per quantized layer,
                    "<layer>/weight_int" int8 (stored weight shape) when the rounding was
                    learned, "<layer>/smoothing" float32 [C_in] per smoothed layer,
-                   "<bias>/bias_scale" float32 [C] per int8 texel bias
+                   "<bias>/bias_scale" float32 [C] per int8 or int4 texel bias
 
 Version 2 (formats, blocks, rotations, smoothing, bias formats). Version 1 files load too:
 their "int8" layers with ``bits`` N are the format wNaN.
@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from avatarq.calibration.biases import check_bias_format, quantize_bias
+from avatarq.calibration.biases import (
+    BIAS_QMAX,
+    OFFSET_NAMES,
+    check_stored_format,
+    quantize_bias,
+    quantize_offset,
+)
 from avatarq.calibration.document import FORMAT, CalibrationDocument
 from avatarq.calibration.entry import GraphWeight, LayerCalibration, per_channel_amax_np
 from avatarq.calibration.layers import discover_layers, get_layer
@@ -96,8 +102,9 @@ class CalibrationArtifact:
         layers: per-layer calibrations, execution order (coarse to fine).
         smoothing: the smoothing pairs applied (empty: none).
         smoothing_scales: {consumer layer: float32 [C_in] scales folded in}.
-        texel_biases: {texel bias parameter: "fp32" | "fp16" | "int8"} (absent: fp32).
-        bias_scales: {texel bias parameter: float32 [C]} of the int8 ones.
+        texel_biases: {texel bias parameter or output offset buffer: storage format}
+            (`avatarq.calibration.biases`; absent: fp32).
+        bias_scales: {texel bias parameter: float32 [C]} of the int8 and int4 ones.
         allocation: the size-budget allocation (`Allocation.to_json`), empty without one.
     """
 
@@ -147,12 +154,15 @@ class CalibrationArtifact:
         """Fold the smoothing into ``decoder`` and round its texel biases, in place."""
         if self.smoothing:
             smooth_decoder(decoder, self.smoothing, self.smoothing_scales)
-        params = dict(decoder.named_parameters())
+        tensors = dict(decoder.named_parameters()) | dict(decoder.named_buffers())
         for name, fmt in self.texel_biases.items():
             if fmt != "fp32":
-                values = params[name].detach().cpu().numpy()
-                _, _, rounded = quantize_bias(values, fmt, self.bias_scales.get(name))
-                params[name].copy_(torch.from_numpy(rounded))
+                values = tensors[name].detach().cpu().numpy()
+                if name in OFFSET_NAMES:
+                    _, rounded = quantize_offset(values, fmt)
+                else:
+                    _, _, rounded = quantize_bias(values, fmt, self.bias_scales.get(name))
+                tensors[name].copy_(torch.from_numpy(rounded))
 
     # --------------------------------------------------------------------- validation
     def validate(self, decoder: nn.Module) -> None:
@@ -181,9 +191,9 @@ class CalibrationArtifact:
                     f"layer {layer.name!r} has weight shape {list(shape)}, the calibration "
                     f"{list(layer.weight_shape)}"
                 )
-        params = dict(decoder.named_parameters())
+        tensors = dict(decoder.named_parameters()) | dict(decoder.named_buffers())
         for name in self.texel_biases:
-            if name not in params:
+            if name not in tensors:
                 raise AvatarqError(f"the calibration names texel bias {name!r}, not in this model")
 
     # --------------------------------------------------------------------- files
@@ -266,7 +276,10 @@ class CalibrationArtifact:
         try:
             layers = [LayerCalibration.from_json(e, tensors, version) for e in doc["layers"]]
             smoothing = [SmoothingPair.from_json(p) for p in doc.get("smoothing", [])]
-            biases = {str(k): check_bias_format(v) for k, v in doc.get("texel_biases", {}).items()}
+            biases = {
+                str(k): check_stored_format(str(k), v)
+                for k, v in doc.get("texel_biases", {}).items()
+            }
             config = dict(doc["config"])
             if version == 1 and isinstance(config.get("bits"), int):
                 config["bits"] = f"w{config['bits']}a{config['bits']}"
@@ -283,7 +296,7 @@ class CalibrationArtifact:
                 {
                     k: _tensor(tensors, f"{k}/bias_scale")
                     for k, fmt in biases.items()
-                    if fmt == "int8"
+                    if fmt in BIAS_QMAX
                 },
                 dict(doc.get("allocation", {})),
             )

@@ -66,7 +66,8 @@ class CalibrationConfig:
             the default of ``bits``); smooth_alpha: its migration strength in [0, 1].
         hadamard: rotate each quantized layer's input channels by a normalized Walsh-
             Hadamard matrix (None: the default of ``bits``).
-        bias_format: storage of the untied texel biases: "fp32", "fp16" or "int8".
+        bias_format: storage of the untied texel biases and the output offset: "fp32",
+            "fp16", "int8" or "int4" (`avatarq.calibration.biases`).
         crop: output crop side (texels) for layers whose output is larger (memory and time
             bound on fine layers); crops_per_sample: crops cached per sample for such layers.
         patience: stop a layer when the windowed loss improved < 0.1% this many checks in a row.

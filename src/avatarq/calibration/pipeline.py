@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration, decoder_hash
-from avatarq.calibration.biases import bias_scale, texel_bias_names
+from avatarq.calibration.biases import BIAS_QMAX, bias_scale, stored_formats
 from avatarq.calibration.cache import CAPTURE_BATCH
 from avatarq.calibration.config import CalibrationConfig, check_layer_names
 from avatarq.calibration.formats import parse_format
@@ -240,12 +240,12 @@ def calibrate(
         with torch.no_grad():
             visibility = visibility_masks(reference, samples, CAPTURE_BATCH, progress)
 
-    texel = texel_bias_names(reference) if config.bias_format != "fp32" else []
+    formats = stored_formats(reference, config.bias_format) if config.bias_format != "fp32" else {}
     params = dict(reference.named_parameters())
     bias_scales = {
-        name: bias_scale(params[name].detach().numpy())
-        for name in texel
-        if config.bias_format == "int8"
+        name: bias_scale(params[name].detach().numpy(), fmt)
+        for name, fmt in formats.items()
+        if fmt in BIAS_QMAX
     }
     artifact = CalibrationArtifact(
         model_hash=decoder_hash(decoder),
@@ -253,7 +253,7 @@ def calibrate(
         samples=samples.describe(),
         config=config.to_dict(),
         layers=[],
-        texel_biases={name: config.bias_format for name in texel},
+        texel_biases=formats,
         bias_scales=bias_scales,
     )
     work = copy.deepcopy(reference)

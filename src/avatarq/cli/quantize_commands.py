@@ -111,7 +111,11 @@ def calibrate(
         typer.Option(help="Initial weight scales: max or mse (default: per --bits)."),
     ] = None,
     bias_format: Annotated[
-        str, typer.Option(help="Storage of the texel biases: fp32, fp16 or int8.")
+        str,
+        typer.Option(
+            help="Storage of the texel biases and the mean-texture offset: fp32, fp16, "
+            "int8 (offset fp16) or int4 (offset in uint8 blocks)."
+        ),
     ] = "fp32",
     size_budget: Annotated[
         str | None,

@@ -44,7 +44,7 @@ import onnx_ir as ir
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration
-from avatarq.calibration.biases import quantize_bias
+from avatarq.calibration.biases import OFFSET_NAMES, quantize_bias, quantize_offset
 from avatarq.calibration.quantizers import FloatGrid, activation_range
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
@@ -263,27 +263,54 @@ def _smoothing(b: _Builder, artifact: CalibrationArtifact) -> None:
         old.const_value = tensor
 
 
-def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> None:
-    """Store each texel bias in its format: float16 + Cast, or int8 + DequantizeLinear."""
+def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> int:
+    """Store each texel bias and output offset in its format (`avatarq.calibration.biases`):
+    float16 + Cast; int8 / INT4 + DequantizeLinear; uint8 blocks + Cast, Mul, Add, Reshape.
+    Returns the opset the stored tensors need."""
+    needs = MIN_OPSET
     for name, fmt in sorted(artifact.texel_biases.items()):
         if fmt == "fp32":
             continue
         value = b.graph.initializers.get(name)
         if value is None:
-            raise AvatarqError(f"the graph has no texel bias {name!r}")
-        stored, scale, _ = quantize_bias(
-            value.const_value.numpy(), fmt, artifact.bias_scales.get(name)
-        )
-        if fmt == "fp16":
+            raise AvatarqError(f"the graph has no texel bias or offset {name!r}")
+        array = value.const_value.numpy()
+        if name in OFFSET_NAMES:
+            nodes = _stored_offset(b, name, array, fmt)
+        elif fmt == "fp16":
+            stored, _, _ = quantize_bias(array, fmt)
             q = b.const(f"{name}.fp16", stored)
-            node = b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)
+            nodes = [b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)]
         else:
-            q = b.const(f"{name}.quantized", stored)
+            stored, scale, _ = quantize_bias(array, fmt, artifact.bias_scales.get(name))
+            np_type, ir_type = _STORAGE[fmt]
+            if fmt == "int4":
+                needs = max(needs, INT4_OPSET)
+            q = b.const(f"{name}.quantized", stored.astype(np_type), ir_type)
             s = b.const(f"{name}.scale", scale)
-            node = b.node("DequantizeLinear", [q, s], f"{name}/DQ", f"{name}.dequantized", axis=1)
+            nodes = [
+                b.node("DequantizeLinear", [q, s], f"{name}/DQ", f"{name}.dequantized", axis=1)
+            ]
         users = [u.node for u in value.uses()]
-        b.graph.insert_before(users[0], node)
-        value.replace_all_uses_with(node.outputs[0])
+        b.graph.insert_before(users[0], nodes)
+        value.replace_all_uses_with(nodes[-1].outputs[0])
+    return needs
+
+
+def _stored_offset(b: _Builder, name: str, array: np.ndarray, fmt: str) -> list[ir.Node]:
+    parts, _ = quantize_offset(array, fmt)
+    if fmt == "fp16":
+        q = b.const(f"{name}.fp16", parts["fp16"])
+        return [b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)]
+    codes = b.const(f"{name}.codes", parts["codes"])
+    cast = b.node("Cast", [codes], f"{name}/Cast", f"{name}.codes_fp32", to=ir.DataType.FLOAT)
+    scale = b.const(f"{name}.block_scale", parts["scale"])
+    mul = b.node("Mul", [cast.outputs[0], scale], f"{name}/Mul", f"{name}.scaled")
+    base = b.const(f"{name}.block_base", parts["base"])
+    add = b.node("Add", [mul.outputs[0], base], f"{name}/Add", f"{name}.blocks")
+    shape = b.const(f"{name}.shape", np.asarray(array.shape, np.int64))
+    reshape = b.node("Reshape", [add.outputs[0], shape], f"{name}/Reshape", f"{name}.stored")
+    return [cast, mul, add, reshape]
 
 
 def _raise_opset(graph: ir.Graph, opset: int) -> None:
@@ -356,7 +383,7 @@ def quantize_onnx(
         weight.replace_all_uses_with(w_dq)
         if layer.format.weight_container == "int4" or layer.weight_block:
             needs = max(needs, INT4_OPSET)
-    _texel_biases(b, artifact)
+    needs = max(needs, _texel_biases(b, artifact))
     if needs > opset:
         _raise_opset(graph, needs)
     for name in [
