@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[dev,perceptual]"
+	$(BIN)/python -m pip install -q -e ".[dev,perceptual,peers]"
 	touch $(STAMP)
 
 demo: $(STAMP)

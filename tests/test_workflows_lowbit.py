@@ -82,3 +82,62 @@ def test_the_markdown_spread_shows_min_and_max():
     ]
     line = LowbitStudy(rows).markdown().splitlines()[-1]
     assert "61.0 [60.0..62.0]" in line and not math.isnan(rows[0].psnr_seen)
+
+
+def test_a_given_clip_is_the_evaluation_and_calibration_uses_every_frame(small_avatar, tmp_path):
+    from avatarq.bench.sequences import sequence_from_capture
+    from avatarq.data.capture import MultifaceCapture
+
+    capture = MultifaceCapture(small_avatar.capture_root)
+    segment = list(capture.clips())[-1][0]
+    clip = sequence_from_capture(capture, segment, small_avatar.checkpoint, max_frames=3)
+    result = lowbit_study(
+        small_avatar.checkpoint, small_avatar.capture_root, tmp_path, ("w8a8",),
+        [LowbitMethod("max", {"method": "max"})], seeds=(0,), n_random=4, clip=clip,
+    )  # fmt: skip
+    assert result.setup["clip"] == {"source": clip.source, "frames": 3}
+    assert result.setup["samples"]["frames"] == len(capture.frames)
+
+
+def test_peers_are_measured_only_at_the_widths_they_have_a_form_for(small_avatar, tmp_path):
+    from avatarq.workflows.lowbit_peers import PeerRecipe
+
+    result = lowbit_study(
+        small_avatar.checkpoint, small_avatar.capture_root, tmp_path, ("w8a8", "w6a6"),
+        [], seeds=(0,), n_random=4, max_frames=4, peers=[PeerRecipe("ort-minmax", "ort")],
+    )  # fmt: skip
+    assert [(r.bits, r.method) for r in result.rows] == [("w8a8", "ort-minmax")]
+    assert result.rows[0].bytes > 0 and result.rows[0].settings == {"peer": "ort"}
+
+
+def test_modelopt_peers_quantize_the_decoder_with_their_recipe(small_avatar, tmp_path):
+    pytest.importorskip("modelopt.torch.quantization")
+    from avatarq.workflows.lowbit_peers import PeerRecipe
+
+    peers = [PeerRecipe("modelopt-max", "modelopt"), PeerRecipe("modelopt-awq-w4a16", "modelopt")]
+    result = lowbit_study(
+        small_avatar.checkpoint, small_avatar.capture_root, tmp_path, ("w8a8", "w4a8"),
+        [], seeds=(0,), n_random=4, max_frames=4, peers=peers,
+    )  # fmt: skip
+    got = {(r.bits, r.method): r for r in result.rows}
+    assert sorted(got) == [
+        ("w4a8", "modelopt-awq-w4a16"), ("w4a8", "modelopt-max"), ("w8a8", "modelopt-max")
+    ]  # fmt: skip
+    # a fake-quant model, not a graph: no size; 4-bit weights err more than 8-bit ones
+    assert all(r.bytes == 0 for r in got.values())
+    assert got[("w4a8", "modelopt-max")].psnr_all < got[("w8a8", "modelopt-max")].psnr_all
+
+
+def test_modelopt_wxay_keeps_the_int8_recipe_with_other_bit_counts():
+    pytest.importorskip("modelopt.torch.quantization")
+    from avatarq.workflows.lowbit_peers import modelopt_config
+
+    entries = modelopt_config("modelopt-max", "w6a4")["quant_cfg"]
+    bits = {e["quantizer_name"]: e["cfg"]["num_bits"] for e in entries if e.get("cfg")}
+    assert bits["*weight_quantizer"] == 6 and bits["*input_quantizer"] == 4
+
+
+def test_a_row_without_a_size_or_a_jod_shows_a_dash():
+    rows = [LowbitRow("w4a8", "peer", 0, 60.0, 1e-4, 0.5, 60.0, 1e-4, 0, 1.0)]
+    line = LowbitStudy(rows).markdown(fp32_bytes=100).splitlines()[-1]
+    assert line.endswith("| - | - | 1 s |")

@@ -21,6 +21,8 @@ WEIGHT_SEARCH = ("max", "mse")
 #: low-bit measurement in docs/benchmarks.md ("Low bit widths"); other formats: all off.
 METHOD_DEFAULTS: dict[str, dict[str, object]] = {
     "w8a8": {"gptq": False, "smooth": False, "hadamard": False, "weight_search": "max"},
+    "w6a6": {"gptq": True, "smooth": False, "hadamard": False, "weight_search": "max"},
+    "w4a8": {"gptq": True, "smooth": False, "hadamard": False, "weight_search": "max"},
 }
 _OFF = {"gptq": False, "smooth": False, "hadamard": False, "weight_search": "max"}
 
@@ -165,6 +167,9 @@ class CalibrationConfig:
         defaults = METHOD_DEFAULTS.get(self.bits, _OFF)
         for name, value in defaults.items():
             if getattr(self, name) is None:
+                # a learned rounding the user asked for replaces the default GPTQ rounding
+                if name == "gptq" and self.adaround:
+                    value = False
                 object.__setattr__(self, name, value)
         if self.weight_search not in WEIGHT_SEARCH:
             raise AvatarqError(

@@ -37,7 +37,7 @@ from avatarq.errors import AvatarqError
 
 TEXTURE_PEAK = 255.0
 HOLDOUTS = ("frames", "segment", "none")
-METRICS = ("psnr_seen", "tde_seen", "j_seen", "psnr_all", "tde_all", "bytes", "seconds")
+METRICS = ("psnr_seen", "tde_seen", "j_seen", "psnr_all", "tde_all", "jod", "bytes", "seconds")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class LowbitMethod:
 
     def applies_to(self, bits: str) -> bool:
         """Integer-rounding methods (GPTQ, AdaRound, blocks) do not apply to fp8."""
-        if bits != "fp8":
+        if bits != "fp8" or self.name == "default":
             return True
         return not any(self.settings.get(k) for k in ("gptq", "adaround", "weight_block"))
 
@@ -66,6 +66,10 @@ def default_methods(iters: int = 100) -> list[LowbitMethod]:
     poca = {**off, "iters": iters}
     return [
         LowbitMethod("max", {**off, "method": "max"}),
+        # GPTQ as published: unweighted Hessian, no masks, no reconstruction
+        LowbitMethod("gptq", {**off, "gptq": True, "visibility": False, "iters": 0}),
+        # avatarq's default for the width (`METHOD_DEFAULTS`)
+        LowbitMethod("default", {"iters": iters}),
         LowbitMethod("poca", poca),
         LowbitMethod("poca+mse", {**poca, "weight_search": "mse"}),
         LowbitMethod("poca+gptq", {**poca, "gptq": True}),
@@ -95,6 +99,7 @@ class LowbitRow:
     bytes: int
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    jod: float = math.nan
 
 
 @dataclass
@@ -135,16 +140,17 @@ class LowbitStudy:
         """One row per (format, method): mean [min..max] over seeds."""
         header = (
             "| bits | method | PSNR seen (dB) | tDE seen (1e-4) | J seen | PSNR all (dB) "
-            "| model.onnx | calibration |"
+            "| texture JOD | model.onnx | calibration |"
         )
-        lines = [header, "|---|---|---|---|---|---|---|---|"]
+        lines = [header, "|---|---|---|---|---|---|---|---|---|"]
         for e in self.summary():
-            size = e["bytes"]["mean"] / 1e6
-            ratio = f" ({fp32_bytes / e['bytes']['mean']:.1f}x)" if fp32_bytes else ""
+            size_bytes = e["bytes"]["mean"]
+            ratio = f" ({fp32_bytes / size_bytes:.1f}x)" if fp32_bytes and size_bytes else ""
+            size = f"{size_bytes / 1e6:.2f} MB{ratio}" if size_bytes else "-"
             lines.append(
                 f"| {e['bits']} | {e['method']} | {_spread(e['psnr_seen'], 1)} "
                 f"| {_spread(e['tde_seen'], 2, 1e4)} | {_spread(e['j_seen'], 3)} "
-                f"| {_spread(e['psnr_all'], 1)} | {size:.2f} MB{ratio} "
+                f"| {_spread(e['psnr_all'], 1)} | {_spread(e['jod'], 3)} | {size} "
                 f"| {e['seconds']['mean']:.0f} s |"
             )
         return "\n".join(lines)
@@ -152,20 +158,22 @@ class LowbitStudy:
 
 def _spread(stat: dict[str, float], digits: int, factor: float = 1.0) -> str:
     mean, lo, hi = (stat[k] * factor for k in ("mean", "min", "max"))
+    if math.isnan(mean):
+        return "-"
     if math.isinf(mean):
         return "inf"
     return f"{mean:.{digits}f} [{lo:.{digits}f}..{hi:.{digits}f}]"
 
 
-def _decode(session: Any, z: np.ndarray, view: np.ndarray, batch: int = 4) -> np.ndarray:
-    """float32 [T, 3, S, S] textures in [0, 1] from a de-normalized decoder's graph."""
-    out = []
-    for start in range(0, z.shape[0], batch):
-        tex, _ = session.run(
-            None, {"z": z[start : start + batch], "view": view[start : start + batch]}
-        )
-        out.append(tex / np.float32(TEXTURE_PEAK))
-    return np.concatenate(out)
+def _texture_jod(reference: np.ndarray, test: np.ndarray) -> float:
+    """FovVideoVDP JOD of the texture clip ``test`` against ``reference`` (float32
+    [T, 3, S, S] in [0, 1]), played as a video at the metric's default display and fps."""
+    from avatarq.measure.perceptual import score
+
+    def frames(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.clip(x, 0.0, 1.0).transpose(0, 2, 3, 1))
+
+    return score(frames(reference), frames(test)).jod
 
 
 def lowbit_study(
@@ -182,6 +190,8 @@ def lowbit_study(
     done: LowbitStudy | None = None,
     on_row: Callable[[LowbitRow], None] | None = None,
     holdout: str = "frames",
+    clip: Any = None,
+    peers: Sequence[Any] = (),
 ) -> LowbitStudy:
     """Measure every (format, method, seed) on ``checkpoint``'s decoder.
 
@@ -195,7 +205,12 @@ def lowbit_study(
         threads: ONNX Runtime threads (0: its default).
         done: rows measured before (skipped here, kept in the result): resumes a study.
         on_row: called with each new row (to save progress).
-        holdout: "frames", "segment" or "none" (module docstring).
+        holdout: "frames", "segment" or "none" (module docstring); ignored with ``clip``.
+        clip: the evaluation clip (a `BenchSequence` of other frames, e.g. the test
+            subject's held-out clip; calibration then draws from every capture frame);
+            None: a clip of the capture chosen by ``holdout``.
+        peers: `avatarq.workflows.lowbit_peers.PeerRecipe` rows measured next to the
+            methods (ONNX Runtime quantize_static, ModelOpt), where they apply.
     """
     import copy
     import dataclasses
@@ -213,11 +228,14 @@ def lowbit_study(
     from avatarq.export.onnx_export import export_onnx, save_onnx
     from avatarq.export.qdq import quantize_onnx
     from avatarq.measure import compare_sequences
+    from avatarq.measure import perceptual as perceptual_metric
     from avatarq.models.checkpoint import load_checkpoint
     from avatarq.models.deploy import DeployableDecoder
-    from avatarq.workflows.peers import model_record
+    from avatarq.workflows.lowbit_peers import PeerRecipe, peer_textures
+    from avatarq.workflows.peers import decode_clip, model_record
 
     say = or_silent(progress)
+    perceptual = perceptual_metric.available(perceptual_metric.DEFAULT_METRIC)
     methods = list(methods) if methods is not None else default_methods()
     if len({m.name for m in methods}) != len(methods):
         raise AvatarqError("every compared method needs its own name")
@@ -235,7 +253,7 @@ def lowbit_study(
     segment = next(capture.clips())[0]
     calibration_capture = capture
     step = 1
-    if holdout != "none":
+    if holdout != "none" and clip is None:
         calibration_capture = copy.copy(capture)
         if holdout == "segment":
             keep = {f for f in capture.frames if f[0] != segment}
@@ -245,7 +263,8 @@ def lowbit_study(
         calibration_capture.frames = [f for f in capture.frames if f in keep]
         if not calibration_capture.frames:
             raise AvatarqError(f"holdout {holdout!r} leaves no frame to calibrate on")
-    clip = sequence_from_capture(capture, segment, checkpoint, max_frames=max_frames * step)
+    if clip is None:
+        clip = sequence_from_capture(capture, segment, checkpoint, max_frames=max_frames * step)
     if step == 2:
         even = clip.inputs.subset(range(0, len(clip.inputs), 2))
         even = dataclasses.replace(even, source=even.source + ", even frames")
@@ -255,7 +274,7 @@ def lowbit_study(
         seen = visibility_masks(decoder, clip_samples).numpy()[:, None]
     z = np.ascontiguousarray(clip.z, dtype=np.float32)
     view = np.ascontiguousarray(clip.view, dtype=np.float32)
-    reference = _decode(make_session(fp32_path, "cpu", threads), z, view)
+    reference = decode_clip(make_session(fp32_path, "cpu", threads), z, view)
 
     rows = list(done.rows) if done is not None else []
     finished = {(r.bits, r.method, r.seed) for r in rows}
@@ -263,7 +282,7 @@ def lowbit_study(
         todo = [
             (bits, m)
             for bits in bit_widths
-            for m in methods
+            for m in [*methods, *peers]
             if m.applies_to(bits) and (bits, m.name, seed) not in finished
         ]
         if not todo:
@@ -282,18 +301,29 @@ def lowbit_study(
             mask_seconds = time.perf_counter() - start
             np.savez_compressed(cache, visibility=visibility.numpy(), seconds=mask_seconds)
         for bits, method in todo:
-            config = method.config(bits, seed)
             start = time.perf_counter()
-            artifact = calibrate(decoder, samples, config, visibility=visibility)
-            seconds = time.perf_counter() - start
-            if config.method == "poca":
-                seconds += mask_seconds
-            graph = quantize_onnx(fp32_model, artifact)
-            path = workdir / "quantized.onnx"
-            save_onnx(graph, path)
-            test = _decode(make_session(path, "cpu", threads), z, view)
+            if isinstance(method, PeerRecipe):
+                config = None
+                calibration = (samples.inputs.z, samples.inputs.view)
+                path = workdir / "peer.onnx"
+                test, size = peer_textures(
+                    method, bits, decoder, fp32_path, path, calibration, (z, view), threads
+                )
+                seconds = time.perf_counter() - start
+            else:
+                config = method.config(bits, seed)
+                artifact = calibrate(decoder, samples, config, visibility=visibility)
+                seconds = time.perf_counter() - start
+                if config.method == "poca":
+                    seconds += mask_seconds
+                graph = quantize_onnx(fp32_model, artifact)
+                path = workdir / "quantized.onnx"
+                save_onnx(graph, path)
+                test = decode_clip(make_session(path, "cpu", threads), z, view)
+                size = path.stat().st_size
             everywhere = compare_sequences(reference, test, compute_ssim=False)
             visible = compare_sequences(reference, test, mask=seen, compute_ssim=False)
+            jod = _texture_jod(reference, test) if perceptual else math.nan
             row = LowbitRow(
                 bits=bits,
                 method=method.name,
@@ -303,9 +333,10 @@ def lowbit_study(
                 j_seen=visible.jitter_ratio,
                 psnr_all=everywhere.psnr_mean,
                 tde_all=everywhere.tde,
-                bytes=path.stat().st_size,
+                bytes=size,
                 seconds=seconds,
-                settings=config.to_dict(),
+                settings=config.to_dict() if config is not None else {"peer": method.kind},
+                jod=jod,
             )
             rows.append(row)
             if on_row is not None:

@@ -239,9 +239,11 @@ def ort_quantize_static(
     z: np.ndarray,
     view: np.ndarray,
     method: PeerMethod,
+    weight_bits: int = 8,
 ) -> None:
     """Quantize ``fp32_path`` with ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8
-    weights, int8 activations) calibrated on z float32 [N, Z], view float32 [N, 3]."""
+    weights, or int4 with ``weight_bits`` 4; int8 activations) calibrated on z float32
+    [N, Z], view float32 [N, 3]."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # Unstrided, ORT keeps every intermediate tensor of every sample in memory (tens of
@@ -258,13 +260,13 @@ def ort_quantize_static(
         op_types_to_quantize=list(LAYER_OPS) if method.ort_layer_ops_only else None,
         per_channel=True,
         activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method.ort_method),
         extra_options=extra,
     )
 
 
-def _decode(session: Any, z: np.ndarray, view: np.ndarray, batch: int) -> np.ndarray:
+def decode_clip(session: Any, z: np.ndarray, view: np.ndarray, batch: int = 4) -> np.ndarray:
     """float32 [T, 3, S, S] textures in [0, 1] from a session of a de-normalized decoder."""
     out = []
     for start in range(0, z.shape[0], batch):
@@ -374,7 +376,7 @@ def compare_calibrations(
 
     z = np.ascontiguousarray(clip.z, dtype=np.float32)
     view = np.ascontiguousarray(clip.view, dtype=np.float32)
-    reference = _decode(make_session(fp32_path, "cpu", threads), z, view, batch=4)
+    reference = decode_clip(make_session(fp32_path, "cpu", threads), z, view, batch=4)
 
     rows = []
     for index, method in enumerate(methods):
@@ -396,7 +398,7 @@ def compare_calibrations(
         poca = method.calibration is not None and method.calibration.method == "poca"
         if poca and not method.data_free:
             seconds += mask_seconds
-        test = _decode(make_session(path, "cpu", threads), z, view, batch=4)
+        test = decode_clip(make_session(path, "cpu", threads), z, view, batch=4)
         everywhere, visible = _measure(reference, test, seen)
         rows.append(
             PeerRow(

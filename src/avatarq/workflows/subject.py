@@ -48,7 +48,7 @@ def _default_capture() -> SyntheticCaptureConfig:
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(z_dim=256, tex_size=1024, iters=320, batch=4, threads=2)
+    return TrainConfig(z_dim=256, tex_size=1024, iters=4000, batch=4, threads=2)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class SubjectConfig:
     Attributes:
         capture: the training capture (default: 1024^2 textures with fine detail, 6
             cameras, 2 segments of 32 frames, 2 camera textures per frame).
-        train: the DAM training (default: texture 1024, z 256, 320 steps of batch 4,
+        train: the DAM training (default: texture 1024, z 256, 4000 steps of batch 4,
             2 threads).
         heldout_motion_seed: motion seed of the held-out capture (same face, cameras and
             skin as ``capture``; new expression and head trajectories).
