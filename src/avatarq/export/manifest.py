@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
+from avatarq.core.engine_profile import EngineProfile
+from avatarq.core.engine_profile import positive_int as _positive_int
 from avatarq.errors import AvatarqError
 from avatarq.export.options import ExportOptions
 
@@ -35,11 +37,6 @@ def _check_precision(value: str) -> None:
     from avatarq.calibration.formats import parse_format
 
     parse_format(value, "manifest precision")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AvatarqError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -156,18 +153,11 @@ class ReferenceRecord:
 
 
 @dataclass(frozen=True)
-class BuildOptions:
-    """How an engine is built (recorded in the manifest, so a build can be repeated).
+class BuildOptions(EngineProfile):
+    """How an engine is built (recorded in the manifest, so a build can be repeated): the
+    `EngineProfile` and
 
     Attributes:
-        min_batch, opt_batch, max_batch: the optimization profile of the batch dimension
-            (TensorRT); the runner preallocates for max_batch.
-        optimization_level: TensorRT builder optimization level, 0 (fastest build) .. 5.
-        compute_capabilities: TensorRT-RTX targets such as ``("sm86", "sm89")``; empty =
-            the library's default (portable to Ampere and later: 8.0, 8.6, 8.9, 12.x).
-        timing_cache: keep a TensorRT timing cache beside the engine and reuse it.
-        ort_rewrite: ONNX Runtime: rewrite ConvTranspose layers into phase convolutions
-            (`avatarq.export.rewrite_ort`), the INT8 CPU path for Q/DQ graphs.
         calibration_latents: ONNX Runtime: a latent file whose steps are the inputs of the
             build's check of the engine against model.onnx (None: the bundle's smooth
             clip). The rewrite itself uses only the graph's own scales.
@@ -176,13 +166,6 @@ class BuildOptions:
 
     __pydantic_config__ = DOCUMENT_CONFIG
 
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 8
-    optimization_level: int = 3
-    compute_capabilities: tuple[str, ...] = ()
-    timing_cache: bool = True
-    ort_rewrite: bool = True
     calibration_latents: str | None = None
     version: int = BUILD_OPTIONS_VERSION
 
@@ -194,25 +177,7 @@ class BuildOptions:
                 f"build options version {self.version!r} is not supported (expected "
                 f"{BUILD_OPTIONS_VERSION})"
             )
-        for name in ("min_batch", "opt_batch", "max_batch"):
-            _positive_int(name, getattr(self, name))
-        if self.max_batch > 4096:
-            raise AvatarqError(f"max_batch must be at most 4096, got {self.max_batch}")
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise AvatarqError(
-                f"batch profile must satisfy min <= opt <= max, got {self.min_batch}, "
-                f"{self.opt_batch}, {self.max_batch}"
-            )
-        _positive_int("optimization_level", self.optimization_level, 0)
-        if self.optimization_level > 5:
-            raise AvatarqError(f"optimization_level must be 0..5, got {self.optimization_level}")
-        caps = tuple(str(c).lower() for c in self.compute_capabilities)
-        bad = [c for c in caps if not (c.startswith("sm") and c[2:].isdigit())]
-        if bad:
-            raise AvatarqError(
-                f"compute capabilities are written like sm86 or sm120, got {', '.join(bad)}"
-            )
-        object.__setattr__(self, "compute_capabilities", caps)
+        super().__post_init__()
 
 
 @dataclass

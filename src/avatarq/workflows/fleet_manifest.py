@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from avatarq.core.documents import DOCUMENT_CONFIG, MAX_DOCUMENT_BYTES, parse_document
+from avatarq.core.engine_profile import EngineProfile
 from avatarq.errors import AvatarqError
 
 FLEET_VERSION = 1
@@ -92,28 +93,19 @@ class FleetExport:
 
 
 @dataclass(frozen=True)
-class FleetBuild:
-    """Which engine is built and how (the knobs of `avatarq build`).
-
-    Attributes:
-        backend: a backend that builds an engine: onnxruntime, tensorrt-rtx or tensorrt.
-        min_batch, opt_batch, max_batch: the batch profile (TensorRT; max for every backend).
-        optimization_level: TensorRT builder level 0..5.
-        compute_capabilities: TensorRT-RTX targets such as ["sm86"] (empty: its default).
-        timing_cache: keep and reuse a TensorRT timing cache in the bundle.
-        ort_rewrite: ONNX Runtime: rewrite ConvTranspose into phase convolutions.
-    """
+class FleetBuild(EngineProfile):
+    """Which engine is built and how (the knobs of `avatarq build`): ``backend``, one that
+    builds an engine (onnxruntime, tensorrt-rtx or tensorrt), and the `EngineProfile`
+    (batch profile, TensorRT optimization level, TensorRT-RTX compute capabilities, timing
+    cache, the ONNX Runtime rewrite)."""
 
     __pydantic_config__ = DOCUMENT_CONFIG
 
     backend: str = "onnxruntime"
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 8
-    optimization_level: int = 3
-    compute_capabilities: tuple[str, ...] = ()
-    timing_cache: bool = True
-    ort_rewrite: bool = True
+
+    def __post_init__(self) -> None:
+        """Checked per identity, after the defaults are merged (`check_options` names the
+        identity and the section); not while the document is read."""
 
 
 @dataclass(frozen=True)
@@ -373,17 +365,7 @@ def build_options(options: IdentityOptions, latents: str | None):  # noqa: ANN20
     """The `BuildOptions` an identity's engine is built with (``latents``: the check's inputs)."""
     from avatarq.export.manifest import BuildOptions
 
-    b = options.build
-    return BuildOptions(
-        min_batch=b.min_batch,
-        opt_batch=b.opt_batch,
-        max_batch=b.max_batch,
-        optimization_level=b.optimization_level,
-        compute_capabilities=tuple(b.compute_capabilities),
-        timing_cache=b.timing_cache,
-        ort_rewrite=b.ort_rewrite,
-        calibration_latents=latents,
-    )
+    return BuildOptions(**options.build.profile(), calibration_latents=latents)
 
 
 def load_fleet(path: str | Path) -> FleetPlan:
