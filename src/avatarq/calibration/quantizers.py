@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,19 +217,22 @@ class WeightLayout:
 
     def amax(self, weight: torch.Tensor) -> torch.Tensor:
         """max |w| per scale entry: float32 of `scale_shape`."""
-        w = weight.detach().abs().float()
+        return self.reduce(weight.detach().abs().float(), torch.amax)
+
+    def reduce(self, values: torch.Tensor, op: Any) -> torch.Tensor:
+        """``op`` (torch.amax, torch.sum: ``op(x, dim=...)``) of a weight-shaped tensor over
+        each scale entry's weights (zero-padded to whole blocks): `scale_shape`."""
         if not self.block:
-            dims = [d for d in range(w.dim()) if d != self.axis]
-            return w.amax(dim=dims)
-        size = w.shape[self.in_axis]
-        pad = -size % self.block
+            dims = [d for d in range(values.dim()) if d != self.axis]
+            return op(values, dim=dims)
+        pad = -values.shape[self.in_axis] % self.block
         if pad:
-            pad_shape = list(w.shape)
+            pad_shape = list(values.shape)
             pad_shape[self.in_axis] = pad
-            w = torch.cat([w, w.new_zeros(pad_shape)], dim=self.in_axis)
-        shape = list(w.shape)
+            values = torch.cat([values, values.new_zeros(pad_shape)], dim=self.in_axis)
+        shape = list(values.shape)
         shape[self.in_axis : self.in_axis + 1] = [shape[self.in_axis] // self.block, self.block]
-        return w.reshape(shape).amax(dim=self.in_axis + 1)
+        return op(values.reshape(shape), dim=self.in_axis + 1)
 
 
 def layer_block(in_channels: int, block: int) -> int:
@@ -278,30 +282,11 @@ def mse_weight_scales(
         scale = (base * (1.0 - GRID_STEP * i)).clamp_min(MIN_SCALE)
         full = layout.expand(scale, tuple(w.shape))
         err = (fake_quantize(w, full, 0.0, grid) - w) ** 2
-        per_entry = _reduce_like(err, layout)
+        per_entry = layout.reduce(err, torch.sum)
         better = per_entry < best_err
         best_err = torch.where(better, per_entry, best_err)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale
-
-
-def _reduce_like(values: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
-    """Sum of a full-shape tensor over each scale entry's weights (compact shape)."""
-    if not layout.block:
-        dims = [d for d in range(values.dim()) if d != layout.axis]
-        return values.sum(dim=dims)
-    size = values.shape[layout.in_axis]
-    pad = -size % layout.block
-    if pad:
-        pad_shape = list(values.shape)
-        pad_shape[layout.in_axis] = pad
-        values = torch.cat([values, values.new_zeros(pad_shape)], dim=layout.in_axis)
-    shape = list(values.shape)
-    shape[layout.in_axis : layout.in_axis + 1] = [
-        shape[layout.in_axis] // layout.block,
-        layout.block,
-    ]
-    return values.reshape(shape).sum(dim=layout.in_axis + 1)
 
 
 def as_float_tensor(value: torch.Tensor | np.ndarray | float) -> torch.Tensor:

@@ -32,6 +32,7 @@ from avatarq.export.manifest import (
     CachingGraph,
     CachingRecord,
     TensorSpec,
+    dam_tensor_specs,
 )
 from avatarq.export.onnx_export import IR_VERSION, OPSET, layer_nodes, save_onnx, traced_program
 from avatarq.models.caching import CacheNetwork, WarpNetwork
@@ -82,24 +83,15 @@ def trace_graph(
 
 
 def cache_specs(cache: CacheNetwork) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    c = cache.config
-    units = "0..255 texel units" if cache.denormalized else "Multiface-normalized units"
-    inputs = [
-        TensorSpec("z", "float32", ["batch", c.z_dim], "latent code of the reference frame r"),
-        TensorSpec("view", "float32", ["batch", 3], "unit view direction of frame r"),
-    ]
-    outputs = [
-        TensorSpec(
-            "texture", "float32", ["batch", 3, c.tex_size, c.tex_size], f"texture of r, {units}"
-        ),
-        TensorSpec("vertices", "float32", ["batch", c.n_vertices, 3], "mesh vertices of r"),
+    inputs, outputs = dam_tensor_specs(cache.config, cache.denormalized, " (reference frame r)")
+    outputs.append(
         TensorSpec(
             "features",
             "float32",
             ["batch", cache.feature_channels, cache.feature_size, cache.feature_size],
             f"texture-decoder features after {cache.cache_blocks} block(s) (the cache)",
-        ),
-    ]
+        )
+    )
     return inputs, outputs
 
 

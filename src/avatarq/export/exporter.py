@@ -32,6 +32,7 @@ from avatarq.export.manifest import (
     ReferenceRecord,
     TensorSpec,
     ValidationRecord,
+    dam_tensor_specs,
 )
 from avatarq.export.onnx_export import ExportConfig, export_onnx, layer_nodes, save_onnx
 from avatarq.export.options import ExportOptions
@@ -79,31 +80,6 @@ def validation_inputs(
     view = torch.randn(n, 3, generator=gen) * 0.3 + torch.tensor([0.0, 0.0, 1.0])
     view = view / view.norm(dim=1, keepdim=True)
     return DecoderInputs.from_z_view(z, view), f"seeded N(0, 1) latents (seed {seed})"
-
-
-def _tensor_specs(decoder: DeployableDecoder) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    c = decoder.config
-    units = "0..255 texel units" if decoder.denormalized else "Multiface-normalized units"
-    inputs = [
-        TensorSpec("z", "float32", ["batch", c.z_dim], "latent code (encoder mean)"),
-        TensorSpec("view", "float32", ["batch", 3], "unit view direction, head coordinates"),
-    ]
-    outputs = [
-        TensorSpec(
-            "texture",
-            "float32",
-            ["batch", 3, c.tex_size, c.tex_size],
-            f"RGB texture, {units}, row 0 = uv v 0 (flipped-on-load orientation)",
-        ),
-        TensorSpec(
-            "vertices",
-            "float32",
-            ["batch", c.n_vertices, 3],
-            "head-local mesh vertices"
-            + (" (capture units)" if decoder.denormalized else " (normalized)"),
-        ),
-    ]
-    return inputs, outputs
 
 
 def export_bundle(
@@ -270,7 +246,7 @@ def _export(
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
         if isinstance(decoder, DeployableDecoder):
-            inputs, outputs = _tensor_specs(decoder)
+            inputs, outputs = dam_tensor_specs(decoder.config, decoder.denormalized)
             record = None
         else:
             inputs, outputs = _declared_specs(declaration)

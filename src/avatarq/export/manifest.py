@@ -152,6 +152,40 @@ class ReferenceRecord:
     sha256: str
 
 
+def dam_tensor_specs(
+    config: Any, denormalized: bool, of: str = ""
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs (z, view) and outputs (texture, vertices) of a DAM decoder's graph.
+
+    Args:
+        config: the `DAMConfig` (z_dim, tex_size, n_vertices).
+        denormalized: outputs in texel / capture units (else Multiface-normalized).
+        of: appended to every description (e.g. " (reference frame r)").
+    """
+    units = "0..255 texel units" if denormalized else "Multiface-normalized units"
+    mesh_units = " (capture units)" if denormalized else " (normalized)"
+    inputs = [
+        TensorSpec("z", "float32", ["batch", config.z_dim], f"latent code (encoder mean){of}"),
+        TensorSpec("view", "float32", ["batch", 3], f"unit view direction, head coordinates{of}"),
+    ]
+    size = config.tex_size
+    outputs = [
+        TensorSpec(
+            "texture",
+            "float32",
+            ["batch", 3, size, size],
+            f"RGB texture, {units}, row 0 = uv v 0 (flipped-on-load orientation){of}",
+        ),
+        TensorSpec(
+            "vertices",
+            "float32",
+            ["batch", config.n_vertices, 3],
+            f"head-local mesh vertices{mesh_units}{of}",
+        ),
+    ]
+    return inputs, outputs
+
+
 @dataclass(frozen=True)
 class BuildOptions(EngineProfile):
     """How an engine is built (recorded in the manifest, so a build can be repeated): the

@@ -23,43 +23,51 @@ def _weight_norm(weight: torch.Tensor, g: torch.Tensor, out_dim: int) -> torch.T
     return weight * g.view(shape) / torch.sqrt(torch.sum(weight**2))
 
 
-class LinearWN(nn.Linear):
+class _WeightNormed:
+    """Whole-tensor weight normalization: weight * g / ||weight||, g [C_out] along
+    ``G_DIM`` of the weight (a mixin of the layers below; Multiface's parameter names)."""
+
+    G_DIM = 0
+    weight: torch.Tensor
+    g: torch.Tensor
+
+    def _add_gain(self, out_channels: int) -> None:
+        self.g = nn.Parameter(torch.ones(out_channels))
+
+    def effective_weight(self) -> torch.Tensor:
+        return _weight_norm(self.weight, self.g, self.G_DIM)
+
+
+class LinearWN(_WeightNormed, nn.Linear):
     """Linear layer with whole-tensor weight normalization. x [B, in] -> [B, out]."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=True)
-        self.g = nn.Parameter(torch.ones(out_features))
-
-    def effective_weight(self) -> torch.Tensor:
-        return _weight_norm(self.weight, self.g, 0)
+        self._add_gain(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
 
 
-class Conv2dWN(nn.Conv2d):
+class Conv2dWN(_WeightNormed, nn.Conv2d):
     """Conv2d with whole-tensor weight normalization; bias always present."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0):
         super().__init__(cin, cout, kernel, stride, padding, bias=True)
-        self.g = nn.Parameter(torch.ones(cout))
-
-    def effective_weight(self) -> torch.Tensor:
-        return _weight_norm(self.weight, self.g, 0)
+        self._add_gain(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding)
 
 
-class ConvTranspose2dWN(nn.ConvTranspose2d):
+class ConvTranspose2dWN(_WeightNormed, nn.ConvTranspose2d):
     """ConvTranspose2d with whole-tensor weight normalization (g along weight dim 1)."""
+
+    G_DIM = 1
 
     def __init__(self, cin: int, cout: int, kernel: int = 4, stride: int = 2, padding: int = 1):
         super().__init__(cin, cout, kernel, stride, padding, bias=True)
-        self.g = nn.Parameter(torch.ones(cout))
-
-    def effective_weight(self) -> torch.Tensor:
-        return _weight_norm(self.weight, self.g, 1)
+        self._add_gain(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(x, self.effective_weight(), self.bias, self.stride, self.padding)

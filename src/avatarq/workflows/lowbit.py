@@ -26,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 
 from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
+from avatarq.workflows.peers import StudyRecord
 
 TEXTURE_PEAK = 255.0
 HOLDOUTS = ("frames", "segment", "none")
@@ -103,14 +104,10 @@ class LowbitRow:
 
 
 @dataclass
-class LowbitStudy:
-    rows: list[LowbitRow]
-    setup: dict[str, Any] = field(default_factory=dict)
+class LowbitStudy(StudyRecord):
+    """Every `LowbitRow` plus what they were measured on."""
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {"setup": self.setup, "rows": [asdict(r) for r in self.rows]}, indent=1, default=str
-        )
+    rows: list[LowbitRow]
 
     @classmethod
     def from_json(cls, text: str) -> LowbitStudy:

@@ -140,16 +140,24 @@ class PeerRow:
 
 
 @dataclass
-class PeerStudy:
-    """Every row plus what they were measured on (model, samples, clip, machine)."""
+class StudyRecord:
+    """Rows of a study plus what they were measured on (model, samples, clip, machine),
+    as JSON: {"setup": {...}, "rows": [{...}, ...]}."""
 
-    rows: list[PeerRow]
+    rows: list[Any]
     setup: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
             {"setup": self.setup, "rows": [asdict(r) for r in self.rows]}, indent=1, default=str
         )
+
+
+@dataclass
+class PeerStudy(StudyRecord):
+    """Every `PeerRow` plus what they were measured on."""
+
+    rows: list[PeerRow]
 
     def markdown(self) -> str:
         """The comparison table (one row per method) in GitHub markdown."""
