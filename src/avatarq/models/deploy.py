@@ -44,16 +44,9 @@ def _fold(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         if isinstance(module, LinearWN):
             plain: nn.Module = nn.Linear(module.in_features, module.out_features)
-        elif isinstance(module, ConvTranspose2dWN):
-            plain = nn.ConvTranspose2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                module.stride,
-                module.padding,
-            )
-        elif isinstance(module, Conv2dWN):
-            plain = nn.Conv2d(
+        elif isinstance(module, Conv2dWN | ConvTranspose2dWN):
+            kind = nn.ConvTranspose2d if isinstance(module, ConvTranspose2dWN) else nn.Conv2d
+            plain = kind(
                 module.in_channels,
                 module.out_channels,
                 module.kernel_size,

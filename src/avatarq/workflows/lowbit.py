@@ -128,7 +128,7 @@ class LowbitStudy(StudyRecord):
                     "mean": statistics.fmean(values),
                     "min": min(values),
                     "max": max(values),
-                    "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                    "std": float(np.std(values)),
                 }
             out.append(entry)
         return out
@@ -220,30 +220,20 @@ def lowbit_study(
     from avatarq.calibration.pipeline import calibrate
     from avatarq.calibration.samples import CalibrationSamples, samples_from_capture
     from avatarq.core.ort import make_session
-    from avatarq.data.capture import MultifaceCapture
-    from avatarq.data.encode import capture_normalization
-    from avatarq.export.onnx_export import export_onnx, save_onnx
+    from avatarq.export.onnx_export import save_onnx
     from avatarq.export.qdq import quantize_onnx
     from avatarq.measure import compare_sequences
     from avatarq.measure import perceptual as perceptual_metric
-    from avatarq.models.checkpoint import load_checkpoint
-    from avatarq.models.deploy import DeployableDecoder
     from avatarq.workflows.lowbit_peers import PeerRecipe, peer_textures
-    from avatarq.workflows.peers import decode_clip, model_record
+    from avatarq.workflows.peers import StudySubject, decode_clip, model_record
 
     say = or_silent(progress)
     perceptual = perceptual_metric.available(perceptual_metric.DEFAULT_METRIC)
     methods = list(methods) if methods is not None else default_methods()
-    if len({m.name for m in methods}) != len(methods):
-        raise AvatarqError("every compared method needs its own name")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(checkpoint)
-    capture = MultifaceCapture(capture_root)
-    decoder = DeployableDecoder(model, capture_normalization(capture))
-    fp32_model = export_onnx(decoder)
-    fp32_path = workdir / "fp32.onnx"
-    save_onnx(fp32_model, fp32_path)
+    names = [m.name for m in [*methods, *peers]]
+    subject = StudySubject.load(checkpoint, capture_root, workdir, names)
+    model, capture, decoder = subject.model, subject.capture, subject.decoder
+    fp32_model, fp32_path, workdir = subject.fp32_model, subject.fp32_path, subject.workdir
 
     if holdout not in HOLDOUTS:
         raise AvatarqError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")

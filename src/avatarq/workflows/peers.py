@@ -233,6 +233,42 @@ def _stride(n: int, most: int = 8) -> int:
     return max(d for d in range(1, most + 1) if n % d == 0)
 
 
+@dataclass
+class StudySubject:
+    """What a study measures: the checkpoint's model, its capture, the de-normalized
+    deployable decoder and that decoder's FP32 graph (saved as ``workdir/fp32.onnx``)."""
+
+    model: Any
+    capture: Any
+    decoder: Any
+    fp32_model: Any
+    fp32_path: Path
+    workdir: Path
+
+    @classmethod
+    def load(
+        cls, checkpoint: str | Path, capture_root: str | Path, workdir: str | Path, names: list[str]
+    ) -> StudySubject:
+        """``names``: the compared methods' labels (each must be unique)."""
+        from avatarq.data.capture import MultifaceCapture
+        from avatarq.data.encode import capture_normalization
+        from avatarq.export.onnx_export import export_onnx, save_onnx
+        from avatarq.models.checkpoint import load_checkpoint
+        from avatarq.models.deploy import DeployableDecoder
+
+        if len(set(names)) != len(names):
+            raise AvatarqError("every compared method needs its own name")
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model = load_checkpoint(checkpoint)
+        capture = MultifaceCapture(capture_root)
+        decoder = DeployableDecoder(model, capture_normalization(capture))
+        fp32_model = export_onnx(decoder)
+        fp32_path = workdir / "fp32.onnx"
+        save_onnx(fp32_model, fp32_path)
+        return cls(model, capture, decoder, fp32_model, fp32_path, workdir)
+
+
 def ort_pre_process(fp32_path: Path, out_path: Path) -> None:
     """ONNX Runtime's recommended step before ``quantize_static``: symbolic shape inference,
     graph optimization (fusions) and ONNX shape inference."""
@@ -337,28 +373,16 @@ def compare_calibrations(
     from avatarq.calibration.pipeline import calibrate
     from avatarq.calibration.samples import CalibrationSamples, samples_from_prior
     from avatarq.core.ort import make_session
-    from avatarq.data.capture import MultifaceCapture
-    from avatarq.data.encode import capture_normalization
-    from avatarq.export.onnx_export import export_onnx, save_onnx
+    from avatarq.export.onnx_export import save_onnx
     from avatarq.export.qdq import quantize_onnx
-    from avatarq.models.checkpoint import load_checkpoint
-    from avatarq.models.deploy import DeployableDecoder
 
     say = or_silent(progress)
     methods = list(methods) if methods is not None else default_methods()
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise AvatarqError("every compared method needs its own name")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(checkpoint)
-    capture = MultifaceCapture(capture_root)
-    decoder = DeployableDecoder(model, capture_normalization(capture))
-    fp32_path = workdir / "fp32.onnx"
+    subject = StudySubject.load(checkpoint, capture_root, workdir, [m.name for m in methods])
+    model, capture, decoder = subject.model, subject.capture, subject.decoder
+    fp32_model, fp32_path, workdir = subject.fp32_model, subject.fp32_path, subject.workdir
     ort_input = workdir / "fp32_ort_preprocessed.onnx"
     ort_input.unlink(missing_ok=True)
-    fp32_model = export_onnx(decoder)
-    save_onnx(fp32_model, fp32_path)
 
     say(f"encoding {n_random} calibration samples and the evaluation clip")
     samples = load_samples(model, capture.root, capture, n_random=n_random, seed=seed)
