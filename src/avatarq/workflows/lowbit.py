@@ -55,7 +55,11 @@ class LowbitMethod:
         return CalibrationConfig(bits=bits, seed=seed, **self.settings)
 
     def applies_to(self, bits: str) -> bool:
-        """Integer-rounding methods (GPTQ, AdaRound, blocks) do not apply to fp8."""
+        """Integer-rounding methods (GPTQ, AdaRound, blocks) do not apply to fp8; smaller
+        texel-bias storage is measured where the weights are 4-bit (the biases are then
+        most of the graph)."""
+        if self.settings.get("bias_format", "fp32") != "fp32" and not bits.startswith("w4"):
+            return False
         if bits != "fp8" or self.name == "default":
             return True
         return not any(self.settings.get(k) for k in ("gptq", "adaround", "weight_block"))
@@ -82,6 +86,7 @@ def default_methods(iters: int = 100) -> list[LowbitMethod]:
         LowbitMethod("poca+gptq+hadamard", {**poca, "gptq": True, "hadamard": True}),
         LowbitMethod("poca+temporal", {**poca, "temporal_weight": 1.0}),
         LowbitMethod("poca+gptq+temporal", {**poca, "gptq": True, "temporal_weight": 1.0}),
+        LowbitMethod("poca+gptq+int4-biases", {**poca, "gptq": True, "bias_format": "int4"}),
     ]
 
 
