@@ -48,6 +48,7 @@ from avatarq.calibration.biases import OFFSET_NAMES, quantize_bias, quantize_off
 from avatarq.calibration.quantizers import FloatGrid, activation_range
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
+from avatarq.export.ir_graph import GraphBuilder
 from avatarq.export.onnx_export import layer_nodes
 from avatarq.export.validate import validate_against_torch
 from avatarq.measure import Comparison, Tolerances
@@ -95,36 +96,12 @@ class QDQConfig:
             )
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     """Unique names, registered initializers and named nodes in one onnx-ir graph."""
 
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
-        self.taken = set(graph.initializers)
-        self.taken |= {v.name for v in graph.inputs if v.name}
-        for node in graph:
-            self.taken |= {o.name for o in node.outputs if o.name}
-            if node.name:
-                self.taken.add(node.name)
-
-    def name(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
-
-    def const(self, base: str, value: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-        name = self.name(base)
-        tensor = ir.tensor(np.asarray(value), dtype=dtype, name=name)
-        v = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype))
-        v.shape = ir.Shape(tensor.shape)
-        self.graph.register_initializer(v)
-        return v
-
     def node(self, op: str, inputs: list[ir.Value | None], base: str, out: str, **attrs) -> ir.Node:
-        node = ir.node(op, inputs, attrs or None, name=self.name(base))
-        node.outputs[0].name = self.name(out)
+        node = ir.node(op, inputs, attrs or None, name=self.unique(base))
+        node.outputs[0].name = self.unique(out)
         return node
 
     def array(self, name: str) -> np.ndarray:
@@ -245,7 +222,7 @@ def _fp16_layer(b: _Builder, node: ir.Node, name: str) -> None:
     old = result.name
     result.replace_all_uses_with(cast_out.outputs[0], replace_graph_outputs=True)
     cast_out.replace_input_with(0, result)
-    result.name = b.name(f"{name}.output_fp16")
+    result.name = b.unique(f"{name}.output_fp16")
     cast_out.outputs[0].name = old
 
 

@@ -9,6 +9,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
+from avatarq.export.ir_graph import GraphBuilder
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -67,33 +69,8 @@ def channels(value: ir.Value) -> int | None:
     return shape[1]
 
 
-class Builder:
+class Builder(GraphBuilder):
     """Adds initializers and nodes to a graph under names it has not used yet."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
-        self._names: set[str] = {v.name for v in graph.initializers.values() if v.name}
-        self._names |= {v.name for v in graph.inputs if v.name}
-        for node in graph.all_nodes():
-            if node.name:
-                self._names.add(node.name)
-            self._names |= {v.name for v in node.outputs if v.name}
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
-
-    def const(self, base: str, value: np.ndarray | np.generic) -> ir.Value:
-        """A new initializer holding ``value`` (its dtype kept)."""
-        name = self.unique(base)
-        out = ir.Value(name=name, const_value=ir.tensor(np.asarray(value), name=name))
-        out.dtype = out.const_value.dtype
-        out.shape = ir.Shape(np.asarray(value).shape)
-        self.graph.register_initializer(out)
-        return out
 
     def op(
         self,
