@@ -188,7 +188,7 @@ def test_render_config_rejects_bad_values(kwargs, match):
 
 
 def test_render_config_rejects_unknown_keys():
-    with pytest.raises(AvatarqError, match="unknown render config keys: colour"):
+    with pytest.raises(AvatarqError, match=r"unknown render config key\(s\) \['colour'\]"):
         RenderConfig.from_dict({"colour": "red"})
 
 

@@ -138,3 +138,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AvatarqError(f"{path} must hold a JSON object")
     return data
+
+
+def known_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """``data`` as a dict after checking that every key is a field of dataclass ``cls``.
+
+    Raises:
+        AvatarqError: "unknown WHAT(s) [...]" naming the keys ``cls`` does not have.
+    """
+    if not isinstance(data, dict):
+        data = dict(data)
+    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise AvatarqError(f"unknown {what}(s) {unknown}")
+    return dict(data)

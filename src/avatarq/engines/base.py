@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatarq.core.documents import known_fields
 from avatarq.core.files import inside
 from avatarq.core.hashing import file_sha256
 from avatarq.core.progress import Progress
@@ -110,10 +111,7 @@ class RunOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunOptions:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AvatarqError(f"unknown run option(s) {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "run option"))
 
 
 # --------------------------------------------------------------------------- runner

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avatarq.core.documents import known_fields
 from avatarq.errors import AvatarqError
 from avatarq.models.deploy import DeployableDecoder
 from avatarq.models.layers import LEAKY_SLOPE
@@ -105,10 +106,7 @@ class WarpConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> WarpConfig:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AvatarqError(f"unknown warp config field(s) {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "warp config field"))
 
 
 class CacheNetwork(nn.Module):

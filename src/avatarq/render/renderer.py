@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from avatarq.core.documents import known_fields
 from avatarq.core.topology import Topology
 from avatarq.errors import AvatarqError
 from avatarq.render.raster_nvdiffrast import INSTALL_HINT, NvdiffrastRaster, nvdiffrast_available
@@ -137,10 +138,7 @@ class RenderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RenderConfig:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AvatarqError(f"unknown render config keys: {', '.join(unknown)}")
-        data = dict(data)
+        data = known_fields(cls, data, "render config key")
         if "resolution" in data and isinstance(data["resolution"], list):
             data["resolution"] = tuple(data["resolution"])
         return cls(**data)

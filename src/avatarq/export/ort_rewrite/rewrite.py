@@ -29,6 +29,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from avatarq.core.documents import known_fields
 from avatarq.errors import AvatarqError
 from avatarq.export.ort_rewrite.engine import (
     LayerPlan,
@@ -88,10 +89,7 @@ class OrtRewriteConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OrtRewriteConfig:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AvatarqError(f"unknown ORT rewrite option(s) {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "ORT rewrite option"))
 
 
 @dataclass(frozen=True)
