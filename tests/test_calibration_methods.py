@@ -301,12 +301,20 @@ def test_texel_bias_formats_bound_their_error():
     assert (np.abs(values - b) <= scale.reshape(1, 3, 1, 1) / 2 + 1e-7).all()
 
 
-def test_int4_texel_biases_use_seven_levels_each_side():
-    b = np.random.default_rng(0).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+def test_int4_texel_biases_have_a_scale_per_64_texels_of_a_row():
+    b = np.random.default_rng(0).normal(0, 1, (1, 3, 4, 128)).astype(np.float32)
     stored, scale, values = quantize_bias(b, "int4")
-    assert np.abs(stored).max() == 7
-    assert np.allclose(scale, np.abs(b).max(axis=(0, 2, 3)) / 7)
-    assert (np.abs(values - b) <= scale.reshape(1, 3, 1, 1) / 2 + 1e-7).all()
+    assert np.abs(stored).max() == 7 and stored.shape == b.shape
+    blocks = b.reshape(3, 4, 2, 64)
+    assert np.allclose(scale, np.abs(blocks).max(axis=-1) / 7)
+    step = np.repeat(scale, 64, axis=-1).reshape(b.shape)
+    assert (np.abs(values - b) <= step / 2 + 1e-7).all()
+
+
+def test_int4_bias_scales_of_another_shape_are_refused():
+    b = np.zeros((1, 3, 4, 128), np.float32)
+    with pytest.raises(AvatarqError, match=r"needs scales \[3, 4, 2\]"):
+        quantize_bias(b, "int4", np.ones(3, np.float32))
 
 
 def test_a_blocked_offset_is_within_half_a_step_of_each_block():
@@ -327,5 +335,5 @@ def test_stored_bytes_count_codes_and_scales():
     n = 3 * 16 * 64
     assert stored_bytes(shape, "fp16") == 2 * n
     assert stored_bytes(shape, "int8") == n + 12
-    assert stored_bytes(shape, "int4") == n // 2 + 12
+    assert stored_bytes(shape, "int4") == n // 2 + 4 * (n // 64)
     assert stored_bytes(shape, "uint8-blocks") == n + 8 * (n // 32)

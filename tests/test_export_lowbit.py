@@ -166,7 +166,8 @@ def test_texel_biases_take_their_storage_format(tiny, tmp_path, fmt, dtype):
     _, fp32_sizes = describe_storage(
         quantize_onnx(tiny[2], calibrate(tiny[0], tiny[1], CalibrationConfig(**FAST)))
     )
-    bound = {"fp16": 0.55, "int8": 0.3, "int4": 0.16}[fmt]
+    # int4 keeps a float32 scale per row of these tiny (<= 16 texel) rows: 4 bytes per row
+    bound = {"fp16": 0.55, "int8": 0.3, "int4": 0.25}[fmt]
     assert sizes["texel_biases"] < bound * fp32_sizes["texel_biases"]
     _agrees(tiny, artifact, model, tmp_path)
 

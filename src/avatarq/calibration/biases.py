@@ -14,9 +14,9 @@ format     texel biases                               output offset
 ``fp16``   float16 + Cast                             float16 + Cast
 ``int8``   int8 codes, one scale per channel          float16 + Cast
            (amax / 127), DequantizeLinear axis 1
-``int4``   packed INT4 codes, one scale per channel   uint8 codes in blocks of up to 32
-           (amax / 7), DequantizeLinear axis 1        texels along a row, a float32 scale
-                                                      and base per block
+``int4``   packed INT4 codes, one scale (amax / 7)    uint8 codes in blocks of up to 32
+           per block of up to 64 texels of a row,     texels along a row, a float32 scale
+           blocked DequantizeLinear (axis 3)          and base per block
 =========  =========================================  ====================================
 
 Every error here is static (it does not change from frame to frame): half a step at most.
@@ -40,6 +40,7 @@ OFFSET_FORMATS = ("fp32", "fp16", "uint8-blocks")
 OFFSET_FORMAT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "uint8-blocks"}
 BIAS_QMAX = {"int8": 127, "int4": 7}
 OFFSET_BLOCK = 32
+BIAS_BLOCK = 64
 OFFSET_LEVELS = 255
 OFFSET_NAMES = ("tex_offset",)
 
@@ -91,11 +92,20 @@ def stored_formats(decoder: nn.Module, bias_format: str) -> dict[str, str]:
 
 
 def bias_scale(values: np.ndarray, fmt: str = "int8") -> np.ndarray:
-    """Per-channel scale amax / qmax of a [1, C, H, W] bias in ``fmt`` (int8 or int4):
-    float32 [C]."""
-    amax = np.abs(values).max(axis=(0, 2, 3)).astype(np.float32)
+    """Scales amax / qmax of a [1, C, H, W] bias: int8 float32 [C] (one per channel); int4
+    float32 [C, H, W / B] (one per block of B = `bias_block` (W) texels of a row)."""
     qmax = np.float32(BIAS_QMAX[fmt])
-    return np.maximum(amax / qmax, np.float32(MIN_SCALE)).astype(np.float32)
+    if fmt == "int4":
+        amax = np.abs(_blocks(values, bias_block(values.shape[-1]))).max(axis=-1)[0]
+    else:
+        amax = np.abs(values).max(axis=(0, 2, 3))
+    return np.maximum(amax.astype(np.float32) / qmax, np.float32(MIN_SCALE)).astype(np.float32)
+
+
+def _blocks(values: np.ndarray, block: int) -> np.ndarray:
+    """[1, C, H, W] -> [1, C, H, W / block, block]."""
+    _, c, h, w = values.shape
+    return values.reshape(1, c, h, w // block, block)
 
 
 def _check_4d(values: np.ndarray, what: str) -> np.ndarray:
@@ -108,13 +118,13 @@ def _check_4d(values: np.ndarray, what: str) -> np.ndarray:
 def quantize_bias(
     values: np.ndarray, fmt: str, scale: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(stored array, per-channel scale or None, float32 values the graph computes with).
+    """(stored array, scales or None, float32 values the graph computes with).
 
     Args:
         values: float32 [1, C, H, W] bias.
         fmt: "fp32", "fp16", "int8" or "int4" (int4 codes come back as int8 in -7..7;
             the export packs them).
-        scale: int8/int4 scales float32 [C] (None: `bias_scale`).
+        scale: the `bias_scale` of ``values`` (None: computed here).
     """
     check_bias_format(fmt)
     values = _check_4d(values, "a texel bias")
@@ -124,16 +134,37 @@ def quantize_bias(
         stored = values.astype(np.float16)
         return stored, None, stored.astype(np.float32)
     qmax = BIAS_QMAX[fmt]
-    scale = bias_scale(values, fmt) if scale is None else np.asarray(scale, np.float32)
-    s = scale.reshape(1, -1, 1, 1)
-    q = np.clip(np.rint(values / s), -qmax, qmax).astype(np.int8)
-    return q, scale, (q.astype(np.float32) * s).astype(np.float32)
+    expected = bias_scale(values, fmt)
+    scale = expected if scale is None else np.asarray(scale, np.float32)
+    if scale.shape != expected.shape:
+        raise AvatarqError(
+            f"a {fmt} texel bias of shape {list(values.shape)} needs scales "
+            f"{list(expected.shape)}, got {list(scale.shape)}"
+        )
+    if fmt == "int4":
+        grouped = _blocks(values, bias_block(values.shape[-1]))
+        s = scale[None, ..., None]
+    else:
+        grouped, s = values, scale.reshape(1, -1, 1, 1)
+    q = np.clip(np.rint(grouped / s), -qmax, qmax).astype(np.int8)
+    rounded = (q.astype(np.float32) * s).astype(np.float32)
+    return q.reshape(values.shape), scale, rounded.reshape(values.shape)
+
+
+def bias_block(width: int) -> int:
+    """Texels per int4 scale block of a texel-bias row: the largest of 64, 32, ..., 1 that
+    divides ``width``."""
+    return _power_of_two_divisor(width, BIAS_BLOCK)
 
 
 def offset_block(width: int) -> int:
     """Texels per block of a uint8-blocks offset row: the largest of 32, 16, ..., 1 that
     divides ``width``."""
-    block = OFFSET_BLOCK
+    return _power_of_two_divisor(width, OFFSET_BLOCK)
+
+
+def _power_of_two_divisor(width: int, most: int) -> int:
+    block = most
     while width % block:
         block //= 2
     return block
@@ -179,7 +210,7 @@ def stored_bytes(shape: tuple[int, ...], fmt: str) -> int:
     if fmt == "int8":
         return n + 4 * shape[1]
     if fmt == "int4":
-        return (n + 1) // 2 + 4 * shape[1]
+        return (n + 1) // 2 + 4 * (n // bias_block(shape[-1]))
     if fmt == "uint8-blocks":
         return n + 8 * (n // offset_block(shape[-1]))
     raise AvatarqError(f"unknown storage format {fmt!r}")

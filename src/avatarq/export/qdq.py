@@ -44,7 +44,7 @@ import onnx_ir as ir
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration
-from avatarq.calibration.biases import OFFSET_NAMES, quantize_bias, quantize_offset
+from avatarq.calibration.biases import OFFSET_NAMES, bias_block, quantize_bias, quantize_offset
 from avatarq.calibration.quantizers import FloatGrid, activation_range
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
@@ -264,9 +264,13 @@ def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> int:
             if fmt == "int4":
                 needs = max(needs, INT4_OPSET)
             q = b.const(f"{name}.quantized", stored.astype(np_type), ir_type)
-            s = b.const(f"{name}.scale", scale)
+            if fmt == "int4":  # one scale per block of a row
+                s = b.const(f"{name}.scale", scale[None])
+                block = {"axis": 3, "block_size": bias_block(array.shape[-1])}
+            else:
+                s, block = b.const(f"{name}.scale", scale), {"axis": 1}
             nodes = [
-                b.node("DequantizeLinear", [q, s], f"{name}/DQ", f"{name}.dequantized", axis=1)
+                b.node("DequantizeLinear", [q, s], f"{name}/DQ", f"{name}.dequantized", **block)
             ]
         users = [u.node for u in value.uses()]
         b.graph.insert_before(users[0], nodes)
