@@ -318,16 +318,16 @@ def test_int4_bias_scales_of_another_shape_are_refused():
 
 
 def test_a_blocked_offset_is_within_half_a_step_of_each_block():
-    offset = np.random.default_rng(0).uniform(10, 250, (1, 3, 4, 64)).astype(np.float32)
+    offset = np.random.default_rng(0).uniform(10, 250, (1, 3, 4, 128)).astype(np.float32)
     parts, values = quantize_offset(offset, "uint8-blocks")
-    assert parts["codes"].shape == (1, 3, 4, 2, 32) and parts["codes"].dtype == np.uint8
+    assert parts["codes"].shape == (1, 3, 4, 2, 64) and parts["codes"].dtype == np.uint8
     assert parts["base"].shape == parts["scale"].shape == (1, 3, 4, 2, 1)
-    step = np.repeat(parts["scale"], 32, axis=-1).reshape(offset.shape)
+    step = np.repeat(parts["scale"], 64, axis=-1).reshape(offset.shape)
     assert (np.abs(values - offset) <= step / 2 + 1e-4).all()
 
 
 def test_an_offset_block_divides_the_row():
-    assert [offset_block(w) for w in (1024, 48, 20, 7)] == [32, 16, 4, 1]
+    assert [offset_block(w) for w in (1024, 48, 20, 7)] == [64, 16, 4, 1]
 
 
 def test_stored_bytes_count_codes_and_scales():
@@ -336,4 +336,4 @@ def test_stored_bytes_count_codes_and_scales():
     assert stored_bytes(shape, "fp16") == 2 * n
     assert stored_bytes(shape, "int8") == n + 12
     assert stored_bytes(shape, "int4") == n // 2 + 4 * (n // 64)
-    assert stored_bytes(shape, "uint8-blocks") == n + 8 * (n // 32)
+    assert stored_bytes(shape, "uint8-blocks") == n + 8 * (n // 64)

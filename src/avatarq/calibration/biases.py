@@ -14,7 +14,7 @@ format     texel biases                               output offset
 ``fp16``   float16 + Cast                             float16 + Cast
 ``int8``   int8 codes, one scale per channel          float16 + Cast
            (amax / 127), DequantizeLinear axis 1
-``int4``   packed INT4 codes, one scale (amax / 7)    uint8 codes in blocks of up to 32
+``int4``   packed INT4 codes, one scale (amax / 7)    uint8 codes in blocks of up to 64
            per block of up to 64 texels of a row,     texels along a row, a float32 scale
            blocked DequantizeLinear (axis 3)          and base per block
 =========  =========================================  ====================================
@@ -39,7 +39,7 @@ BIAS_FORMATS = ("fp32", "fp16", "int8", "int4")
 OFFSET_FORMATS = ("fp32", "fp16", "uint8-blocks")
 OFFSET_FORMAT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "uint8-blocks"}
 BIAS_QMAX = {"int8": 127, "int4": 7}
-OFFSET_BLOCK = 32
+OFFSET_BLOCK = 64
 BIAS_BLOCK = 64
 OFFSET_LEVELS = 255
 OFFSET_NAMES = ("tex_offset",)
@@ -158,7 +158,7 @@ def bias_block(width: int) -> int:
 
 
 def offset_block(width: int) -> int:
-    """Texels per block of a uint8-blocks offset row: the largest of 32, 16, ..., 1 that
+    """Texels per block of a uint8-blocks offset row: the largest of 64, 32, ..., 1 that
     divides ``width``."""
     return _power_of_two_divisor(width, OFFSET_BLOCK)
 
