@@ -21,7 +21,6 @@ WEIGHT_SEARCH = ("max", "mse")
 #: low-bit measurement in docs/benchmarks.md ("Low bit widths"); other formats: all off.
 METHOD_DEFAULTS: dict[str, dict[str, object]] = {
     "w8a8": {"gptq": False, "smooth": False, "hadamard": False, "weight_search": "max"},
-    "w6a6": {"gptq": True, "smooth": False, "hadamard": False, "weight_search": "max"},
     "w4a8": {"gptq": True, "smooth": False, "hadamard": False, "weight_search": "max"},
 }
 _OFF = {"gptq": False, "smooth": False, "hadamard": False, "weight_search": "max"}
