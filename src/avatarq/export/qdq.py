@@ -21,8 +21,9 @@ TensorRT 11 is strongly typed, so the graph IS the precision plan (deploy.md). P
 - ``fp32``: unchanged.
 
 Before that, smoothing scales are folded into the float initializers they change
-(`CalibrationArtifact.smoothed_arrays`), and texel biases take their storage format:
-float16 + Cast, or int8 + per-channel DequantizeLinear (axis 1).
+(`CalibrationArtifact.smoothed_arrays`), and texel biases and the mean-texture offset take
+their storage format (`avatarq.calibration.biases`): float16 + Cast, int8 + per-channel
+DequantizeLinear (axis 1), INT4 + blocked DequantizeLinear (axis 3), uint8 offset blocks.
 
 Nothing is quantized on outputs; activations stay float32. Graph inputs and outputs stay
 float32. The opset becomes 21 when INT4 or blocked scales need it (GridSample's mode
@@ -252,19 +253,17 @@ def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> int:
         if value is None:
             raise AvatarqError(f"the graph has no texel bias or offset {name!r}")
         array = value.const_value.numpy()
-        if name in OFFSET_NAMES:
-            nodes = _stored_offset(b, name, array, fmt)
-        elif fmt == "fp16":
-            stored, _, _ = quantize_bias(array, fmt)
-            q = b.const(f"{name}.fp16", stored)
+        if fmt == "fp16":  # the same rounding for a bias and an offset
+            q = b.const(f"{name}.fp16", array.astype(np.float16))
             nodes = [b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)]
+        elif name in OFFSET_NAMES:
+            nodes = _stored_offset(b, name, array, fmt)
         else:
             stored, scale, _ = quantize_bias(array, fmt, artifact.bias_scales.get(name))
             np_type, ir_type = _STORAGE[fmt]
-            if fmt == "int4":
-                needs = max(needs, INT4_OPSET)
             q = b.const(f"{name}.quantized", stored.astype(np_type), ir_type)
             if fmt == "int4":  # one scale per block of a row
+                needs = max(needs, INT4_OPSET)
                 s = b.const(f"{name}.scale", scale[None])
                 block = {"axis": 3, "block_size": bias_block(array.shape[-1])}
             else:
@@ -279,10 +278,8 @@ def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> int:
 
 
 def _stored_offset(b: _Builder, name: str, array: np.ndarray, fmt: str) -> list[ir.Node]:
+    """uint8 blocks: codes -> Cast -> * block scale -> + block base -> Reshape [1, C, H, W]."""
     parts, _ = quantize_offset(array, fmt)
-    if fmt == "fp16":
-        q = b.const(f"{name}.fp16", parts["fp16"])
-        return [b.node("Cast", [q], f"{name}/Cast", f"{name}.fp32", to=ir.DataType.FLOAT)]
     codes = b.const(f"{name}.codes", parts["codes"])
     cast = b.node("Cast", [codes], f"{name}/Cast", f"{name}.codes_fp32", to=ir.DataType.FLOAT)
     scale = b.const(f"{name}.block_scale", parts["scale"])

@@ -36,7 +36,6 @@ from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 from avatarq.workflows.peers import StudyRecord
 
-TEXTURE_PEAK = 255.0
 HOLDOUTS = ("frames", "segment", "none")
 METRICS = ("psnr_seen", "tde_seen", "j_seen", "psnr_all", "tde_all", "jod", "bytes", "seconds")
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from avatarq.errors import AvatarqError
+from avatarq.workflows.peers import TEXTURE_PEAK
 
-TEXTURE_PEAK = 255.0
 MODELOPT_RECIPES = {
     "modelopt-max": {"w8a8": "INT8_DEFAULT_CFG", "fp8": "FP8_DEFAULT_CFG", "*": "INT8_DEFAULT_CFG"},
     "modelopt-smoothquant": {"w8a8": "INT8_SMOOTHQUANT_CFG"},
