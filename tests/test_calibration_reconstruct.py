@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from avatarq.calibration import CalibrationConfig, CalibrationSamples, calibrate, discover_layers
-from avatarq.calibration.cache import crop2d, crop_geometry, upstream_layers
+from avatarq.calibration.cache import CalibrationRun, crop2d, crop_geometry, upstream_layers
 from avatarq.calibration.reconstruct import TrainableLayer, build_cache, evaluate, optimize
 from avatarq.models import DAMConfig, DeepAppearanceModel, DeployableDecoder
 
@@ -56,7 +56,8 @@ def test_fine_layers_are_cached_as_crops_of_the_configured_size():
     info = discover_layers(decoder)[-2]  # the 16 -> 32 output deconv
     assert info.out_shape[-1] == 32
     config = CalibrationConfig(crop=8, crops_per_sample=3)
-    cache = build_cache(decoder, decoder, info, tiny_samples(), None, config, torch.Generator())
+    run = CalibrationRun(decoder, [info], {info.name: "w8a8"}, tiny_samples(), None, config)
+    cache = build_cache(run, decoder, info, torch.Generator())
     assert cache.y.shape == (12 * 3, info.out_shape[0], 8, 8)
     assert cache.mask.shape == (12 * 3, 1, 8, 8)
     # 3 consecutive pairs in the clip of 4, each for 3 crops at shared positions
@@ -68,7 +69,8 @@ def test_reconstruction_lowers_the_masked_loss_of_a_badly_initialized_layer():
     info = next(i for i in discover_layers(decoder) if i.kind == "conv_transpose")
     config = CalibrationConfig(iters=60, lr=2e-2, batch=8, tau=0.5)
     gen = torch.Generator().manual_seed(0)
-    cache = build_cache(decoder, decoder, info, tiny_samples(), None, config, gen)
+    run = CalibrationRun(decoder, [info], {info.name: "w8a8"}, tiny_samples(), None, config)
+    cache = build_cache(run, decoder, info, gen)
     amax = float(cache.x.abs().max())
     layer = TrainableLayer(decoder.get_submodule(info.name), info, config, 4 * amax / 127, 0.0)
     before, _ = evaluate(layer, cache)

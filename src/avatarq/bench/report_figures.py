@@ -74,30 +74,35 @@ def psnr_figure(result: BenchResult) -> bytes:
             if np.isposinf(values).all():
                 notes.append(f"{r.name}: identical to FP32 (PSNR = inf)")
                 continue
-            ax.plot(
-                frames,
-                _finite_or_nan(values),
-                marker="o",
-                ms=3,
-                lw=1.4,
-                color=_color(i),
-                label=r.name,
-            )
+            _frame_line(ax, frames, _finite_or_nan(values), i, r.name)
             if np.isposinf(values).any():
                 notes.append(f"{r.name}: some frames identical (inf, not drawn)")
-        for g in _gates_on(result, "psnr"):
-            ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
-        for note in notes:
-            ax.plot([], [], " ", label=note)
+        _finish_frame_panel(ax, result, "psnr", notes, -0.5)
         ax.set_title(f"PSNR per frame, {space} space")
-        ax.set_xlim(-0.5, result.sequence["n_frames"] - 0.5)
         ax.set_xlabel("frame")
         ax.set_ylabel("PSNR vs FP32 (dB)")
-        _integer_x(ax)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _frame_line(ax: Any, x: np.ndarray, y: np.ndarray, i: int, label: str) -> None:
+    """Runner ``i``'s per-frame values, dots joined."""
+    ax.plot(x, y, marker="o", ms=3, lw=1.4, color=_color(i), label=label)
+
+
+def _finish_frame_panel(
+    ax: Any, result: BenchResult, metric: str, notes: list[str], first: float
+) -> None:
+    """Gate lines of ``metric``, legend-only ``notes``, frames from ``first`` to the last,
+    integer ticks, grid and a legend when anything is labelled."""
+    for g in _gates_on(result, metric):
+        ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
+    for note in notes:
+        ax.plot([], [], " ", label=note)
+    ax.set_xlim(first, result.sequence["n_frames"] - 0.5)
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def tde_figure(result: BenchResult) -> bytes:
@@ -111,26 +116,13 @@ def tde_figure(result: BenchResult) -> bytes:
             if comp is None:
                 continue
             values = np.asarray(comp.tde_per_frame, dtype=np.float64)
-            ax.plot(
-                np.arange(1, values.size + 1),
-                values,
-                marker="o",
-                ms=3,
-                lw=1.4,
-                color=_color(i),
-                label=f"{r.name} (J = {comp.jitter_ratio:.3g})",
-            )
-        for g in _gates_on(result, "tde"):
-            ax.axhline(g.threshold, color="k", ls="--", lw=0.8, label=f"gate {g.op}{g.threshold:g}")
+            label = f"{r.name} (J = {comp.jitter_ratio:.3g})"
+            _frame_line(ax, np.arange(1, values.size + 1), values, i, label)
+        _finish_frame_panel(ax, result, "tde", [], 0.5)
         ax.set_title(f"tDE per frame, {space} space")
-        ax.set_xlim(0.5, result.sequence["n_frames"] - 0.5)
         ax.set_xlabel("frame t (pair t-1, t)")
         ax.set_ylabel("mean |e_t - e_(t-1)|")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        _integer_x(ax)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
     return _png(fig)
 
 

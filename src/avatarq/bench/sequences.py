@@ -28,12 +28,14 @@ is the default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avatarq.core.files import existing_file
 from avatarq.core.inputs import DecoderInputs, FrameId, smooth_clip
 from avatarq.errors import AvatarqError
 
@@ -249,21 +251,36 @@ def sequence_from_capture(
             f"segment {segment!r} of {capture.root} has {len(frames)} frame(s); temporal "
             "metrics need at least 2 consecutive frames"
         )
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise AvatarqError(f"checkpoint not found: {checkpoint}")
+    checkpoint = existing_file(checkpoint, "checkpoint")
     model = load_checkpoint(checkpoint)
     z = encode_frames(model, capture, [(segment, f) for f in frames]).numpy()
-    view = np.stack([capture.view_direction(segment, f, cam) for f in frames])
-    M = np.stack([capture.projection(segment, f, cam) for f in frames])
+    source = f"capture segment {segment} ({len(frames)} frames, camera {cam}, encoder mean)"
+    return posed_sequence(capture, segment, frames, cam, z, source)
+
+
+def posed_sequence(
+    capture: Any,
+    segment: str,
+    frames: Sequence[str],
+    cam: str,
+    z: np.ndarray,
+    source: str,
+    label: str | None = None,
+    rendering: Any = None,
+) -> BenchSequence:
+    """z [T, Z] at ``frames`` of ``capture``'s ``segment`` with camera ``cam``'s view
+    direction [T, 3] and projection M [T, 3, 4] at each frame's head pose; ids
+    (``label`` or the segment, frame, cam). ``rendering``: the capture whose image size and
+    root the render stage uses (default: ``capture``)."""
+    rendering = capture if rendering is None else rendering
     return BenchSequence.of(
         z=z,
-        view=view,
-        M=M,
-        ids=tuple((segment, f, cam) for f in frames),
-        source=f"capture segment {segment} ({len(frames)} frames, camera {cam}, encoder mean)",
-        image_size=capture.image_size,
-        capture_root=capture.root,
+        view=np.stack([capture.view_direction(segment, f, cam) for f in frames]),
+        M=np.stack([capture.projection(segment, f, cam) for f in frames]),
+        ids=tuple((label or segment, f, cam) for f in frames),
+        source=source,
+        image_size=rendering.image_size,
+        capture_root=rendering.root,
     )
 
 

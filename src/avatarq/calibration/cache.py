@@ -24,12 +24,36 @@ from avatarq.calibration.config import CalibrationConfig
 from avatarq.calibration.layers import LayerInfo, get_layer
 from avatarq.calibration.masks import input_mask, layer_mask, pool_mask
 from avatarq.calibration.samples import CalibrationSamples, decoder_args
+from avatarq.core.progress import Progress
 from avatarq.errors import InternalError
 from avatarq.models.declaration import declaration_of
 
 CAPTURE_BATCH = 8
 # a capture pass may run this fraction of the decoder's MACs further to pick up a later layer
 GROUP_SLACK = 0.05
+
+
+@dataclass
+class CalibrationRun:
+    """What one calibration works on.
+
+    Attributes:
+        reference: the FP32 decoder (eval mode).
+        layers: its quantizable layers in forward order.
+        plan: {layer name: precision} ("w8a8", "fp16", ...) for every layer.
+        samples: the N calibration inputs.
+        visibility: texel visibility V [N, H, W] in {0, 1} per sample, or None (no masks).
+        config: the calibration settings.
+        progress: called with (stage, done, total), or None.
+    """
+
+    reference: nn.Module
+    layers: list[LayerInfo]
+    plan: dict[str, str]
+    samples: CalibrationSamples
+    visibility: torch.Tensor | None
+    config: CalibrationConfig
+    progress: Progress | None = None
 
 
 class _Stop(Exception):
@@ -159,14 +183,11 @@ class CropPlan:
         ]
 
 
-def plan_crops(
-    module: nn.Module,
-    info: LayerInfo,
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
-    gen: torch.Generator,
-) -> CropPlan:
+def plan_crops(run: CalibrationRun, info: LayerInfo, gen: torch.Generator) -> CropPlan:
+    """Where the crops of layer ``info``'s outputs lie per sample (one plan per clip,
+    positions drawn from ``gen`` weighted by visibility); uncropped for small layers."""
+    config, samples, visibility = run.config, run.samples, run.visibility
+    module = get_layer(run.reference, info.name)
     if not info.spatial or info.out_shape[-1] <= config.crop:
         return CropPlan(None, 1)
     geometry = crop_geometry(module, config.crop)
@@ -198,12 +219,7 @@ class Targets:
 
 @torch.no_grad()
 def reference_targets(
-    reference: nn.Module,
-    layers: list[LayerInfo],
-    plans: dict[str, CropPlan],
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
+    run: CalibrationRun, layers: list[LayerInfo], plans: dict[str, CropPlan]
 ) -> dict[str, Targets]:
     """One FP32 pass over the samples: each layer's output items, mask M = V_l * S and the
     mask carried to its input resolution (zero outside the image for crops)."""
@@ -215,7 +231,7 @@ def reference_targets(
         def hook(module, inputs, output, info=info):
             plan, start = plans[info.name], state["start"]
             y = output.detach()
-            m = layer_mask(y, state["vis"], config.tau)
+            m = layer_mask(y, state["vis"], run.config.tau)
             im = (
                 input_mask(m, info.in_shape[-1])
                 if m is not None and len(info.in_shape) == 3
@@ -226,13 +242,13 @@ def reference_targets(
             bucket["m"] += plan.outputs(m, start) if m is not None else [None]
             bucket["im"] += plan.inputs(im, start) if im is not None else [None]
 
-        handles.append(get_layer(reference, info.name).register_forward_hook(hook))
+        handles.append(get_layer(run.reference, info.name).register_forward_hook(hook))
     try:
-        for start in range(0, len(samples), CAPTURE_BATCH):
-            stop = min(start + CAPTURE_BATCH, len(samples))
+        for start in range(0, len(run.samples), CAPTURE_BATCH):
+            stop = min(start + CAPTURE_BATCH, len(run.samples))
             state["start"] = start
-            state["vis"] = None if visibility is None else visibility[start:stop]
-            reference(*decoder_args(reference, samples, start, stop))
+            state["vis"] = None if run.visibility is None else run.visibility[start:stop]
+            run.reference(*decoder_args(run.reference, run.samples, start, stop))
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,7 @@ from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration, decoder_hash
 from avatarq.calibration.biases import BIAS_QMAX, bias_scale, stored_formats
-from avatarq.calibration.cache import CAPTURE_BATCH
+from avatarq.calibration.cache import CAPTURE_BATCH, CalibrationRun
 from avatarq.calibration.config import CalibrationConfig, check_layer_names
 from avatarq.calibration.formats import parse_format
 from avatarq.calibration.hadamard import rotated_shape, rotation_matrix
@@ -46,18 +46,11 @@ from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
 
 
-def _max_method(
-    reference: nn.Module,
-    layers: list[LayerInfo],
-    plan: dict[str, str],
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
-    progress: Progress | None,
-    work: nn.Module | None = None,
-) -> dict[str, LayerCalibration]:
+def _max_method(run: CalibrationRun, work: nn.Module) -> dict[str, LayerCalibration]:
     """Standard PTQ: per-tensor input amax over every calibration value (no masks, one FP32
-    pass), per-channel (or per-block) weight amax, nearest rounding."""
+    pass), per-channel (or per-block) weight amax, nearest rounding; ``work`` is unused."""
+    reference, layers, plan = run.reference, run.layers, run.plan
+    samples, config, progress = run.samples, run.config, run.progress
     todo = [info for info in layers if is_quantized(plan[info.name])]
     lo = {info.name: torch.tensor(np.inf) for info in todo}
     hi = {info.name: torch.tensor(-np.inf) for info in todo}
@@ -116,32 +109,23 @@ def _max_method(
     return out
 
 
-def _poca_method(
-    reference: nn.Module,
-    layers: list[LayerInfo],
-    plan: dict[str, str],
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
-    progress: Progress | None,
-    work: nn.Module | None = None,
-) -> dict[str, LayerCalibration]:
+def _poca_method(run: CalibrationRun, work: nn.Module) -> dict[str, LayerCalibration]:
     """POCA: masked grid search, then sequential masked reconstruction (reconstruct.py).
     ``work``: the decoder later layers' inputs come from (texel biases as stored)."""
-    work = copy.deepcopy(reference if work is None else work)
+    work = copy.deepcopy(work)
     install(
         work,
         {
             name: QuantizedLayer(get_layer(work, name), "fp16")
-            for name, precision in plan.items()
+            for name, precision in run.plan.items()
             if precision == "fp16"
         },
     )
-    return reconstruct(reference, work, layers, plan, samples, visibility, config, progress)
+    return reconstruct(run, work)
 
 
 # The registry of calibration methods (CalibrationConfig.method -> implementation).
-METHODS: dict[str, Callable[..., dict[str, LayerCalibration]]] = {
+METHODS: dict[str, Callable[[CalibrationRun, nn.Module], dict[str, LayerCalibration]]] = {
     "max": _max_method,
     "poca": _poca_method,
 }
@@ -258,9 +242,8 @@ def calibrate(
     )
     work = copy.deepcopy(reference)
     artifact.apply_float_changes(work)  # texel biases as the graph stores them
-    calibrated = METHODS[config.method](
-        reference, layers, plan, samples, visibility, config, progress, work
-    )
+    run = CalibrationRun(reference, layers, plan, samples, visibility, config, progress)
+    calibrated = METHODS[config.method](run, work)
     for info in layers:
         entry = calibrated.get(info.name) or LayerCalibration.for_layer(
             info, plan[info.name], config.symmetric

@@ -26,6 +26,7 @@ from avatarq.calibration import gptq
 from avatarq.calibration.artifact import LayerCalibration
 from avatarq.calibration.cache import (
     GROUP_SLACK,
+    CalibrationRun,
     CropGeometry,
     CropPlan,
     Targets,
@@ -62,7 +63,7 @@ from avatarq.calibration.quantizers import (
     weight_scales,
 )
 from avatarq.calibration.samples import CalibrationSamples
-from avatarq.core.progress import Progress
+from avatarq.core.progress import or_silent
 
 EVAL_BATCH = 64
 ROW_SAMPLE = 4096  # output rows of a large Linear layer per Adam step
@@ -125,20 +126,14 @@ def make_cache(
 
 
 def build_cache(
-    work: nn.Module,
-    reference: nn.Module,
-    info: LayerInfo,
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
-    gen: torch.Generator,
+    run: CalibrationRun, work: nn.Module, info: LayerInfo, gen: torch.Generator
 ) -> LayerCache:
     """One layer's cache: inputs from ``work`` (earlier layers quantized), targets from the
-    FP32 ``reference``."""
-    plan = plan_crops(get_layer(reference, info.name), info, samples, visibility, config, gen)
-    targets = reference_targets(reference, [info], {info.name: plan}, samples, visibility, config)
-    x = capture_inputs(work, [info.name], {info.name: plan}, samples)[info.name]
-    return make_cache(x, targets[info.name], plan, samples)
+    FP32 ``run.reference``."""
+    plan = plan_crops(run, info, gen)
+    targets = reference_targets(run, [info], {info.name: plan})
+    x = capture_inputs(work, [info.name], {info.name: plan}, run.samples)[info.name]
+    return make_cache(x, targets[info.name], plan, run.samples)
 
 
 # ------------------------------------------------------------------ the trainable layer
@@ -378,33 +373,21 @@ def _init_activation(
     return scale, zp
 
 
-def reconstruct(
-    reference: nn.Module,
-    work: nn.Module,
-    layers: list[LayerInfo],
-    plan: dict[str, str],
-    samples: CalibrationSamples,
-    visibility: torch.Tensor | None,
-    config: CalibrationConfig,
-    progress: Progress | None = None,
-) -> dict[str, LayerCalibration]:
-    """Calibrate the quantized layers of ``plan`` one after another (POCA).
+def reconstruct(run: CalibrationRun, work: nn.Module) -> dict[str, LayerCalibration]:
+    """Calibrate the quantized layers of ``run.plan`` one after another (POCA).
 
-    ``reference`` is the FP32 decoder; ``work`` a copy whose float layers are already
-    installed; each calibrated layer is installed into ``work`` before later inputs are
-    captured. Returns {layer: calibration} for the quantized layers.
+    ``work`` is a copy of ``run.reference`` (the FP32 decoder) whose float layers are
+    already installed; each calibrated layer is installed into ``work`` before later inputs
+    are captured. Returns {layer: calibration} for the quantized layers.
     """
+    reference, layers, plan = run.reference, run.layers, run.plan
+    samples, config = run.samples, run.config
     todo = [info for info in layers if is_quantized(plan[info.name])]
-    say = progress or (lambda *_: None)
+    say = or_silent(run.progress)
     say("caching FP32 targets", 0, len(todo))
     gen = torch.Generator().manual_seed(config.seed)
-    crops = {
-        info.name: plan_crops(
-            get_layer(reference, info.name), info, samples, visibility, config, gen
-        )
-        for info in todo
-    }
-    targets = reference_targets(reference, todo, crops, samples, visibility, config)
+    crops = {info.name: plan_crops(run, info, gen) for info in todo}
+    targets = reference_targets(run, todo, crops)
     upstream = upstream_layers(reference, layers)
     cost = cumulative_cost(layers)
     final = {name for name, precision in plan.items() if not is_quantized(precision)}

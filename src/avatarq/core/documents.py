@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -152,3 +153,16 @@ def known_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
     if unknown:
         raise AvatarqError(f"unknown {what}(s) {unknown}")
     return dict(data)
+
+
+def attributes(source: Any, names: Iterable[str], suffix: str = "") -> dict[str, Any]:
+    """{name + suffix: source.name} for each of ``names``: the keyword arguments that copy
+    same-named attributes of a result into a record."""
+    return {name + suffix: getattr(source, name) for name in names}
+
+
+def shared_fields(source: Any, record: type, **overrides: Any) -> Any:
+    """Dataclass ``record`` built from the attributes of ``source`` that have its fields'
+    names, ``overrides`` taking precedence (and supplying what ``source`` lacks)."""
+    names = [n for n in record.__dataclass_fields__ if n not in overrides and hasattr(source, n)]
+    return record(**attributes(source, names), **overrides)

@@ -211,3 +211,17 @@ def inside(root: str | Path, relative: str, what: str) -> Path:
     if not isinstance(relative, str) or not is_inside(root, relative):
         raise AvatarqError(f"{what} path {relative!r} points outside {root}; refusing to follow it")
     return Path(root) / relative
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path after checking that it names a regular file.
+
+    Raises:
+        AvatarqError: "WHAT not found: PATH" or "WHAT is not a file: PATH".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AvatarqError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise AvatarqError(f"{what} is not a file: {path}")
+    return path

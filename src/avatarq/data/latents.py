@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarq.core.files import atomic_path
+from avatarq.core.files import atomic_path, existing_file
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.npz import load_npz
 from avatarq.errors import AvatarqError
@@ -52,11 +52,7 @@ def save_inputs(inputs: DecoderInputs, path: str | Path) -> Path:
 
 def load_inputs(path: str | Path, source: str | None = None) -> DecoderInputs:
     """Read a latent .npz (see the module docstring) into `DecoderInputs`."""
-    path = Path(path)
-    if not path.exists():
-        raise AvatarqError(f"latent file not found: {path}")
-    if not path.is_file():
-        raise AvatarqError(f"{path} is not a file (expected a latent .npz)")
+    path = existing_file(path, "latent file")
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
             raise AvatarqError(f"{path} is a single .npy array, not a latent .npz")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avatarq.core.files import existing_file
 from avatarq.engines.base import Runner, RunOptions
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, TensorSpec
@@ -78,9 +79,7 @@ class TorchRunner(Runner):
                 "the torch backend runs the checkpoint, which a bundle does not hold; "
                 "pass the checkpoint the bundle was exported from (--checkpoint dam.pt)"
             )
-        checkpoint = Path(options.checkpoint)
-        if not checkpoint.is_file():
-            raise AvatarqError(f"checkpoint not found: {checkpoint}")
+        checkpoint = existing_file(options.checkpoint, "checkpoint")
         if file_sha256(checkpoint) != m.source_checkpoint_sha256:
             raise AvatarqError(
                 f"checkpoint {checkpoint} is not the one {bundle.root} was exported from "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarq.core.documents import dump_document, load_versioned_document
+from avatarq.core.documents import dump_document, load_versioned_document, shared_fields
 from avatarq.core.files import StagedDirectory, atomic_write_text, inside
 from avatarq.core.hashing import file_sha256
 from avatarq.errors import AvatarqError
@@ -214,15 +214,11 @@ class Bundle:
         if folder.is_symlink() or folder.exists() and not folder.is_dir():
             raise AvatarqError(f"{folder} is not a folder avatarq wrote; remove it first")
         path = codebook.save(self.root / CODEBOOK_FILE)
-        record = CodebookRecord(
+        record = shared_fields(
+            codebook,
+            CodebookRecord,
             path=CODEBOOK_FILE,
             sha256=file_sha256(path),
-            codebook_size=codebook.codebook_size,
-            stages=codebook.stages,
-            groups=codebook.groups,
-            bits_per_frame=codebook.bits_per_frame,
-            frames=codebook.frames,
-            source=codebook.source,
             train_mse=list(codebook.train_mse),
         )
         self.manifest.codebook = record

@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from avatarq.core.files import atomic_write_text
+from avatarq.core.files import atomic_write_text, existing_file
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs, smooth_clip
 from avatarq.core.progress import Progress, or_silent
@@ -248,9 +248,7 @@ def decoder_of_bundle(bundle: Bundle, checkpoint: str | Path) -> DeployableDecod
         raise AvatarqError(
             f"Neural-Caching needs a Multiface DAM bundle; {bundle.root} holds a {arch} decoder"
         )
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise AvatarqError(f"checkpoint not found: {checkpoint}")
+    checkpoint = existing_file(checkpoint, "checkpoint")
     if file_sha256(checkpoint) != bundle.manifest.source_checkpoint_sha256:
         raise AvatarqError(
             f"--model {checkpoint} is not the checkpoint bundle {bundle.root} was exported "

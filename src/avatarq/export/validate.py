@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatarq.core.documents import shared_fields
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.ort import make_session
 from avatarq.export.manifest import ValidationRecord
@@ -86,17 +87,13 @@ def validate_against_torch(
 def validation_record(comparison: Comparison, inputs_source: str) -> ValidationRecord:
     """The manifest's record of a comparison (texture errors in the texture's own units;
     ``texture_psnr_db`` is the PSNR over all inputs together)."""
-    image = comparison.image
-    return ValidationRecord(
-        reference=comparison.reference,
+    return shared_fields(
+        comparison,
+        ValidationRecord,
         inputs=inputs_source,
         n_samples=comparison.n_frames,
-        peak=comparison.peak,
-        texture_max_abs_error=comparison.texture_max_abs_error,
-        texture_mean_abs_error=comparison.texture_mean_abs_error,
-        texture_psnr_db=image.psnr_all,
-        texture_psnr_min_db=image.psnr_min,
-        vertices_max_abs_error=comparison.vertices_max_abs_error,
+        texture_psnr_db=comparison.image.psnr_all,
+        texture_psnr_min_db=comparison.image.psnr_min,
         tolerances={
             k: float(v)
             for k, v in comparison.tolerances.to_dict().items()

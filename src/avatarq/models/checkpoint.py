@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from avatarq.core.files import atomic_path
+from avatarq.core.files import atomic_path, existing_file
 from avatarq.errors import AvatarqError
 from avatarq.models.config import MAX_TEX_SIZE, DAMConfig
 from avatarq.models.dam import DeepAppearanceModel
@@ -127,11 +127,7 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor]) -> DeepAppearanceMo
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file as a flat {name: tensor} dict (weights only, never code)."""
-    path = Path(path)
-    if not path.exists():
-        raise AvatarqError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise AvatarqError(f"checkpoint path is not a file: {path}")
+    path = existing_file(path, "checkpoint")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":

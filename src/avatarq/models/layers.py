@@ -99,7 +99,33 @@ class DeconvTexelBias(nn.Module):
         return self.deconv(x) + self.bias
 
 
-class ConvUpsample(nn.Module):
+class _TwoConvs(nn.Module):
+    """``conv1`` then ``conv2``, LeakyReLU after each unless ``no_activ`` (then none after the
+    second); with ``res`` a 3x3 residual conv (``res1``, ``res2``) after each."""
+
+    no_activ = False
+    res = False
+
+    def _add_residuals(self, chidden: int, cout: int) -> None:
+        self.res = True
+        self.res1 = Conv2dWN(chidden, chidden, 3, 1, 1)
+        self.res2 = Conv2dWN(cout, cout, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv1(x), LEAKY_SLOPE)
+        if self.res:
+            h = F.leaky_relu(self.res1(h) + h, LEAKY_SLOPE)
+        h = self.conv2(h)
+        if not self.no_activ:
+            h = F.leaky_relu(h, LEAKY_SLOPE)
+        if self.res:
+            h = self.res2(h) + h
+            if not self.no_activ:
+                h = F.leaky_relu(h, LEAKY_SLOPE)
+        return h
+
+
+class ConvUpsample(_TwoConvs):
     """Two DeconvTexelBias layers (x4 in total), LeakyReLU after each unless ``no_activ``
     (then none after the second); ``res`` adds a 3x3 residual conv after each."""
 
@@ -118,42 +144,16 @@ class ConvUpsample(nn.Module):
         self.conv1 = DeconvTexelBias(cin, chidden, in_size * 2, bilinear, non)
         self.conv2 = DeconvTexelBias(chidden, cout, in_size * 4, bilinear, non)
         self.no_activ = no_activ
-        self.res = res
         if res:
-            self.res1 = Conv2dWN(chidden, chidden, 3, 1, 1)
-            self.res2 = Conv2dWN(cout, cout, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.conv1(x), LEAKY_SLOPE)
-        if self.res:
-            h = F.leaky_relu(self.res1(h) + h, LEAKY_SLOPE)
-        h = self.conv2(h)
-        if not self.no_activ:
-            h = F.leaky_relu(h, LEAKY_SLOPE)
-        if self.res:
-            h = self.res2(h) + h
-            if not self.no_activ:
-                h = F.leaky_relu(h, LEAKY_SLOPE)
-        return h
+            self._add_residuals(chidden, cout)
 
 
-class ConvDownsample(nn.Module):
+class ConvDownsample(_TwoConvs):
     """Two Conv2dWN(k4, s2, p1) with LeakyReLU (/4 in total); ``res`` adds 3x3 residuals."""
 
     def __init__(self, cin: int, chidden: int, cout: int, res: bool = False) -> None:
         super().__init__()
         self.conv1 = Conv2dWN(cin, chidden, 4, 2, 1)
         self.conv2 = Conv2dWN(chidden, cout, 4, 2, 1)
-        self.res = res
         if res:
-            self.res1 = Conv2dWN(chidden, chidden, 3, 1, 1)
-            self.res2 = Conv2dWN(cout, cout, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.conv1(x), LEAKY_SLOPE)
-        if self.res:
-            h = F.leaky_relu(self.res1(h) + h, LEAKY_SLOPE)
-        h = F.leaky_relu(self.conv2(h), LEAKY_SLOPE)
-        if self.res:
-            h = F.leaky_relu(self.res2(h) + h, LEAKY_SLOPE)
-        return h
+            self._add_residuals(chidden, cout)

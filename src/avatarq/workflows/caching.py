@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avatarq.core.files import atomic_path, check_parent
+from avatarq.core.files import atomic_path, check_parent, existing_file
 from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs
 from avatarq.core.progress import Progress, or_silent
@@ -399,9 +399,7 @@ def run_distill_warp(
         )
     if int8 and bundle is None:
         raise AvatarqError("--int8 quantizes the bundle's caching graphs; give --bundle")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise AvatarqError(f"checkpoint not found: {checkpoint}")
+    checkpoint = existing_file(checkpoint, "checkpoint")
     if out is not None:
         out = Path(out)
         if out.is_dir():

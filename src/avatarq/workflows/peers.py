@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from avatarq.calibration.config import CalibrationConfig
+from avatarq.core.documents import attributes
 from avatarq.core.progress import Progress, or_silent
 from avatarq.errors import AvatarqError
 
@@ -118,6 +119,10 @@ def default_methods(
     return methods
 
 
+TEMPORAL_METRICS = ("tde", "jitter_ratio", "flicker_excess")
+"""The temporal metrics of a `SequenceComparison` a `PeerRow` holds, everywhere and seen."""
+
+
 @dataclass
 class PeerRow:
     """One method's result. PSNR in dB; tDE and FE in [0, 1] texture units; seconds wall.
@@ -178,13 +183,7 @@ class PeerStudy(StudyRecord):
 
 def model_record(decoder: Any) -> dict[str, Any]:
     """The decoder a study ran on, for its setup record: arch, z_dim, tex_size, n_vertices."""
-    config = decoder.config
-    return {
-        "arch": config.arch,
-        "z_dim": config.z_dim,
-        "tex_size": config.tex_size,
-        "n_vertices": config.n_vertices,
-    }
+    return attributes(decoder.config, ("arch", "z_dim", "tex_size", "n_vertices"))
 
 
 def replace_marked_block(text: str, key: str, block: str) -> str:
@@ -440,12 +439,8 @@ def compare_calibrations(
                 psnr=everywhere.psnr_mean,
                 psnr_min=everywhere.psnr_min,
                 psnr_visible=visible.psnr_mean,
-                tde=everywhere.tde,
-                tde_visible=visible.tde,
-                jitter_ratio=everywhere.jitter_ratio,
-                jitter_ratio_visible=visible.jitter_ratio,
-                flicker_excess=everywhere.flicker_excess,
-                flicker_excess_visible=visible.flicker_excess,
+                **attributes(everywhere, TEMPORAL_METRICS),
+                **attributes(visible, TEMPORAL_METRICS, suffix="_visible"),
                 calibration_seconds=seconds,
                 quantize_nodes=_count_quantize_nodes(path),
             )

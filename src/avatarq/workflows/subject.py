@@ -384,7 +384,7 @@ def heldout_sequence(
     """
     import torch
 
-    from avatarq.bench.sequences import BenchSequence, default_camera
+    from avatarq.bench.sequences import default_camera, posed_sequence
     from avatarq.data.capture import MultifaceCapture
     from avatarq.models.checkpoint import load_checkpoint
 
@@ -407,17 +407,9 @@ def heldout_sequence(
     frames = [(segment, f) for f in frame_ids]
     with torch.no_grad():
         z = _encode_heldout(model.eval(), train, held, frames).numpy()
-    view = np.stack([held.view_direction(segment, f, cam) for f in frame_ids])
-    M = np.stack([held.projection(segment, f, cam) for f in frame_ids])
-    return BenchSequence.of(
-        z=z,
-        view=view,
-        M=M,
-        ids=tuple((f"heldout:{segment}", f, cam) for f in frame_ids),
-        source=(
-            f"held-out clip {segment} of {Path(heldout_root).name} ({len(frame_ids)} frames, "
-            f"camera {cam}, encoder mean; motion never trained on nor calibrated with)"
-        ),
-        image_size=train.image_size,
-        capture_root=train.root,
+    source = (
+        f"held-out clip {segment} of {Path(heldout_root).name} ({len(frame_ids)} frames, "
+        f"camera {cam}, encoder mean; motion never trained on nor calibrated with)"
     )
+    label = f"heldout:{segment}"
+    return posed_sequence(held, segment, frame_ids, cam, z, source, label, rendering=train)

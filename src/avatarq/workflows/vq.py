@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from avatarq.codec import Codebook, VQConfig, load_codebook, train_codebook
+from avatarq.core.documents import attributes
 from avatarq.core.files import check_parent
 from avatarq.core.progress import Progress
 from avatarq.errors import AvatarqError
@@ -23,17 +24,9 @@ class VQResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        book = self.codebook
-        return {
-            "codebook_size": book.codebook_size,
-            "stages": book.stages,
-            "groups": book.groups,
-            "group_dims": book.group_dims,
-            "bits_per_frame": book.bits_per_frame,
-            "frames": book.frames,
-            "seed": book.seed,
-            "source": book.source,
-            "train_mse": list(book.train_mse),
+        shape = ("codebook_size", "stages", "groups", "group_dims", "bits_per_frame", "frames")
+        return attributes(self.codebook, (*shape, "seed", "source")) | {
+            "train_mse": list(self.codebook.train_mse),
             "written": {k: str(v) for k, v in self.paths.items()},
         }
 
