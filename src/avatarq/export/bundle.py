@@ -278,6 +278,15 @@ def is_bundle(path: str | Path) -> bool:
     return isinstance(data, dict) and keys <= set(data)
 
 
+def open_bundle_to_extend(path: str | Path, part: str, what: str, force: bool) -> Bundle:
+    """`open_bundle` for a command that adds manifest field ``part`` (``"codebook"``,
+    ``"caching"``) to the bundle; one that has it already (``what``) needs ``force``."""
+    opened = open_bundle(path)
+    if getattr(opened.manifest, part) is not None and not force:
+        raise AvatarqError(f"bundle {opened.root} already has {what}; pass --force to replace")
+    return opened
+
+
 def open_bundle(path: str | Path) -> Bundle:
     """Open and validate a bundle directory; a broken one is an AvatarqError naming the problem."""
     root = Path(path)

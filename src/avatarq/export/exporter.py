@@ -4,8 +4,10 @@ the same for a declared decoder (any module, `avatarq.models.declare`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,6 +84,31 @@ def validation_inputs(
     return DecoderInputs.from_z_view(z, view), f"seeded N(0, 1) latents (seed {seed})"
 
 
+@dataclass
+class _Source:
+    """What an export starts from, besides its options.
+
+    Attributes:
+        decoder: the deployable decoder (a `DeployableDecoder` or a declared module).
+        artifact: its calibration, or None (calibrate on ``samples`` now when quantizing).
+        samples: calibration samples for that, or None (data-free).
+        validation_inputs: returns (inputs, a line naming them) to validate on.
+        source_sha256: of the checkpoint (or the declared module's parameters).
+        calibration_data: names the data calibrated on now, for the progress line.
+        capture: the Multiface capture (its topology goes into the bundle), or None.
+        normalization: the capture's normalization folded into the graph, or None.
+    """
+
+    decoder: nn.Module
+    artifact: Any
+    samples: Any
+    validation_inputs: Callable[[], tuple[DecoderInputs, str]]
+    source_sha256: str
+    calibration_data: Any = None
+    capture: Any = None
+    normalization: Any = None
+
+
 def export_bundle(
     checkpoint: str | Path,
     out: str | Path,
@@ -123,38 +150,19 @@ def export_bundle(
     def inputs_for_validation() -> tuple[DecoderInputs, str]:
         return validation_inputs(decoder, capture, model, options.n_validation, options.seed)
 
-    return _export(
-        decoder,
-        out,
-        options,
-        say,
-        force,
-        artifact,
-        samples,
-        inputs_for_validation,
-        source_sha256=file_sha256(checkpoint),
-        capture=capture,
-        normalization=normalization,
-        calibration_data=options.calib_data or capture_root,
-    )
+    source = _Source(decoder, artifact, samples, inputs_for_validation, file_sha256(checkpoint))
+    source.calibration_data = options.calib_data or capture_root
+    source.capture, source.normalization = capture, normalization
+    return _export(source, out, options, say, force)
 
 
 def _export(
-    decoder,
-    out: str | Path,
-    options: ExportOptions,
-    say: Progress,
-    force: bool,
-    artifact,
-    samples,
-    inputs_for_validation,
-    source_sha256: str,
-    capture=None,
-    normalization=None,
-    calibration_data=None,
+    source: _Source, out: str | Path, options: ExportOptions, say: Progress, force: bool
 ) -> ExportResult:
-    """Trace ``decoder``, quantize it with ``artifact`` (or calibrate on ``samples`` now),
-    validate on ``inputs_for_validation()`` and write the bundle ``out``."""
+    """Trace the decoder, quantize it with the artifact (or calibrate on the samples now),
+    validate on ``source.validation_inputs()`` and write the bundle ``out``."""
+    decoder, artifact, samples = source.decoder, source.artifact, source.samples
+    capture, normalization = source.capture, source.normalization
     quantized = options.int8 or options.fp8
     declaration = declaration_of(decoder)
     say("tracing to ONNX")
@@ -175,7 +183,7 @@ def _export(
             from avatarq.calibration.pipeline import calibrate
 
             kind = "POCA, fp8" if options.fp8 else "POCA"
-            data = calibration_data
+            data = source.calibration_data
             say(f"calibrating ({kind})" if data else f"calibrating ({kind}, data-free)")
             bits = "fp8" if options.fp8 else "w8a8"
             config = CalibrationConfig(seed=options.seed, bits=bits)
@@ -210,7 +218,7 @@ def _export(
         result = None
         validation: ValidationRecord | None = None
         if options.validate:
-            inputs, source = inputs_for_validation()
+            inputs, inputs_source = source.validation_inputs()
         if options.validate and artifact is not None:
             from avatarq.export.qdq import QDQConfig, validate_qdq
 
@@ -218,9 +226,9 @@ def _export(
             result, vs_fp32 = validate_qdq(
                 model_path, decoder, artifact, inputs, QDQConfig(options.conv_transpose_axis)
             )
-            validation = validation_record(result, source)
+            validation = validation_record(result, inputs_source)
             validation.reference = "torch fake-quant (the calibrated numerics)"
-            validation.vs_fp32 = validation_record(vs_fp32, source)
+            validation.vs_fp32 = validation_record(vs_fp32, inputs_source)
             if not result:
                 raise AvatarqError(
                     f"Q/DQ graph does not match the calibration: {result.summary()}; vs FP32: "
@@ -242,7 +250,7 @@ def _export(
                 255.0 if decoder.denormalized else None,
                 "torch fp32",
             )
-            validation = validation_record(result, source)
+            validation = validation_record(result, inputs_source)
             if not result:
                 raise AvatarqError(f"exported graph does not match PyTorch: {result.summary()}")
         if isinstance(decoder, DeployableDecoder):
@@ -262,7 +270,7 @@ def _export(
             layer_precision=layer_precision,
             normalization=_normalization_record(normalization, declaration),
             model_sha256=file_sha256(model_path),
-            source_checkpoint_sha256=source_sha256,
+            source_checkpoint_sha256=source.source_sha256,
             versions=_versions(),
             export_options=options,
             reference=reference_record,
@@ -274,8 +282,8 @@ def _export(
             declaration=record,
         )
         bundle = writer.commit(manifest)
-    source = None if artifact is None else str(artifact.samples.get("source", ""))
-    return ExportResult(bundle, result, source)
+    calibrated_on = None if artifact is None else str(artifact.samples.get("source", ""))
+    return ExportResult(bundle, result, calibrated_on)
 
 
 def _z_dim(declaration: DecoderDeclaration) -> int:
@@ -360,18 +368,11 @@ def export_decoder(
                 return sequence.subset(range(n)), f"{sequence.source}, first {n} steps"
         return declared_validation_inputs(declaration, options.n_validation, options.seed)
 
-    return _export(
-        decoder,
-        out,
-        options,
-        say,
-        force,
-        artifact,
-        samples,
-        inputs_for_validation,
-        source_sha256=decoder_hash(decoder),
-        calibration_data=None if sequence is None else sequence.source,
+    calibration_data = None if sequence is None else sequence.source
+    source = _Source(
+        decoder, artifact, samples, inputs_for_validation, decoder_hash(decoder), calibration_data
     )
+    return _export(source, out, options, say, force)
 
 
 def _declared_data(data, options: ExportOptions) -> DecoderInputs | None:

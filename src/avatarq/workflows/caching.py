@@ -417,14 +417,10 @@ def run_distill_warp(
 
     opened = None
     if bundle is not None:
-        from avatarq.export.bundle import open_bundle
+        from avatarq.export.bundle import open_bundle_to_extend
         from avatarq.export.caching import decoder_of_bundle
 
-        opened = open_bundle(bundle)
-        if opened.manifest.caching is not None and not force:
-            raise AvatarqError(
-                f"bundle {opened.root} already has Neural-Caching graphs; pass --force to replace them"
-            )
+        opened = open_bundle_to_extend(bundle, "caching", "Neural-Caching graphs", force)
         if int8 and opened.manifest.calib_sha256 is None:
             raise AvatarqError(
                 f"--int8 needs a quantized bundle with its calibration (avatarq export --int8); "

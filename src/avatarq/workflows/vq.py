@@ -120,13 +120,9 @@ def train_vq(
         raise AvatarqError("say where the codebook goes: -o codebook.npz and/or --bundle dam.avq")
     opened = None
     if bundle is not None:
-        from avatarq.export.bundle import open_bundle
+        from avatarq.export.bundle import open_bundle_to_extend
 
-        opened = open_bundle(bundle)
-        if opened.manifest.codebook is not None and not force:
-            raise AvatarqError(
-                f"bundle {opened.root} already has a codebook; pass --force to replace it"
-            )
+        opened = open_bundle_to_extend(bundle, "codebook", "a codebook", force)
     if out is not None:
         out = Path(out)
         _check_output_file(out, force)
