@@ -64,6 +64,24 @@ BatchOption = Annotated[int, typer.Option(min=1, max=4096, help="Frames per deco
 CameraOption = Annotated[
     int | None, typer.Option(min=0, help="Fold this camera's colour correction in.")
 ]
+CaptureOption = Annotated[
+    Path | None,
+    typer.Option(help="Multiface capture root: cameras, frames, normalization, topology."),
+]
+LatentsOption = Annotated[
+    Path | None,
+    typer.Option(help="Latent .npz (z, view, optional clips) to run on instead of the default."),
+]
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Capture root or latent .npz to calibrate on (default: --capture, else data-free)."
+    ),
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(help="The checkpoint the bundle came from (torch runner; encodes captures)."),
+]
 CheckpointArgument = Annotated[
     Path, typer.Option("--model", "-m", help="A Multiface-format DAM checkpoint (.pt).")
 ]

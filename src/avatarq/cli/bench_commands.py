@@ -10,6 +10,8 @@ import typer
 
 from avatarq.cli.app import (
     BatchOption,
+    CaptureOption,
+    CheckpointOption,
     DeviceOption,
     JsonOption,
     ThreadsOption,
@@ -80,16 +82,8 @@ def bench(
             "--out", "-o", help="Report directory (default: BUNDLE_report beside the bundle)."
         ),
     ] = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            help="The checkpoint the bundle came from: encodes capture segments and becomes "
-            "the FP32 reference (torch)."
-        ),
-    ] = None,
-    capture: Annotated[
-        Path | None, typer.Option(help="Capture root: cameras (rendering) and capture segments.")
-    ] = None,
+    checkpoint: CheckpointOption = None,
+    capture: CaptureOption = None,
     reference: Annotated[
         Path | None,
         typer.Option(help="An FP32 bundle of the same checkpoint as the reference."),

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from avatarq.cli.app import (
+    CaptureOption,
     CheckpointArgument,
     ForceOption,
     JsonOption,
+    LatentsOption,
     SeedOption,
     app,
     console,
@@ -24,13 +26,8 @@ from avatarq.cli.app import (
 @user_errors
 def distill_warp(
     model: CheckpointArgument,
-    capture: Annotated[
-        Path | None,
-        typer.Option(help="Capture root: its segments through every camera are the clips."),
-    ] = None,
-    latents: Annotated[
-        Path | None, typer.Option(help="A latent .npz with ordered clips, instead of --capture.")
-    ] = None,
+    capture: CaptureOption = None,
+    latents: LatentsOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Warp file to write.")] = None,
     bundle: Annotated[
         Path | None,
@@ -63,7 +60,8 @@ def distill_warp(
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Train a Neural-Caching warp network against the full decoder on ordered clips.
+    """Train a Neural-Caching warp network against the full decoder on ordered clips: the
+    capture's segments through every camera, or the clips of --latents.
 
     Example: avatarq distill-warp --model dam.pt --capture CAPTURE -o warp.pt --bundle dam.avq
     """

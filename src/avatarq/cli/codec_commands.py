@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from avatarq.cli.app import (
+    CaptureOption,
     ForceOption,
     JsonOption,
+    LatentsOption,
     SeedOption,
     app,
     console,
@@ -26,16 +28,12 @@ def vq(
         Path | None,
         typer.Option("--model", "-m", help="The DAM checkpoint whose encoder makes the codes."),
     ] = None,
-    capture: Annotated[
-        Path | None, typer.Option(help="Capture root whose frames are encoded (all segments).")
-    ] = None,
+    capture: CaptureOption = None,
     segment: Annotated[
         list[str] | None,
         typer.Option(help="Train on this capture segment only (repeatable)."),
     ] = None,
-    latents: Annotated[
-        Path | None, typer.Option(help="Train on the z of a latent file instead of a capture.")
-    ] = None,
+    latents: LatentsOption = None,
     codebook: Annotated[
         int, typer.Option(min=2, max=65536, help="Centroids per stage (K): log2 K bits a code.")
     ] = 256,
@@ -57,7 +55,8 @@ def vq(
     as_json: JsonOption = False,
 ) -> None:
     """Train a codebook for the latent stream: residual (and product) k-means on a capture's
-    latent codes; each frame then costs GROUPS x STAGES x log2(CODEBOOK) bits.
+    latent codes (--model and --capture) or on the z of --latents; each frame then costs
+    GROUPS x STAGES x log2(CODEBOOK) bits.
 
     Example: avatarq vq --model dam.pt --capture CAPTURE --stages 2 --bundle dam.avq
     """

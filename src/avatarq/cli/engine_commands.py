@@ -10,8 +10,10 @@ import typer
 
 from avatarq.cli.app import (
     BatchOption,
+    CheckpointOption,
     DeviceOption,
     JsonOption,
+    LatentsOption,
     SeedOption,
     ThreadsOption,
     app,
@@ -54,13 +56,13 @@ def build(
     rewrite: Annotated[
         bool, typer.Option(help="onnxruntime: rewrite ConvTranspose into phase convs (INT8 path).")
     ] = True,
-    latents: Annotated[
-        Path | None,
-        typer.Option(help="onnxruntime: latent .npz for the build's accuracy check."),
-    ] = None,
+    latents: LatentsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Build an engine for a bundle and record it in its manifest.
+
+    The ONNX Runtime build checks the engine against the exported graph on --latents, or
+    on a smooth latent clip.
 
     Example: avatarq build dam_int8.avq --backend onnxruntime
     """
@@ -112,17 +114,13 @@ def compare(
     candidate: Annotated[
         str, typer.Option(help="Candidate backend; auto = the best engine built for here.")
     ] = "auto",
-    latents: Annotated[
-        Path | None, typer.Option(help="Latent .npz (z, view); default: the smooth clip.")
-    ] = None,
+    latents: LatentsOption = None,
     frames: Annotated[
         int, typer.Option(min=2, max=100_000, help="Frames of the smooth clip.")
     ] = 32,
     seed: SeedOption = 0,
     batch: BatchOption = 1,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="torch backend: the checkpoint the bundle came from.")
-    ] = None,
+    checkpoint: CheckpointOption = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="torch candidate in float16.")] = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = 0,

@@ -11,6 +11,8 @@ import typer
 
 from avatarq.cli.app import (
     CameraOption,
+    CaptureOption,
+    DataOption,
     DecoderArgument,
     ForceOption,
     InputOption,
@@ -45,14 +47,8 @@ def default_bundle_path(model: Path, kind: str) -> Path:
 def calibrate(
     model: DecoderArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration artifact directory.")],
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Capture root or latent .npz; omitted: the capture, else data-free."),
-    ] = None,
-    capture: Annotated[
-        Path | None,
-        typer.Option(help="Capture root for normalization and cameras (default: --data if one)."),
-    ] = None,
+    data: DataOption = None,
+    capture: CaptureOption = None,
     method: Annotated[str, typer.Option(help="poca or max (standard PTQ, no masks).")] = "poca",
     tau: Annotated[
         float,
@@ -244,10 +240,7 @@ def export(
             help="Bundle directory to write (default: dam_int8.avq etc. beside dam.pt).",
         ),
     ] = None,
-    capture: Annotated[
-        Path | None,
-        typer.Option(help="Capture root: folds de-normalization in, adds topology, real codes."),
-    ] = None,
+    capture: CaptureOption = None,
     fp16: Annotated[
         bool, typer.Option("--fp16", help="FP16 graph with FP32 inputs/outputs.")
     ] = False,
@@ -267,10 +260,7 @@ def export(
         Path | None,
         typer.Option(help="Calibration artifact (avatarq calibrate); omitted: calibrate now."),
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Capture root or latents .npz for on-the-fly calibration."),
-    ] = None,
+    data: DataOption = None,
     conv_transpose_axis: Annotated[
         str, typer.Option(help="ConvTranspose weight-scale axis: 1, 0 or tensor.")
     ] = "1",

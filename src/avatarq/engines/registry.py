@@ -97,56 +97,43 @@ def describe_backends() -> list[dict[str, Any]]:
     ]
 
 
-register_backend(
-    Backend(
-        "onnxruntime",
-        "avatarq.engines.onnxruntime",
-        runner="OnnxRuntimeRunner",
-        builder="OnnxRuntimeBuilder",
-        requires=("onnxruntime",),
-        description="ONNX Runtime, CPU (CUDA provider when present); INT8 via the phase rewrite",
-    )
-)
-register_backend(
-    Backend(
-        "onnx",
-        "avatarq.engines.onnxruntime",
-        runner="OnnxModelRunner",
-        builder=None,
-        requires=("onnxruntime",),
-        description="model.onnx as exported, under ONNX Runtime: the reference for Q/DQ graphs",
-    )
-)
-register_backend(
-    Backend(
-        "tensorrt",
-        "avatarq.engines.tensorrt",
-        runner="TensorRTRunner",
-        builder="TensorRTBuilder",
-        requires=("tensorrt", "torch"),
-        description="NVIDIA TensorRT 10/11, strongly typed; builds and runs on the target GPU",
-    )
-)
-register_backend(
-    Backend(
+_DESCRIPTIONS = {
+    "onnxruntime": "ONNX Runtime, CPU (CUDA provider when present); INT8 via the phase rewrite",
+    "onnx": "model.onnx as exported, under ONNX Runtime: the reference for Q/DQ graphs",
+    "tensorrt": "NVIDIA TensorRT 10/11, strongly typed; builds and runs on the target GPU",
+    "tensorrt-rtx": "NVIDIA TensorRT for RTX; builds on a CPU, runs on RTX-class GPUs",
+    "torch": "the PyTorch decoder from the checkpoint (FP32/FP16, CPU or CUDA)",
+}
+_BUILT_IN = (  # name, module under avatarq.engines, runner class, builder class, needs
+    ("onnxruntime", "onnxruntime", "OnnxRuntimeRunner", "OnnxRuntimeBuilder", "onnxruntime"),
+    ("onnx", "onnxruntime", "OnnxModelRunner", None, "onnxruntime"),
+    ("tensorrt", "tensorrt", "TensorRTRunner", "TensorRTBuilder", "tensorrt torch"),
+    (
         "tensorrt-rtx",
-        "avatarq.engines.tensorrt_rtx",
-        runner="TensorRTRTXRunner",
-        builder="TensorRTRTXBuilder",
-        requires=("tensorrt_rtx", "torch"),
-        description="NVIDIA TensorRT for RTX; builds on a CPU, runs on RTX-class GPUs",
-    )
+        "tensorrt_rtx",
+        "TensorRTRTXRunner",
+        "TensorRTRTXBuilder",
+        "tensorrt_rtx torch",
+    ),
+    ("torch", "torch_runner", "TorchRunner", None, "torch"),
 )
-register_backend(
-    Backend(
-        "torch",
-        "avatarq.engines.torch_runner",
-        runner="TorchRunner",
-        builder=None,
-        requires=("torch",),
-        description="the PyTorch decoder from the checkpoint (FP32/FP16, CPU or CUDA)",
-    )
-)
+
+
+def _register_built_in() -> None:
+    for name, module, runner, builder, requires in _BUILT_IN:
+        register_backend(
+            Backend(
+                name,
+                f"avatarq.engines.{module}",
+                runner=runner,
+                builder=builder,
+                requires=tuple(requires.split()),
+                description=_DESCRIPTIONS[name],
+            )
+        )
+
+
+_register_built_in()
 
 
 # --------------------------------------------------------------------------- verbs
