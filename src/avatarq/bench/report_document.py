@@ -13,6 +13,7 @@ from typing import Any
 
 from avatarq.bench.results import BenchConfig
 from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
+from avatarq.measure.perceptual import PerceptualResult
 from avatarq.measure.tolerances import Tolerances
 
 
@@ -77,27 +78,6 @@ class GateRecord:
 
 
 @dataclass
-class PerceptualRecord:
-    """A `avatarq.measure.perceptual.PerceptualResult` (JOD of the runner's clip)."""
-
-    __pydantic_config__ = DOCUMENT_CONFIG
-
-    metric: str
-    name: str
-    version: str
-    jod: JsonFloat
-    display: str
-    display_description: str
-    fps: float
-    frames: int
-    height: int
-    width: int
-    downsample: int
-    seconds: float
-    seconds_per_frame: JsonFloat
-
-
-@dataclass
 class CodecRecord:
     """The latent codec a runner's z went through before its decoder (``bench --vq``)."""
 
@@ -125,7 +105,7 @@ class RunnerRecord:
     gates: list[GateRecord]
     passed: bool
     latency_p50_ratio_vs_reference: dict[str, float] | None = None
-    perceptual: PerceptualRecord | None = None
+    perceptual: PerceptualResult | None = None
     perceptual_space: str | None = None
     codec: CodecRecord | None = None
 

@@ -49,6 +49,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
 
 # Options several commands share (one declaration each).
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -110,6 +111,16 @@ MeshOutputOption = Annotated[
     str | None,
     typer.Option(help="A declared decoder's vertices output [B, V, 3] (name or index)."),
 ]
+
+
+def config_from(ctx: typer.Context, kind: type[C], **overrides: Any) -> C:
+    """Config dataclass ``kind`` from the command's options named like its fields;
+    ``overrides`` give the fields whose options are renamed or parsed first."""
+    from types import SimpleNamespace
+
+    from avatarq.core.documents import shared_fields
+
+    return shared_fields(SimpleNamespace(**ctx.params), kind, **overrides)
 
 
 def declared_decoder(

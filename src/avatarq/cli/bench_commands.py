@@ -16,6 +16,7 @@ from avatarq.cli.app import (
     JsonOption,
     ThreadsOption,
     app,
+    config_from,
     console,
     progress_bar,
     user_errors,
@@ -50,6 +51,7 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
 @app.command()
 @user_errors
 def bench(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (from avatarq export).")],
     sequence: Annotated[
         str | None,
@@ -164,24 +166,13 @@ def bench(
         )
         return
 
-    config = BenchConfig(
+    config = config_from(
+        ctx,
+        BenchConfig,
         runners=tuple(runner or ()),
-        render=render,
         resolution=_resolution(resolution),
-        warmup=warmup,
-        iters=iters,
-        batch=batch,
         gates=tuple(gate or ()),
         compute_ssim=ssim,
-        gate_space=gate_space,
-        interleave=interleave,
-        device=device,
-        threads=threads,
-        perceptual=perceptual,
-        perceptual_display=perceptual_display,
-        perceptual_size=perceptual_size,
-        frame_rate=frame_rate,
-        vq=vq,
         codebook=None if codebook is None else str(codebook),
     )
     out = out if out is not None else default_report_path(bundle)

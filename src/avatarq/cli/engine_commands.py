@@ -17,6 +17,7 @@ from avatarq.cli.app import (
     SeedOption,
     ThreadsOption,
     app,
+    config_from,
     console,
     progress_bar,
     user_errors,
@@ -29,6 +30,7 @@ BundleArgument = Annotated[Path, typer.Argument(help="Bundle directory (from ava
 @app.command()
 @user_errors
 def build(
+    ctx: typer.Context,
     bundle: BundleArgument,
     backend: Annotated[
         str, typer.Option("--backend", "-b", help="onnxruntime, tensorrt-rtx or tensorrt.")
@@ -68,13 +70,11 @@ def build(
     """
     from avatarq.engines import BuildOptions, build_engine
 
-    options = BuildOptions(
-        min_batch=min_batch,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
+    options = config_from(
+        ctx,
+        BuildOptions,
         optimization_level=opt_level,
         compute_capabilities=tuple(compute_capability or ()),
-        timing_cache=timing_cache,
         ort_rewrite=rewrite,
         calibration_latents=None if latents is None else str(latents),
     )

@@ -21,6 +21,7 @@ from avatarq.cli.app import (
     SeedOption,
     TextureOutputOption,
     app,
+    config_from,
     console,
     declared_decoder,
     progress_bar,
@@ -45,8 +46,12 @@ def default_bundle_path(model: Path, kind: str) -> Path:
 @app.command()
 @user_errors
 def calibrate(
+    ctx: typer.Context,
     model: DecoderArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration artifact directory.")],
+    inputs: InputOption = None,
+    texture_output: TextureOutputOption = None,
+    mesh_output: MeshOutputOption = None,
     data: DataOption = None,
     capture: CaptureOption = None,
     method: Annotated[str, typer.Option(help="poca or max (standard PTQ, no masks).")] = "poca",
@@ -130,9 +135,6 @@ def calibrate(
         str | None, typer.Option(help="Overrides, e.g. 'dec.mesh_fc=fp16,dec.z_fc=w8a8'.")
     ] = None,
     camera: CameraOption = None,
-    inputs: InputOption = None,
-    texture_output: TextureOutputOption = None,
-    mesh_output: MeshOutputOption = None,
     seed: SeedOption = 0,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -157,25 +159,12 @@ def calibrate(
     fmt = parse_format(bits)
     if not fmt.quantized:
         raise AvatarqError(f"--bits must be a quantized format (wXaY or fp8), got {bits!r}")
-    config = CalibrationConfig(
-        method=method,
-        tau=tau,
+    config = config_from(
+        ctx,
+        CalibrationConfig,
         bits=fmt.name,
-        iters=iters,
-        temporal_weight=temporal_weight,
-        adaround=adaround,
-        gptq=gptq,
-        smooth=smooth,
-        smooth_alpha=smooth_alpha,
-        hadamard=hadamard,
-        weight_block=weight_block,
-        weight_search=weight_search,
-        bias_format=bias_format,
-        size_budget=size_budget,
         symmetric=not asymmetric,
-        fp16_budget=fp16_budget,
         precision=parse_precision(precision, bits=fmt.name) if precision else {},
-        seed=seed,
     )
     _check_output(out, "calib.json", force)
     declared = declared_decoder(model, inputs, texture_output, mesh_output)
@@ -231,7 +220,11 @@ def _check_output(out: Path, marker: str, force: bool) -> None:
 @app.command()
 @user_errors
 def export(
+    ctx: typer.Context,
     model: DecoderArgument,
+    inputs: InputOption = None,
+    texture_output: TextureOutputOption = None,
+    mesh_output: MeshOutputOption = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -274,9 +267,6 @@ def export(
     reference: Annotated[
         bool, typer.Option(help="Keep the FP32 graph in INT8/FP16 bundles (bench needs it).")
     ] = True,
-    inputs: InputOption = None,
-    texture_output: TextureOutputOption = None,
-    mesh_output: MeshOutputOption = None,
     seed: SeedOption = 0,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -301,18 +291,12 @@ def export(
         )
     if data is not None and not (int8 or fp8):
         raise AvatarqError("--data goes with --int8 or --fp8 (it is what the calibration runs on)")
-    options = ExportOptions(
-        fp16=fp16,
-        camera=camera,
-        max_batch=max_batch,
-        validate=validate,
-        seed=seed,
-        int8=int8,
-        fp8=fp8,
+    options = config_from(
+        ctx,
+        ExportOptions,
         calib=None if calib is None else str(calib),
         calib_data=None if data is None else str(data),
         conv_transpose_axis=axes[conv_transpose_axis],
-        reference=reference,
     )
     kind = "int8" if int8 else "fp8" if fp8 else "fp16" if fp16 else "fp32"
     declared = declared_decoder(model, inputs, texture_output, mesh_output)

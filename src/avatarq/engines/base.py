@@ -154,6 +154,11 @@ class Runner(abc.ABC):
         self._buffers: dict[str, np.ndarray] = {}
 
     @classmethod
+    def engines_in(cls, bundle: Bundle) -> list[EngineRecord]:
+        """The engine records of this runner's backend in ``bundle``, oldest first."""
+        return [e for e in bundle.manifest.engines if e.backend == cls.backend]
+
+    @classmethod
     def can_run(cls, bundle: Bundle) -> bool:
         """Whether this backend can run ``bundle`` on this machine (what ``auto`` asks)."""
         return True
@@ -322,10 +327,6 @@ class Builder(abc.ABC):
         file) is a link that would make the build write outside the bundle."""
         name = f"{ENGINES_DIR}/{self.backend}-{self.target()}{suffix}"
         return inside(bundle.root, name, "engine")
-
-
-def engine_records(bundle: Bundle, backend: str) -> list[EngineRecord]:
-    return [e for e in bundle.manifest.engines if e.backend == backend]
 
 
 def checked_engine_file(bundle: Bundle, record: EngineRecord) -> Path:

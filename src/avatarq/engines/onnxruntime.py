@@ -30,14 +30,7 @@ from avatarq.core.hashing import file_sha256
 from avatarq.core.inputs import DecoderInputs, smooth_clip
 from avatarq.core.ort import make_session, resolve_device, session_options
 from avatarq.core.progress import Progress
-from avatarq.engines.base import (
-    Builder,
-    BuildResult,
-    Runner,
-    RunOptions,
-    checked_engine_file,
-    engine_records,
-)
+from avatarq.engines.base import Builder, BuildResult, Runner, RunOptions, checked_engine_file
 from avatarq.engines.compare import bundle_peak
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, TensorSpec
@@ -96,7 +89,7 @@ class OnnxRuntimeRunner(Runner):
     @classmethod
     def from_bundle(cls, bundle: Bundle, options: RunOptions = RunOptions()) -> OnnxRuntimeRunner:
         """The bundle's ONNX Runtime engine (`avatarq build --backend onnxruntime`)."""
-        records = engine_records(bundle, BACKEND)
+        records = cls.engines_in(bundle)
         if not records:
             raise AvatarqError(
                 f"bundle {bundle.root} has no onnxruntime engine; build it (avatarq build "

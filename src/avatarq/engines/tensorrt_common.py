@@ -38,14 +38,7 @@ import numpy as np
 from avatarq.core.files import atomic_write_bytes
 from avatarq.core.hashing import file_sha256
 from avatarq.core.progress import Progress
-from avatarq.engines.base import (
-    Builder,
-    BuildResult,
-    Runner,
-    RunOptions,
-    checked_engine_file,
-    engine_records,
-)
+from avatarq.engines.base import Builder, BuildResult, Runner, RunOptions, checked_engine_file
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, EngineRecord, TensorSpec
 from avatarq.export.manifest import TensorRTEngineRecord
@@ -336,7 +329,7 @@ class TensorRTRunnerBase(Runner):
     def select(cls, bundle: Bundle) -> EngineRecord:
         """The engine record to run here: the bundle's engines of this backend, and for
         several, the one whose target fits the current GPU."""
-        records = engine_records(bundle, cls.backend)
+        records = cls.engines_in(bundle)
         if not records:
             built = ", ".join(sorted({e.backend for e in bundle.manifest.engines})) or "none"
             raise AvatarqError(
@@ -356,7 +349,7 @@ class TensorRTRunnerBase(Runner):
     def can_run(cls, bundle: Bundle) -> bool:
         """A GPU is here, the engine targets it, and the installed library built it."""
         capability = device_capability()
-        if capability is None or not engine_records(bundle, cls.backend):
+        if capability is None or not cls.engines_in(bundle):
             return False
         record = cls.select(bundle)
         try:

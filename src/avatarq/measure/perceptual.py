@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat, json_float
 from avatarq.errors import AvatarqError
 
 #: metric -> (import name, distribution, display-model file in the package, full name)
@@ -100,13 +101,15 @@ class PerceptualResult:
         fps: frames per second of the clip.
         frames, height, width: the clip as scored (after crop and reduction), pixels.
         downsample: the integer box-filter factor applied to the given frames.
-        seconds: wall time of the metric call (CPU).
+        seconds: wall time of the metric call (CPU); seconds_per_frame: that over frames.
     """
+
+    __pydantic_config__ = DOCUMENT_CONFIG
 
     metric: str
     name: str
     version: str
-    jod: float
+    jod: JsonFloat
     display: str
     display_description: str
     fps: float
@@ -115,18 +118,13 @@ class PerceptualResult:
     width: int
     downsample: int
     seconds: float
-
-    @property
-    def seconds_per_frame(self) -> float:
-        return self.seconds / self.frames if self.frames else math.nan
+    seconds_per_frame: JsonFloat
 
     def gate_values(self) -> dict[str, float]:
         """``{"jod": jod}``, for `avatarq.measure.gates.evaluate_gates`."""
         return {"jod": self.jod}
 
     def to_dict(self) -> dict[str, Any]:
-        from avatarq.core.documents import json_float
-
         d = asdict(self)
         d["jod"] = json_float(self.jod)
         d["seconds_per_frame"] = json_float(self.seconds_per_frame)
@@ -293,6 +291,7 @@ def score(
         width=int(ref.shape[2]),
         downsample=factor,
         seconds=seconds,
+        seconds_per_frame=seconds / ref.shape[0],
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ from avatarq.engines.registry import open_runner, resolve_backend
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, Manifest, open_bundle
 from avatarq.measure.latency import LatencyStats
+from avatarq.runtime.lifecycle import BundleRuntime
 
 
-class AvatarRuntime:
+class AvatarRuntime(BundleRuntime):
     """A decoder ready to run: one bundle, one backend, one runner.
 
     Thread-safe per instance: calls are serialized by a lock, and by default the outputs
@@ -27,10 +27,9 @@ class AvatarRuntime:
     """
 
     def __init__(self, bundle: Bundle, backend: str, runner: Runner) -> None:
-        self.bundle = bundle
+        super().__init__(bundle)
         self.backend = backend
         self.runner = runner
-        self._lock = threading.Lock()
         self._renderers: dict[Any, Any] = {}
         self._codebook: Any = None
 
@@ -160,18 +159,10 @@ class AvatarRuntime:
 
     # -- lifecycle
 
-    def close(self) -> None:
-        """Release the backend (idempotent)."""
-        with self._lock:
-            if self.runner is not None:
-                self.runner.deactivate()
-                self.runner = None
-
-    def __enter__(self) -> AvatarRuntime:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self.runner is not None:
+            self.runner.deactivate()
+            self.runner = None
 
     def __repr__(self) -> str:
         return f"AvatarRuntime({str(self.bundle.root)!r}, backend={self.backend!r})"

@@ -22,7 +22,6 @@ batch size must stay the same between refreshes.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,12 @@ import numpy as np
 
 from avatarq.errors import AvatarqError
 from avatarq.export.bundle import Bundle, open_bundle
+from avatarq.runtime.lifecycle import BundleRuntime
 
 MODES = ("refresh", "alternate")
 
 
-class CachingRuntime:
+class CachingRuntime(BundleRuntime):
     """The cache and warp graphs of one bundle under ONNX Runtime, with the stream state.
 
     Use `open`; close with `close()` or a ``with`` block. Calls on one instance are
@@ -43,12 +43,11 @@ class CachingRuntime:
     """
 
     def __init__(self, bundle: Bundle, mode: str, refresh_every: int, sessions: list[Any]) -> None:
-        self.bundle = bundle
+        super().__init__(bundle)
         self.mode = mode
         self.refresh_every = refresh_every
         self._cache_session, self._warp_session = sessions[0], sessions[1]
         self._pool = ThreadPoolExecutor(1) if mode == "alternate" else None
-        self._lock = threading.Lock()
         self._cache: dict[str, np.ndarray] | None = None
         self._pending: Future | None = None
         self._age = 0
@@ -171,20 +170,12 @@ class CachingRuntime:
 
     # -- lifecycle
 
-    def close(self) -> None:
-        """Release the sessions and the second runner's thread (idempotent)."""
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            self._cache_session = self._warp_session = None
-            self._cache = self._pending = None
-
-    def __enter__(self) -> CachingRuntime:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._cache_session = self._warp_session = None
+        self._cache = self._pending = None
 
     def __repr__(self) -> str:
         return (
