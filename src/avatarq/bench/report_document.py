@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from avatarq.bench.results import BenchConfig
+from avatarq.bench.results import BenchSetup
 from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
 from avatarq.measure.perceptual import PerceptualResult
 from avatarq.measure.tolerances import Tolerances
@@ -111,7 +111,7 @@ class RunnerRecord:
 
 
 @dataclass
-class ReportDocument:
+class ReportDocument(BenchSetup):
     """report.json: settings, what ran, every measurement, gate verdicts, environment.
 
     ``bundle``, ``sequence``, ``render`` and ``environment`` are descriptive records
@@ -126,10 +126,6 @@ class ReportDocument:
     passed: bool
     exit_code: int
     verdict: str
-    config: BenchConfig
-    bundle: dict[str, Any]
-    sequence: dict[str, Any]
-    render: dict[str, Any]
     reference: RunnerRecord
     runners: list[RunnerRecord]
     skipped: dict[str, str] = field(default_factory=dict)

@@ -317,8 +317,22 @@ class RunnerResult:
         )
 
 
+@dataclass
+class BenchSetup:
+    """What a bench run ran on: its settings and descriptive records (paths, labels,
+    versions) of the bundle, the sequence and the render stage. Shared by `BenchResult`
+    and its report document."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    config: BenchConfig
+    bundle: dict[str, Any]
+    sequence: dict[str, Any]
+    render: dict[str, Any]
+
+
 @dataclass(eq=False)
-class BenchResult:
+class BenchResult(BenchSetup):
     """The outcome of `run_bench`: settings, what ran where, every number, gate verdicts.
 
     Truthy when every gate of every runner passed; `exit_code` is then 0, else 1 (the
@@ -326,10 +340,6 @@ class BenchResult:
     `to_dict`.
     """
 
-    config: BenchConfig
-    bundle: dict[str, Any]
-    sequence: dict[str, Any]
-    render: dict[str, Any]
     reference: RunnerResult
     runners: list[RunnerResult]
     environment: dict[str, Any]

@@ -66,8 +66,7 @@ CameraOption = Annotated[
     int | None, typer.Option(min=0, help="Fold this camera's colour correction in.")
 ]
 CaptureOption = Annotated[
-    Path | None,
-    typer.Option(help="Multiface capture root: cameras, frames, normalization, topology."),
+    Path | None, typer.Option(help="Capture root: cameras, frames, normalization, topology.")
 ]
 LatentsOption = Annotated[
     Path | None,
@@ -173,6 +172,16 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def command(name: str | None = None) -> Callable[[F], F]:
+    """Register the decorated function as the avatarq command ``name`` (default: the
+    function's name, dashed), its user errors ending as one line (`user_errors`)."""
+
+    def register(fn: F) -> F:
+        return app.command(name)(user_errors(fn))
+
+    return register
 
 
 def print_error(message: str) -> None:

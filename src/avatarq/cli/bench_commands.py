@@ -15,11 +15,10 @@ from avatarq.cli.app import (
     DeviceOption,
     JsonOption,
     ThreadsOption,
-    app,
+    command,
     config_from,
     console,
     progress_bar,
-    user_errors,
 )
 from avatarq.errors import AvatarqError
 
@@ -48,8 +47,7 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
     return h, w
 
 
-@app.command()
-@user_errors
+@command()
 def bench(
     ctx: typer.Context,
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (from avatarq export).")],
@@ -241,8 +239,7 @@ def _bench_caching(
         console.print(line, highlight=False)
 
 
-@app.command()
-@user_errors
+@command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path(
         "out/demo"

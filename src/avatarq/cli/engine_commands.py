@@ -16,19 +16,17 @@ from avatarq.cli.app import (
     LatentsOption,
     SeedOption,
     ThreadsOption,
-    app,
+    command,
     config_from,
     console,
     progress_bar,
-    user_errors,
 )
 from avatarq.core.documents import document_dict
 
 BundleArgument = Annotated[Path, typer.Argument(help="Bundle directory (from avatarq export).")]
 
 
-@app.command()
-@user_errors
+@command()
 def build(
     ctx: typer.Context,
     bundle: BundleArgument,
@@ -104,8 +102,7 @@ def build(
         console.print(f"layers      {bundle / record.layers}")
 
 
-@app.command()
-@user_errors
+@command()
 def compare(
     bundle: BundleArgument,
     reference: Annotated[

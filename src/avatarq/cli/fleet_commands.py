@@ -8,12 +8,11 @@ from typing import Annotated
 
 import typer
 
-from avatarq.cli.app import JsonOption, app, console, progress_bar, user_errors
+from avatarq.cli.app import JsonOption, command, console, progress_bar
 from avatarq.core.documents import document_dict
 
 
-@app.command()
-@user_errors
+@command()
 def fleet(
     manifest: Annotated[Path, typer.Argument(help="Fleet manifest (.json, or .toml).")],
     out: Annotated[

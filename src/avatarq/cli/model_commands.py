@@ -8,11 +8,10 @@ from typing import Annotated
 
 import typer
 
-from avatarq.cli.app import ForceOption, JsonOption, app, console, progress_bar, user_errors
+from avatarq.cli.app import ForceOption, JsonOption, command, console, progress_bar
 
 
-@app.command()
-@user_errors
+@command()
 def info(
     model: Annotated[
         Path, typer.Argument(help="A Multiface-format DAM checkpoint (.pt) or a bundle folder.")
@@ -106,8 +105,7 @@ def _info_bundle(path: Path, as_json: bool) -> None:
         )
 
 
-@app.command()
-@user_errors
+@command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output directory (capture/ and dam.pt).")],
     texture_size: Annotated[int, typer.Option(help="Capture texture size.")] = 1024,

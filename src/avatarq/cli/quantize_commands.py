@@ -20,12 +20,11 @@ from avatarq.cli.app import (
     MeshOutputOption,
     SeedOption,
     TextureOutputOption,
-    app,
+    command,
     config_from,
     console,
     declared_decoder,
     progress_bar,
-    user_errors,
 )
 from avatarq.core.documents import document_dict
 from avatarq.core.files import check_parent
@@ -43,8 +42,7 @@ def default_bundle_path(model: Path, kind: str) -> Path:
     return model.with_name(f"{model.stem}_{kind}.avq")
 
 
-@app.command()
-@user_errors
+@command()
 def calibrate(
     ctx: typer.Context,
     model: DecoderArgument,
@@ -217,8 +215,7 @@ def _check_output(out: Path, marker: str, force: bool) -> None:
             raise AvatarqError(f"{out} exists; pass --force to replace it")
 
 
-@app.command()
-@user_errors
+@command()
 def export(
     ctx: typer.Context,
     model: DecoderArgument,

@@ -16,15 +16,13 @@ from avatarq.cli.app import (
     JsonOption,
     LatentsOption,
     SeedOption,
-    app,
+    command,
     console,
     progress_bar,
-    user_errors,
 )
 
 
-@app.command()
-@user_errors
+@command()
 def vq(
     model: Annotated[
         Path | None,
@@ -90,8 +88,7 @@ def vq(
         console.print(f"written    {path} ({what})", highlight=False)
 
 
-@app.command("distill-warp")
-@user_errors
+@command("distill-warp")
 def distill_warp(
     model: CheckpointArgument,
     capture: CaptureOption = None,
