@@ -3,6 +3,8 @@ agreement with the torch fake-quant model."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +14,7 @@ from avatarq.calibration import CalibrationConfig, CalibrationSamples, calibrate
 from avatarq.errors import AvatarqError
 from avatarq.export import export_onnx
 from avatarq.export.onnx_export import layer_nodes
-from avatarq.export.qdq import QDQConfig, quantize_onnx, validate_qdq
+from avatarq.export.qdq import QDQConfig, fakequant_gate_db, quantize_onnx, validate_qdq
 from avatarq.models import DeployableDecoder
 from tiny_dam import tiny_calibration_decoder, tiny_calibration_samples
 
@@ -138,6 +140,24 @@ def test_onnx_runtime_agrees_with_the_fake_quant_decoder(setup, tmp_path, axis):
     assert vs_fakequant.vertices_max_abs_error < 1e-5
     assert 40 < vs_fp32.image.psnr_all < 120  # quantized, but close
     assert bool(vs_fakequant)
+
+
+def test_the_fakequant_gate_is_60_db_or_20_db_above_the_quantization_error():
+    assert fakequant_gate_db(83.4) == 60.0
+    assert fakequant_gate_db(32.0) == 52.0
+
+
+def test_a_graph_with_other_scales_than_the_calibration_fails_validation(setup, tmp_path):
+    decoder, samples, fp, artifact = setup
+    path = tmp_path / "q.onnx"
+    onnx.save(quantize_onnx(fp, artifact), path)
+    other = copy.deepcopy(artifact)
+    for layer in other.layers:  # the graph's activation grids are 16x finer
+        layer.input_scale *= 16
+    vs_fakequant, vs_fp32 = validate_qdq(path, decoder, other, samples.inputs)
+    assert not vs_fakequant
+    gate = fakequant_gate_db(vs_fp32.image.psnr_all)
+    assert vs_fakequant.tolerances.min_psnr_all == gate
 
 
 def test_a_layer_missing_from_the_calibration_is_named(setup):
