@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from avatarq.bench.results import CodecRecord
 from avatarq.codec import Codebook, load_codebook
+from avatarq.core.documents import shared_fields
 from avatarq.errors import AvatarqError
 
 SUFFIX = "+vq"
@@ -65,15 +67,6 @@ def bench_codebook(bundle: Any, codebook: str | Path | None) -> tuple[Codebook, 
     return book, label
 
 
-def codec_record(book: Codebook, label: str) -> dict[str, Any]:
+def codec_record(book: Codebook, label: str) -> CodecRecord:
     """What the report records of the codec (`RunnerResult.codec`)."""
-    return {
-        "kind": "residual product VQ",
-        "codebook": label,
-        "codebook_size": book.codebook_size,
-        "stages": book.stages,
-        "groups": book.groups,
-        "bits_per_frame": book.bits_per_frame,
-        "bytes_per_frame": book.bytes_per_frame,
-        "source": book.source,
-    }
+    return shared_fields(book, CodecRecord, kind="residual product VQ", codebook=label)

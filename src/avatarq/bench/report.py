@@ -104,7 +104,7 @@ def _fidelity_rows(runners: Sequence[RunnerResult], space: str) -> list[list[str
                 _fmt(c.t_std_reference),
                 _fmt(c.max_abs_error),
                 str(c.n_frames),
-                "" if r.codec is None else str(r.codec["bits_per_frame"]),
+                "" if r.codec is None else str(r.codec.bits_per_frame),
             ]
         )
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from avatarq.bench.results import BenchSetup
+from avatarq.bench.results import BenchSetup, CodecRecord
 from avatarq.core.documents import DOCUMENT_CONFIG, JsonFloat
 from avatarq.measure.perceptual import PerceptualResult
 from avatarq.measure.tolerances import Tolerances
@@ -75,22 +75,6 @@ class GateRecord:
     threshold: float
     value: JsonFloat
     passed: bool
-
-
-@dataclass
-class CodecRecord:
-    """The latent codec a runner's z went through before its decoder (``bench --vq``)."""
-
-    __pydantic_config__ = DOCUMENT_CONFIG
-
-    kind: str
-    codebook: str
-    codebook_size: int
-    stages: int
-    groups: int
-    bits_per_frame: int
-    bytes_per_frame: int
-    source: str
 
 
 @dataclass

@@ -234,6 +234,22 @@ class FrameStrip:
     mask: np.ndarray | None = None
 
 
+@dataclass
+class CodecRecord:
+    """The latent codec a runner's z went through before its decoder (``bench --vq``)."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    kind: str
+    codebook: str
+    codebook_size: int
+    stages: int
+    groups: int
+    bits_per_frame: int
+    bytes_per_frame: int
+    source: str
+
+
 @dataclass(eq=False)
 class RunnerResult:
     """Everything measured for one runner (or the reference, which has no comparisons).
@@ -248,9 +264,8 @@ class RunnerResult:
         gates: results of the configured gates.
         perceptual: the perceptual score of the clip (None when not asked for).
         perceptual_space: ``screen`` or ``texture``: what ``perceptual`` was scored on.
-        codec: the latent codec z went through before this runner's decoder (``vq``):
-            kind, codebook, codebook_size, stages, groups, bits_per_frame,
-            bytes_per_frame, source; None for the plain runners.
+        codec: the latent codec z went through before this runner's decoder (``vq``);
+            None for the plain runners.
     """
 
     name: str
@@ -261,7 +276,7 @@ class RunnerResult:
     gates: list[GateResult] = field(default_factory=list)
     perceptual: PerceptualResult | None = None
     perceptual_space: str | None = None
-    codec: dict[str, Any] | None = None
+    codec: CodecRecord | None = None
 
     @property
     def passed(self) -> bool:
@@ -289,7 +304,7 @@ class RunnerResult:
             "passed": self.passed,
             "perceptual": None if self.perceptual is None else self.perceptual.to_dict(),
             "perceptual_space": self.perceptual_space,
-            "codec": None if self.codec is None else dict(self.codec),
+            "codec": None if self.codec is None else asdict(self.codec),
         }
 
     @classmethod
@@ -313,7 +328,7 @@ class RunnerResult:
                 None if d.get("perceptual") is None else PerceptualResult.from_dict(d["perceptual"])
             ),
             perceptual_space=d.get("perceptual_space"),
-            codec=None if d.get("codec") is None else dict(d["codec"]),
+            codec=None if d.get("codec") is None else CodecRecord(**d["codec"]),
         )
 
 

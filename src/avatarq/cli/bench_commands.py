@@ -192,7 +192,7 @@ def bench(
             f"T-Std {t.t_std:.3g} (FP32 {t.t_std_reference:.3g})"
         )
         if r.codec is not None:
-            line += f" | {r.codec['bits_per_frame']} bits/frame"
+            line += f" | {r.codec.bits_per_frame} bits/frame"
         if s is not None:
             line += f" | screen PSNR {s.psnr_mean:.2f} dB J {s.jitter_ratio:.3f}"
         if r.perceptual is not None:

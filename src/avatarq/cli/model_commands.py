@@ -30,20 +30,19 @@ def info(
 
     described = describe_checkpoint(model)
     if as_json:
-        console.print_json(json.dumps(described))
+        console.print_json(json.dumps(described.to_dict()))
         return
-    c = described["config"]
-    family = "PiCA-style decoder" if c["arch"] == "pica" else "Multiface DAM"
-    console.print(f"[bold]{model}[/bold]: {family}, arch [bold]{c['arch']}[/bold]")
+    c = described.config
+    console.print(f"[bold]{model}[/bold]: {described.family}, arch [bold]{c.arch}[/bold]")
     console.print(
-        f"  z {c['z_dim']}, texture {c['tex_size']}x{c['tex_size']}, {c['n_vertices']} vertices, "
-        f"{c['n_cams']} cameras, encoder {'yes' if c['has_encoder'] else 'no'}"
+        f"  z {c.z_dim}, texture {c.tex_size}x{c.tex_size}, {c.n_vertices} vertices, "
+        f"{c.n_cams} cameras, encoder {'yes' if c.has_encoder else 'no'}"
     )
-    for name, count in described["parameters"].items():
+    for name, count in described.parameters.items():
         console.print(f"  {name:<10} {count:>12,} parameters")
     console.print(
-        f"  decoder as deployed: {described['deployed_parameters']:,} parameters "
-        f"({described['deployed_fp32_mb']:.1f} MB fp32)"
+        f"  decoder as deployed: {described.deployed_parameters:,} parameters "
+        f"({described.deployed_fp32_mb:.1f} MB fp32)"
     )
 
 
