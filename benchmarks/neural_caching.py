@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "macs": macs,
         "warp_config": warp_config.to_dict(),
         "threads": args.threads,
-        "model": avatar.record["model"],
+        "model": avatar.record.model,
     }
 
 

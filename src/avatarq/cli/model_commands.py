@@ -131,11 +131,11 @@ def synth(
     )
     with progress_bar("synthetic avatar") as progress:
         avatar = make_synthetic_avatar(out, capture_config, train_config, force, progress)
-    training = avatar.record["training"]
-    state = "reused cached avatar" if avatar.reused else f"trained in {training['seconds']} s"
+    training = avatar.record.training
+    state = "reused cached avatar" if avatar.reused else f"trained in {training.seconds} s"
     console.print(f"capture     {avatar.capture_root}")
     console.print(
-        f"checkpoint  {avatar.checkpoint}  ({state}, final loss {training['final_loss']:.4f})"
+        f"checkpoint  {avatar.checkpoint}  ({state}, final loss {training.final_loss:.4f})"
     )
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from avatarq.core.files import StagedDirectory, atomic_write_text, check_parent
+from avatarq.core.documents import DOCUMENT_CONFIG, load_document
+from avatarq.core.files import StagedDirectory, atomic_write_text, check_parent, inside
 from avatarq.core.progress import Progress, or_silent
 from avatarq.data.capture import MultifaceCapture
 from avatarq.data.synthetic_capture import SyntheticCaptureConfig, write_synthetic_capture
@@ -24,6 +26,34 @@ CHECKPOINT_FILE = "dam.pt"
 CAPTURE_DIR = "capture"
 
 
+@dataclass
+class TrainingSummary:
+    """How the synthetic DAM's training went: wall seconds, iterations, the first loss and
+    the mean losses over the last tenth of training (None without iterations)."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    seconds: float
+    iterations: int
+    first_loss: float | None
+    final_loss: float | None
+    final_texture_loss: float | None
+    final_mesh_loss: float | None
+
+
+@dataclass
+class SynthRecord:
+    """synth.json: the settings an avatar was made with (the cache key), where its capture
+    lies (relative to the output), its training and its model config."""
+
+    __pydantic_config__ = DOCUMENT_CONFIG
+
+    settings: dict[str, Any]
+    capture_root: str
+    training: TrainingSummary
+    model: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class SyntheticAvatar:
     """Paths of a made synthetic avatar.
@@ -33,13 +63,14 @@ class SyntheticAvatar:
         capture_root: the Multiface-layout capture (identity folder).
         checkpoint: the trained DAM, a Multiface-format state_dict (``module.`` keys).
         reused: True when an existing cached avatar was returned unchanged.
+        record: what synth.json says of it.
     """
 
     root: Path
     capture_root: Path
     checkpoint: Path
     reused: bool
-    record: dict
+    record: SynthRecord
 
 
 def _settings(capture: SyntheticCaptureConfig, train: TrainConfig) -> dict:
@@ -76,16 +107,12 @@ def make_synthetic_avatar(
     if out.exists() and not out.is_dir():
         raise AvatarqError(f"{out} exists and is not a directory")
     check_parent(out)
-    if record_path.is_file() and not force:
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
-            record = {}
-        if record.get("settings") == settings:
-            capture_root = out / record["capture_root"]
-            checkpoint = out / CHECKPOINT_FILE
-            if capture_root.is_dir() and checkpoint.is_file():
-                return SyntheticAvatar(out, capture_root, checkpoint, True, record)
+    cached = None if force else _cached_record(record_path)
+    if cached is not None and cached.settings == settings:
+        capture_root = inside(out, cached.capture_root, "synth.json capture")
+        checkpoint = out / CHECKPOINT_FILE
+        if capture_root.is_dir() and checkpoint.is_file():
+            return SyntheticAvatar(out, capture_root, checkpoint, True, cached)
     if out.exists() and any(out.iterdir()) and not record_path.exists():
         raise AvatarqError(
             f"{out} is not empty and holds no synthetic avatar; choose another directory"
@@ -99,27 +126,41 @@ def make_synthetic_avatar(
         )
         model, report = train_dam(MultifaceCapture(staged_root), train_config, progress)
         save_checkpoint(model, stage.path / CHECKPOINT_FILE)
-        record = {
-            "settings": settings,
-            "capture_root": str(staged_root.relative_to(stage.path)),
-            "training": _report_summary(report),
-            "model": asdict(model.config),
-        }
-        atomic_write_text(
-            stage.path / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n"
+        record = SynthRecord(
+            settings,
+            str(staged_root.relative_to(stage.path)),
+            _report_summary(report),
+            asdict(model.config),
         )
+        text = json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(stage.path / RECORD_FILE, text)
         stage.commit()
-    capture_root = out / record["capture_root"]
+    capture_root = out / record.capture_root
     return SyntheticAvatar(out, capture_root, out / CHECKPOINT_FILE, False, record)
 
 
-def _report_summary(report: TrainReport) -> dict:
+def _cached_record(path: Path) -> SynthRecord | None:
+    """The synth.json at ``path``, or None when there is none or it is not one (the avatar
+    is then made again)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_document(path, SynthRecord)
+    except AvatarqError:
+        return None
+
+
+def _report_summary(report: TrainReport) -> TrainingSummary:
     tail = max(1, len(report.losses) // 10)
-    return {
-        "seconds": round(report.seconds, 1),
-        "iterations": len(report.losses),
-        "first_loss": report.losses[0] if report.losses else None,
-        "final_loss": sum(report.losses[-tail:]) / tail if report.losses else None,
-        "final_texture_loss": sum(report.texture_losses[-tail:]) / tail if report.losses else None,
-        "final_mesh_loss": sum(report.mesh_losses[-tail:]) / tail if report.losses else None,
-    }
+
+    def final(losses: list[float]) -> float | None:
+        return sum(losses[-tail:]) / tail if report.losses else None
+
+    return TrainingSummary(
+        seconds=round(report.seconds, 1),
+        iterations=len(report.losses),
+        first_loss=report.losses[0] if report.losses else None,
+        final_loss=final(report.losses),
+        final_texture_loss=final(report.texture_losses),
+        final_mesh_loss=final(report.mesh_losses),
+    )
