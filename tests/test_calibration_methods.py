@@ -16,7 +16,7 @@ from avatarq.calibration.allocate import (
     parse_size_budget,
     solve,
 )
-from avatarq.calibration.biases import offset_block, quantize_bias, quantize_offset, stored_bytes
+from avatarq.calibration.biases import quantize_bias, quantize_offset, row_block, stored_bytes
 from avatarq.calibration.formats import parse_format
 from avatarq.calibration.gptq import (
     from_matrix,
@@ -326,8 +326,8 @@ def test_a_blocked_offset_is_within_half_a_step_of_each_block():
     assert (np.abs(values - offset) <= step / 2 + 1e-4).all()
 
 
-def test_an_offset_block_divides_the_row():
-    assert [offset_block(w) for w in (1024, 48, 20, 7)] == [64, 16, 4, 1]
+def test_an_row_block_divides_the_row():
+    assert [row_block(w) for w in (1024, 48, 20, 7)] == [64, 16, 4, 1]
 
 
 def test_stored_bytes_count_codes_and_scales():

@@ -39,8 +39,7 @@ BIAS_FORMATS = ("fp32", "fp16", "int8", "int4")
 OFFSET_FORMATS = ("fp32", "fp16", "uint8-blocks")
 OFFSET_FORMAT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "uint8-blocks"}
 BIAS_QMAX = {"int8": 127, "int4": 7}
-OFFSET_BLOCK = 64
-BIAS_BLOCK = 64
+ROW_BLOCK = 64
 OFFSET_LEVELS = 255
 OFFSET_NAMES = ("tex_offset",)
 
@@ -93,10 +92,10 @@ def stored_formats(decoder: nn.Module, bias_format: str) -> dict[str, str]:
 
 def bias_scale(values: np.ndarray, fmt: str = "int8") -> np.ndarray:
     """Scales amax / qmax of a [1, C, H, W] bias: int8 float32 [C] (one per channel); int4
-    float32 [C, H, W / B] (one per block of B = `bias_block` (W) texels of a row)."""
+    float32 [C, H, W / B] (one per block of B = `row_block` (W) texels of a row)."""
     qmax = np.float32(BIAS_QMAX[fmt])
     if fmt == "int4":
-        amax = np.abs(_blocks(values, bias_block(values.shape[-1]))).max(axis=-1)[0]
+        amax = np.abs(_blocks(values, row_block(values.shape[-1]))).max(axis=-1)[0]
     else:
         amax = np.abs(values).max(axis=(0, 2, 3))
     return np.maximum(amax.astype(np.float32) / qmax, np.float32(MIN_SCALE)).astype(np.float32)
@@ -142,7 +141,7 @@ def quantize_bias(
             f"{list(expected.shape)}, got {list(scale.shape)}"
         )
     if fmt == "int4":
-        grouped = _blocks(values, bias_block(values.shape[-1]))
+        grouped = _blocks(values, row_block(values.shape[-1]))
         s = scale[None, ..., None]
     else:
         grouped, s = values, scale.reshape(1, -1, 1, 1)
@@ -151,20 +150,10 @@ def quantize_bias(
     return q.reshape(values.shape), scale, rounded.reshape(values.shape)
 
 
-def bias_block(width: int) -> int:
-    """Texels per int4 scale block of a texel-bias row: the largest of 64, 32, ..., 1 that
-    divides ``width``."""
-    return _power_of_two_divisor(width, BIAS_BLOCK)
-
-
-def offset_block(width: int) -> int:
-    """Texels per block of a uint8-blocks offset row: the largest of 64, 32, ..., 1 that
-    divides ``width``."""
-    return _power_of_two_divisor(width, OFFSET_BLOCK)
-
-
-def _power_of_two_divisor(width: int, most: int) -> int:
-    block = most
+def row_block(width: int) -> int:
+    """Texels per block of a texel-bias or offset row (one int4 scale, or one uint8 scale
+    and base): the largest of `ROW_BLOCK`, ROW_BLOCK / 2, ..., 1 that divides ``width``."""
+    block = ROW_BLOCK
     while width % block:
         block //= 2
     return block
@@ -174,7 +163,7 @@ def quantize_offset(values: np.ndarray, fmt: str) -> tuple[dict[str, np.ndarray]
     """({part: stored array}, float32 values the graph computes with) of an output offset.
 
     ``fp16``: {"fp16": float16 [1, C, H, W]}. ``uint8-blocks``: each row is cut into blocks
-    of `offset_block` texels; a block stores uint8 codes and float32 ``scale`` (range / 255)
+    of `row_block` texels; a block stores uint8 codes and float32 ``scale`` (range / 255)
     and ``base`` (its minimum), value = code * scale + base (computed in float32, as the
     graph does): {"codes": uint8 [1, C, H, W / B, B], "scale", "base": float32
     [1, C, H, W / B, 1]}.
@@ -188,7 +177,7 @@ def quantize_offset(values: np.ndarray, fmt: str) -> tuple[dict[str, np.ndarray]
         stored = values.astype(np.float16)
         return {"fp16": stored}, stored.astype(np.float32)
     _, c, h, w = values.shape
-    block = offset_block(w)
+    block = row_block(w)
     rows = values.reshape(1, c, h, w // block, block)
     base = rows.min(axis=-1, keepdims=True)
     spread = rows.max(axis=-1, keepdims=True) - base
@@ -210,7 +199,7 @@ def stored_bytes(shape: tuple[int, ...], fmt: str) -> int:
     if fmt == "int8":
         return n + 4 * shape[1]
     if fmt == "int4":
-        return (n + 1) // 2 + 4 * (n // bias_block(shape[-1]))
+        return (n + 1) // 2 + 4 * (n // row_block(shape[-1]))
     if fmt == "uint8-blocks":
-        return n + 8 * (n // offset_block(shape[-1]))
+        return n + 8 * (n // row_block(shape[-1]))
     raise AvatarqError(f"unknown storage format {fmt!r}")

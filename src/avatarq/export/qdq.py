@@ -45,7 +45,7 @@ import onnx_ir as ir
 from torch import nn
 
 from avatarq.calibration.artifact import CalibrationArtifact, LayerCalibration
-from avatarq.calibration.biases import OFFSET_NAMES, bias_block, quantize_bias, quantize_offset
+from avatarq.calibration.biases import OFFSET_NAMES, quantize_bias, quantize_offset, row_block
 from avatarq.calibration.quantizers import FloatGrid, activation_range
 from avatarq.core.inputs import DecoderInputs
 from avatarq.errors import AvatarqError, InternalError
@@ -265,7 +265,7 @@ def _texel_biases(b: _Builder, artifact: CalibrationArtifact) -> int:
             if fmt == "int4":  # one scale per block of a row
                 needs = max(needs, INT4_OPSET)
                 s = b.const(f"{name}.scale", scale[None])
-                block = {"axis": 3, "block_size": bias_block(array.shape[-1])}
+                block = {"axis": 3, "block_size": row_block(array.shape[-1])}
             else:
                 s, block = b.const(f"{name}.scale", scale), {"axis": 1}
             nodes = [
