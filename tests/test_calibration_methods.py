@@ -326,7 +326,7 @@ def test_a_blocked_offset_is_within_half_a_step_of_each_block():
     assert (np.abs(values - offset) <= step / 2 + 1e-4).all()
 
 
-def test_an_row_block_divides_the_row():
+def test_a_row_block_divides_the_row():
     assert [row_block(w) for w in (1024, 48, 20, 7)] == [64, 16, 4, 1]
 
 
